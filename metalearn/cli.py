@@ -1,0 +1,103 @@
+"""The `metalearn` command line: list, train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _fmt_metrics(res: dict) -> str:
+    keys = [k for k in res if isinstance(res[k], int | float) and not k.endswith("_ci95")
+            and k not in ("episodes", "step")]
+    return "  ".join(f"{k}={res[k]:.4f} ± {res.get(k + '_ci95', float('nan')):.4f}" for k in keys)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from metalearn.experiment import list_experiments
+
+    exps = list_experiments()
+    width = max((len(n) for n, _ in exps), default=0)
+    for name, doc in exps:
+        print(f"{name:<{width}}  {doc}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metalearn.experiment import train
+
+    run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
+                         resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {run.path}")
+    for split in ("validation", "test"):
+        if isinstance(summary.get(split), dict):
+            print(f"{split:>10}: {_fmt_metrics(summary[split])}  "
+                  f"({summary[split].get('episodes')} episodes)")
+    if "table" in summary:
+        print(summary["table"])
+    print(f"summary: {run.path / 'summary.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from metalearn import experiment
+
+    if args.manifest:
+        res = experiment.evaluate_manifest(args.run_dir, args.manifest)
+    else:
+        res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed)
+    print(f"{res.get('split', 'manifest')} (step {res.get('step')}, {res.get('episodes')} "
+          f"episodes): {_fmt_metrics(res)}")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `metalearn` command."""
+    p = argparse.ArgumentParser(
+        prog="metalearn",
+        description="Meta-learning in JAX: train and evaluate the experiments in experiments/.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments, one line each").set_defaults(
+        fn=_cmd_list)
+    t = sub.add_parser("train", help="meta-train an experiment")
+    t.add_argument("experiment", nargs="?", default="",
+                   help="experiment name (see `metalearn list`); optional with --resume")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set steps=500 --set outer.batch_size=64")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: config.seed)")
+    t.add_argument("--run-dir", default=None, help="run directory (default: runs/NAME-sSEED-TIME)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+    e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes")
+    e.add_argument("run_dir", help="a run directory made by `metalearn train`")
+    e.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    e.add_argument("--episodes", type=int, default=1000, help="number of episodes (default 1000)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation episodes")
+    e.add_argument("--manifest", default=None,
+                   help="evaluate on the fixed episodes listed in this manifest file")
+    e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.set_defaults(fn=_cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `metalearn` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
+            FloatingPointError, RuntimeError) as e:
+        if "--debug" in (argv or sys.argv):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"metalearn: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

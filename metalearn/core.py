@@ -1,0 +1,172 @@
+"""The three seams: `Episode` data, `TaskSampler`, `InnerLearner` (see DESIGN.md).
+
+Every episode is a pytree of arrays, every sampler is a pure function of a PRNG key and every
+learner is a set of pure functions of explicit meta-parameters, so that a whole meta-training
+step can be `jit`-compiled and `vmap`ped over a batch of episodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+MetaParams = PyTree
+TaskState = PyTree
+
+
+class Support(NamedTuple):
+    """What an inner learner may see when it adapts: the labelled support set (+ unlabeled)."""
+
+    x: Array  # [S, ...]
+    y: Array  # [S] int labels or [S, dy] / [S] float targets
+    unlabeled_x: Array | None = None  # [U, ...]
+
+
+class Episode(NamedTuple):
+    """One task: a support set to learn from and a query set to be scored on."""
+
+    support_x: Array  # [S, ...]
+    support_y: Array  # [S] int labels, or [S] / [S, dy] float targets
+    query_x: Array  # [Q, ...]
+    query_y: Array  # [Q] / [Q, dy]
+    unlabeled_x: Array | None = None  # [U, ...] (semi-supervised learners)
+
+    def support(self) -> Support:
+        """The part of the episode an inner learner adapts on (queries excluded)."""
+        return Support(self.support_x, self.support_y, self.unlabeled_x)
+
+    @property
+    def is_classification(self) -> bool:
+        """True when labels are integer class ids (cross-entropy), False for regression."""
+        return bool(jnp.issubdtype(jnp.asarray(self.query_y).dtype, jnp.integer))
+
+
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(np.shape(a))
+
+
+def check_episode(ep: Episode, *, batched: bool = False, name: str = "episode") -> None:
+    """Raise a ValueError naming the problem when `ep` is not a well-formed (batch of) episode(s).
+
+    With `batched=True` every array carries one extra leading axis (a batch of episodes).
+    Works on concrete arrays and on tracers (only static shapes/dtypes are read).
+    """
+    if not isinstance(ep, Episode):
+        raise TypeError(f"{name} must be a metalearn.Episode, got {type(ep).__name__}")
+    lead = 1 if batched else 0
+    fields = {"support_x": ep.support_x, "support_y": ep.support_y,
+              "query_x": ep.query_x, "query_y": ep.query_y}
+    for k, v in fields.items():
+        if v is None:
+            raise ValueError(f"{name}.{k} is None; every episode needs support and query arrays")
+        if len(_shape(v)) < 1 + lead:
+            raise ValueError(f"{name}.{k} has shape {_shape(v)}; expected at least "
+                             f"{1 + lead} axes ({'[B, n, ...]' if batched else '[n, ...]'})")
+    sx, sy, qx, qy = (_shape(v) for v in fields.values())
+    if batched:
+        bs = {s[0] for s in (sx, sy, qx, qy)}
+        if len(bs) != 1:
+            raise ValueError(f"{name}: batch axes differ across fields "
+                             f"(support_x {sx}, support_y {sy}, query_x {qx}, query_y {qy})")
+        sx, sy, qx, qy = sx[1:], sy[1:], qx[1:], qy[1:]
+    if sx[0] != sy[0]:
+        raise ValueError(f"{name}: support_x has {sx[0]} examples but support_y has {sy[0]} "
+                         f"(shapes {sx} and {sy}); they must match along the first axis")
+    if qx[0] != qy[0]:
+        raise ValueError(f"{name}: query_x has {qx[0]} examples but query_y has {qy[0]} "
+                         f"(shapes {qx} and {qy}); they must match along the first axis")
+    if sx[1:] != qx[1:]:
+        raise ValueError(f"{name}: support_x examples have shape {sx[1:]} but query_x examples "
+                         f"have shape {qx[1:]}; support and query inputs must share a shape")
+    sdt, qdt = jnp.asarray(ep.support_y).dtype, jnp.asarray(ep.query_y).dtype
+    if jnp.issubdtype(sdt, jnp.integer) != jnp.issubdtype(qdt, jnp.integer):
+        raise ValueError(f"{name}: support_y is {sdt} but query_y is {qdt}; use integer labels "
+                         "for classification or float targets for regression in both")
+    if jnp.issubdtype(qdt, jnp.integer) and (len(sy) != 1 or len(qy) != 1):
+        raise ValueError(f"{name}: integer labels must be 1-D per episode, got support_y {sy} "
+                         f"and query_y {qy}")
+    if ep.unlabeled_x is not None:
+        ux = _shape(ep.unlabeled_x)[lead:]
+        if ux[1:] != sx[1:]:
+            raise ValueError(f"{name}: unlabeled_x examples have shape {ux[1:]} but support_x "
+                             f"examples have shape {sx[1:]}")
+
+
+class TaskSampler:
+    """Makes episodes. `sample(key)` must be pure, `jit`- and `vmap`-able."""
+
+    def sample(self, key: Array) -> Episode:
+        """Draw one episode from the task distribution."""
+        raise NotImplementedError
+
+    def sample_batch(self, key: Array, batch_size: int) -> Episode:
+        """Draw `batch_size` independent episodes (a `vmap` over split keys)."""
+        return jax.vmap(self.sample)(jax.random.split(key, batch_size))
+
+    def example(self) -> Episode:
+        """One concrete episode, used to initialise learners (shapes and dtypes)."""
+        return self.sample(jax.random.PRNGKey(0))
+
+    def describe(self) -> dict:
+        """A JSON-able description of the task distribution (saved with runs)."""
+        return {"sampler": type(self).__name__}
+
+
+class InnerLearner:
+    """Learns from an episode's support set and predicts its queries.
+
+    Subclasses implement `init`, `adapt` and `predict`; `loss` follows from them (cross-entropy
+    and accuracy for integer labels, 1/2 squared error for regression targets). A learner may
+    override `loss` when its objective is not of that form.
+    """
+
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """Meta-parameters: what the outer loop trains."""
+        raise NotImplementedError
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> TaskState:
+        """Learn from the support set (generate weights, run Hebbian updates, read context)."""
+        raise NotImplementedError
+
+    def predict(self, meta: MetaParams, state: TaskState, query_x: Array) -> Array:
+        """Predictions for the queries: logits [Q, classes] or regression outputs [Q(, dy)]."""
+        raise NotImplementedError
+
+    def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
+        """Mean query loss of one episode and its metrics (`loss`, and `accuracy` if labelled)."""
+        state = self.adapt(meta, episode.support(), key)
+        preds = self.predict(meta, state, episode.query_x)
+        return query_loss(preds, episode.query_y)
+
+
+def query_loss(preds: Array, targets: Array) -> tuple[Array, dict]:
+    """Cross-entropy + accuracy for integer targets; 1/2 squared error for float targets."""
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        if preds.ndim != 2 or preds.shape[0] != targets.shape[0]:
+            raise ValueError(f"classification predictions must be logits [Q, classes] for "
+                             f"{targets.shape[0]} queries, got shape {preds.shape}")
+        logp = jax.nn.log_softmax(preds.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        acc = jnp.mean(jnp.argmax(preds, axis=-1) == targets)
+        loss = jnp.mean(nll)
+        return loss, {"loss": loss, "accuracy": acc}
+    if preds.shape != targets.shape:
+        raise ValueError(f"regression predictions have shape {preds.shape} but targets have "
+                         f"shape {targets.shape}")
+    err = (preds - targets).reshape(targets.shape[0], -1)
+    loss = 0.5 * jnp.mean(jnp.sum(err**2, axis=-1))
+    return loss, {"loss": loss}
+
+
+def batch_loss(learner: InnerLearner, meta: MetaParams, episodes: Episode,
+               key: Array) -> tuple[Array, dict]:
+    """Mean query loss over a batch of episodes (leading axis), `vmap`ped; metrics averaged."""
+    n = jax.tree.leaves(episodes)[0].shape[0]
+    keys = jax.random.split(key, n)
+    losses, metrics = jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)

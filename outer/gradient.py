@@ -1,0 +1,115 @@
+"""Gradient meta-training: optax on the mean query loss over a `vmap`ped batch of episodes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from metalearn.outer.base import OuterLoop, OuterState, shard_leading
+
+from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")
+
+
+@dataclasses.dataclass
+class GradientOuterLoop(OuterLoop):
+    """optax optimizer (with schedule and clipping) on the batch-mean query loss."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0  # cosine/linear/exponential horizon; 0 means the run's `steps`
+    end_lr_factor: float = 0.0  # final lr = learning_rate * end_lr_factor (cosine, linear)
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    clip_norm: float | None = None  # clip_by_global_norm threshold
+    batch_size: int = 32  # episodes per meta-step
+    steps_per_call: int = 10
+    total_steps: int = 0  # set by the experiment runner, used by schedules
+    shard: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+
+    def lr_schedule(self) -> optax.Schedule:
+        """The learning-rate schedule."""
+        lr, s = self.learning_rate, self.schedule
+        horizon = max(1, (self.decay_steps or self.total_steps or 10_000) - self.warmup_steps)
+        if s == "constant":
+            sched = optax.constant_schedule(lr)
+        elif s in ("cosine", "warmup_cosine"):
+            sched = optax.cosine_decay_schedule(lr, horizon, alpha=self.end_lr_factor)
+        elif s == "linear":
+            sched = optax.linear_schedule(lr, lr * self.end_lr_factor, horizon)
+        else:  # exponential: lr halves every horizon/4 steps
+            sched = optax.exponential_decay(lr, max(1, horizon // 4), 0.5)
+        if self.warmup_steps > 0:
+            warm = optax.linear_schedule(0.0, lr, self.warmup_steps)
+            sched = optax.join_schedules([warm, sched], [self.warmup_steps])
+        return sched
+
+    def tx(self) -> optax.GradientTransformation:
+        """The optax transformation: clipping, then the optimizer with its schedule."""
+        lr = self.lr_schedule()
+        o = self.optimizer
+        if o == "adam":
+            opt = optax.adam(lr, b1=self.b1, b2=self.b2)
+        elif o == "adamw":
+            opt = optax.adamw(lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        elif o == "sgd":
+            opt = optax.sgd(lr)
+        elif o == "momentum":
+            opt = optax.sgd(lr, momentum=self.momentum)
+        elif o == "rmsprop":
+            opt = optax.rmsprop(lr)
+        elif o == "lamb":
+            opt = optax.lamb(lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        else:
+            opt = optax.lion(lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)
+        if self.clip_norm:
+            return optax.chain(optax.clip_by_global_norm(self.clip_norm), opt)
+        return opt
+
+    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
+        """Initialise meta-parameters from the learner and the optimizer state."""
+        k_init, k_run = jax.random.split(key)
+        params = learner.init(k_init, sampler.example())
+        return OuterState(jnp.asarray(0, jnp.int32), k_run, params, self.tx().init(params))
+
+    def step(self, learner: InnerLearner, sampler: TaskSampler, state: OuterState,
+             mesh: Mesh | None = None) -> tuple[OuterState, dict]:
+        """Sample a batch of episodes, take one optimizer step on their mean query loss."""
+        if mesh is not None and self.batch_size % mesh.size:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by the "
+                             f"{mesh.size} devices it is sharded across")
+        k = jax.random.fold_in(state.key, state.step)
+        k_sample, k_loss = jax.random.split(k)
+        keys = shard_leading(jax.random.split(k_sample, self.batch_size), mesh)
+        episodes = shard_leading(jax.vmap(sampler.sample)(keys), mesh)
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: batch_loss(learner, p, episodes, k_loss), has_aux=True)(state.params)
+        updates, opt_state = self.tx().update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        return OuterState(state.step + 1, state.key, params, opt_state), metrics
+
+    def meta_params(self, state: OuterState) -> MetaParams:
+        """The trained meta-parameters."""
+        return state.params
