@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from metalearn.tasks.regression import LinearRegression
-
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
 from metalearn.learners.inner_sgd import InnerSGD
 from metalearn.runs import Run
+from metalearn.tasks.regression import LinearRegression
 
 
 def get_config() -> ConfigDict:

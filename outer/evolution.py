@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from metalearn.outer.base import OuterLoop, OuterState, shard_leading
 
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, batch_loss
+from metalearn.outer.base import OuterLoop, OuterState, shard_leading
 
 # Strategies whose memory grows as d x d (full covariance / rotation matrices).
 FULL_COVARIANCE = ("CMA_ES", "iAMaLGaM_Full", "xNES", "MA_ES", "Rm_ES", "CMAAnchoredLES")

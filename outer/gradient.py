@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from metalearn.outer.base import OuterLoop, OuterState, shard_leading
 
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
+from metalearn.outer.base import OuterLoop, OuterState, shard_leading
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")

@@ -1,0 +1,48 @@
+"""Small learners and samplers shared by the foundation tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from metalearn.core import Episode, InnerLearner, Support, TaskSampler
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantSampler(TaskSampler):
+    """Always the same tiny regression episode (the loss then depends on the meta-params only)."""
+
+    def sample(self, key) -> Episode:
+        """A fixed episode."""
+        x = jnp.ones((2, 3))
+        return Episode(x, jnp.zeros((2, 1)), x, jnp.zeros((2, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadraticLearner(InnerLearner):
+    """Loss = sum_i scale_i (theta_i - target_i)^2: a test function for the outer loops."""
+
+    dim: int = 8
+
+    def target(self) -> jnp.ndarray:
+        """The minimiser."""
+        return jnp.linspace(-1.0, 1.0, self.dim)
+
+    def init(self, key, example) -> dict:
+        """Start at zero."""
+        return {"theta": jnp.zeros(self.dim)}
+
+    def adapt(self, meta, support: Support, key):
+        """Nothing to adapt."""
+        return None
+
+    def predict(self, meta, state, query_x):
+        """Unused."""
+        return jnp.zeros((query_x.shape[0], 1))
+
+    def loss(self, meta, episode, key):
+        """A badly scaled quadratic."""
+        scale = jnp.logspace(0, 1, self.dim)
+        v = jnp.sum(scale * (meta["theta"] - self.target()) ** 2)
+        return v, {"loss": v}
