@@ -284,3 +284,26 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
     res = {"split": split, "step": step, **res}
     Run(run_dir).write_json(f"eval_{split}.json", res)
     return res
+
+
+def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "test") -> dict:
+    """Evaluate a trained run on the fixed episodes of a manifest file.
+
+    The episodes' images are read and preprocessed by the run's own `split` sampler, so they
+    go through exactly the training preprocessing. Saves eval_manifest_NAME.json in the run.
+    """
+    from metalearn.evaluation import evaluate_episodes
+
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    config, exp, meta, step = load_trained(run_dir)
+    sampler = exp.splits.get(split, exp.train)
+    if not hasattr(sampler, "episodes_from_manifest"):
+        raise ValueError(f"the samplers of {config.experiment!r} ({type(sampler).__name__}) "
+                         "cannot read episode manifests; manifests are for few-shot image tasks")
+    episodes = sampler.episodes_from_manifest(manifest)
+    res = evaluate_episodes(exp.learner, meta, episodes, jax.random.PRNGKey(4_000_037))
+    res = {"split": f"manifest:{manifest.name}", "step": step, **res}
+    Run(run_dir).write_json(f"eval_manifest_{manifest.stem}.json", res)
+    return res
