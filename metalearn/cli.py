@@ -27,6 +27,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from metalearn.experiment import train
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator/process ids from the cluster environment
+
     run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
                          resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run.path}")
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (run the same "
+                        "command on every host)")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes")
     e.add_argument("run_dir", help="a run directory made by `metalearn train`")

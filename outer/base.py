@@ -151,6 +151,8 @@ class OuterLoop:
             raise FileExistsError(
                 f"{run.path} already holds checkpoints (up to step {ckpt.latest_step()}); "
                 "continue it with --resume, or choose a new --run-dir")
+        if mesh is not None:  # replicated on every device (a global array across hosts)
+            state = jax.device_put(jax.device_get(state), NamedSharding(mesh, P()))
         history = run.metrics() if run else []
         fn = self.compiled_steps(learner, train_sampler, mesh)
         eval_key = jax.random.PRNGKey(1_000_003)

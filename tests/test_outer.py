@@ -147,7 +147,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from metalearn.learners.inner_sgd import InnerSGD
-    from metalearn.outer.base import device_mesh
+    from metalearn.outer.base import RunOptions, device_mesh
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
     from metalearn.tasks.regression import LinearRegression
@@ -163,6 +163,10 @@ SHARD_SCRIPT = textwrap.dedent("""
         s0 = outer.init(learner, tasks, jax.random.PRNGKey(0))
         b, mb = outer.compiled_steps(learner, tasks, mesh)(s0, 3)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-5)
+        res = outer.run(learner, tasks, jax.random.PRNGKey(0), steps=3,
+                        options=RunOptions(progress=False))
+        for x, y in zip(jax.tree.leaves(res.state), jax.tree.leaves(a)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-5)
     print("SHARDED_OK")
 """)
