@@ -1,0 +1,47 @@
+"""Task samplers and datasets: few-shot image classification episodes and in-context regression.
+
+    from metalearn import tasks
+    ds = tasks.load_omniglot()                                   # 28x28, alphabets as groups
+    splits = tasks.split_by_group(ds, {"train": 0.75, "test": 0.25}, seed=0)
+    train = tasks.FewShotSampler(splits["train"], ways=20, shots=1, queries=15, rotations=True)
+    test = train.with_dataset(splits["test"])
+    tasks.plot_episode(train.sample(jax.random.PRNGKey(0)), "episode.png")
+"""
+
+from metalearn.tasks.datasets import (
+    ImageDataset,
+    concat,
+    from_numpy,
+    load_idx,
+    load_image_folder,
+    load_omniglot,
+    load_tfds,
+    read_idx,
+    write_idx,
+)
+from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs, read_manifest
+from metalearn.tasks.plotting import plot_episode
+from metalearn.tasks.regression import (
+    LinearRegression,
+    RegressionTask,
+    Sinusoid,
+    SparseLinearRegression,
+    TaskPool,
+    TeacherNetwork,
+)
+from metalearn.tasks.splits import (
+    load_split,
+    save_split,
+    split_by_class,
+    split_by_group,
+    split_by_source,
+    vinyals_split,
+)
+
+__all__ = [
+    "EpisodeIndices", "FewShotSampler", "ImageDataset", "ImageRefs", "LinearRegression",
+    "RegressionTask", "Sinusoid", "SparseLinearRegression", "TaskPool", "TeacherNetwork",
+    "concat", "from_numpy", "load_idx", "load_image_folder", "load_omniglot", "load_split",
+    "load_tfds", "plot_episode", "read_idx", "read_manifest", "save_split", "split_by_class",
+    "split_by_group", "split_by_source", "vinyals_split", "write_idx",
+]

@@ -1,0 +1,405 @@
+"""N-way K-shot few-shot classification episodes, gathered inside `jit` from a device array.
+
+An episode picks `ways` distinct classes (of the dataset, or of dataset x {0, 90, 180, 270}
+degree rotations when `rotations=True`), then `shots + queries + unlabeled` distinct examples of
+each class, so no query or unlabeled image is a copy of a support image. Classes are taken in a
+random order and labelled by position, so the class->label map is a fresh permutation per
+episode; the support and query sets are also shuffled (a sequence model cannot read the label
+off the position). Everything is `jax.random` on the dense class-major uint8 array held on device
+once; a batch of episodes is a `vmap` over keys.
+
+Fixed evaluation episodes: `export_manifest` writes sampled episodes as JSON or CSV (class,
+example index, rotation, image path and label of every image) and `episodes_from_manifest`
+reads them back - or a user's own manifest of image files - with the training preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.core import Array, Episode, TaskSampler
+from metalearn.tasks.datasets import ImageDataset, read_image_ref
+
+NORMALIZE = ("unit", "centered", "standard", "invert", "none")
+MANIFEST_FORMAT = "metalearn-episodes/1"
+_SETS = ("support", "query", "unlabeled")
+
+
+class ImageRefs(NamedTuple):
+    """Which images make up one set of an episode: base class, example index, rotation, label."""
+
+    cls: Array  # int32 [n] index of the class in the dataset
+    example: Array  # int32 [n] index of the example within its class
+    rotation: Array  # int32 [n] quarter turns counter-clockwise (0..3)
+    label: Array  # int32 [n] episode label in [0, ways)
+
+
+class EpisodeIndices(NamedTuple):
+    """The index part of an episode (what a manifest stores); `FewShotSampler.gather` reads it."""
+
+    support: ImageRefs
+    query: ImageRefs
+    unlabeled: ImageRefs | None
+
+
+def _normalizer(normalize: str | tuple, ds: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel such that x = uint8 * scale + shift."""
+    ch = ds.image_shape[-1]
+    if isinstance(normalize, (tuple, list)):
+        if len(normalize) != 2:
+            raise ValueError(f"normalize=(mean, std) expected, got {normalize!r}")
+        mean = np.broadcast_to(np.asarray(normalize[0], np.float64), (ch,))
+        std = np.broadcast_to(np.asarray(normalize[1], np.float64), (ch,))
+        if np.any(std <= 0):
+            raise ValueError(f"normalize std must be > 0, got {normalize[1]!r}")
+        return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+    if normalize == "standard":
+        valid = np.arange(ds.images.shape[1])[None, :] < ds.counts[:, None]
+        px = ds.images[valid].reshape(-1, ch).astype(np.float64) / 255
+        mean = px.mean(0) if len(px) else np.zeros(ch)
+        std = np.maximum(px.std(0), 1e-6) if len(px) else np.ones(ch)
+        return _normalizer((mean, std), ds)
+    table = {"unit": (1 / 255, 0.0), "centered": (2 / 255, -1.0), "invert": (-1 / 255, 1.0),
+             "none": (1.0, 0.0)}
+    if normalize not in table:
+        raise ValueError(f"unknown normalize={normalize!r}; use one of {NORMALIZE} or a "
+                         "(mean, std) pair applied to pixels in [0, 1]")
+    a, b = table[normalize]
+    return np.full(ch, a, np.float32), np.full(ch, b, np.float32)
+
+
+def _topk_distinct(key: Array, n: int, valid: Array) -> Array:
+    """`n` distinct indices (in random order) among the True entries of `valid` (last axis)."""
+    u = jax.random.uniform(key, valid.shape)
+    _, idx = jax.lax.top_k(jnp.where(valid, u, -1.0), n)
+    return idx.astype(jnp.int32)
+
+
+@jax.tree_util.register_pytree_node_class
+class FewShotSampler(TaskSampler):
+    """N-way (`ways`), K-shot (`shots`), Q-query episodes from an `ImageDataset`.
+
+    Options: `unlabeled` extra images per class (semi-supervised learners), `rotations` (each
+    class rotated by 90/180/270 degrees is a new class: 4x the classes), `normalize` ('unit':
+    [0, 1], 'centered': [-1, 1], 'invert': 1 - x/255 (ink bright for Omniglot), 'standard':
+    dataset mean/std per channel, 'none': 0..255, or a (mean, std) pair on [0, 1] pixels),
+    `shuffle` (random order within the support and query sets). The sampler is a pytree (the
+    images are a leaf), so `jax.jit(f)(sampler, key)` does not embed the images as constants.
+    """
+
+    def __init__(self, dataset: ImageDataset, ways: int, shots: int, queries: int,
+                 unlabeled: int = 0, rotations: bool = False,
+                 normalize: str | tuple = "unit", shuffle: bool = True,
+                 _device: tuple[Array, Array] | None = None):
+        for f, v, lo in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 1),
+                         ("unlabeled", unlabeled, 0)):
+            if int(v) != v or v < lo:
+                raise ValueError(f"FewShotSampler: {f} must be an integer >= {lo}, got {v!r}")
+        self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
+        self.unlabeled, self.rotations, self.shuffle = unlabeled, bool(rotations), bool(shuffle)
+        self.normalize = tuple(normalize) if isinstance(normalize, list) else normalize
+        _check_request(dataset, ways, shots + queries + unlabeled, self.rotations,
+                       (shots, queries, unlabeled))
+        h, w, _ = dataset.image_shape
+        if self.rotations and h != w:
+            raise ValueError(f"rotations=True needs square images, got {h}x{w}; resize the "
+                             "dataset (image_size=...) or use rotations=False")
+        self._scale, self._shift = _normalizer(self.normalize, dataset)
+        if _device is None:
+            _device = (jnp.asarray(_rows(dataset.images, self.rotations)),
+                       jnp.asarray(dataset.counts))
+        self._rows, self._counts = _device
+
+    # ----- pytree: the device arrays are leaves, the configuration is static
+    def tree_flatten(self):
+        """Leaves: the device images and counts; aux: everything else."""
+        aux = (_Ref(self.dataset), self.ways, self.shots, self.queries, self.unlabeled,
+               self.rotations, self.normalize, self.shuffle)
+        return (self._rows, self._counts), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        """Rebuild without re-validating or re-uploading."""
+        obj = cls.__new__(cls)
+        ref, obj.ways, obj.shots, obj.queries, obj.unlabeled, obj.rotations, obj.normalize, \
+            obj.shuffle = aux
+        obj.dataset = ref.obj
+        obj._rows, obj._counts = leaves
+        obj._scale, obj._shift = _normalizer(obj.normalize, obj.dataset)
+        return obj
+
+    # ----- configuration
+    @property
+    def num_classes(self) -> int:
+        """Classes episodes are drawn from (x4 with rotations)."""
+        return self.dataset.num_classes * (4 if self.rotations else 1)
+
+    def with_ways_shots(self, ways: int | None = None, shots: int | None = None,
+                        queries: int | None = None, unlabeled: int | None = None
+                        ) -> FewShotSampler:
+        """The same data and preprocessing with other N/K/Q (e.g. for evaluation)."""
+        pick = lambda v, d: d if v is None else v
+        return FewShotSampler(self.dataset, pick(ways, self.ways), pick(shots, self.shots),
+                              pick(queries, self.queries), pick(unlabeled, self.unlabeled),
+                              self.rotations, self.normalize, self.shuffle,
+                              _device=(self._rows, self._counts))
+
+    def with_dataset(self, dataset: ImageDataset) -> FewShotSampler:
+        """The same episode settings on another dataset (e.g. the test split)."""
+        return FewShotSampler(dataset, self.ways, self.shots, self.queries, self.unlabeled,
+                              self.rotations, self.normalize, self.shuffle)
+
+    def describe(self) -> dict:
+        """JSON-able settings and the dataset summary (saved with runs)."""
+        norm = [np.asarray(v).tolist() for v in self.normalize] \
+            if isinstance(self.normalize, tuple) else self.normalize
+        return {"sampler": type(self).__name__, "ways": self.ways, "shots": self.shots,
+                "queries": self.queries, "unlabeled": self.unlabeled,
+                "rotations": self.rotations, "normalize": norm, "shuffle": self.shuffle,
+                "classes": self.num_classes, "dataset": self.dataset.describe()}
+
+    # ----- sampling
+    def sample_indices(self, key: Array) -> EpisodeIndices:
+        """Which classes, examples and rotations make up the episode for `key` (pure)."""
+        k_cls, k_ex, k_s, k_q, k_u = jax.random.split(key, 5)
+        n_base = self.dataset.num_classes
+        chosen = _topk_distinct(k_cls, self.ways, jnp.ones(self.num_classes, bool))
+        base = chosen % n_base
+        rot = chosen // n_base
+        per_class = self.shots + self.queries + self.unlabeled
+        m = self.dataset.images.shape[1]
+        valid = jnp.arange(m)[None, :] < self._counts[base][:, None]
+        ex = _topk_distinct(k_ex, per_class, valid)  # [ways, per_class] distinct per class
+
+        def refs(k: Array, lo: int, n: int) -> ImageRefs:
+            pos = jnp.arange(self.ways * n, dtype=jnp.int32)
+            if self.shuffle:
+                pos = jax.random.permutation(k, pos)
+            c, j = pos // n, pos % n
+            return ImageRefs(base[c], ex[c, lo + j], rot[c], c)
+
+        return EpisodeIndices(
+            refs(k_s, 0, self.shots), refs(k_q, self.shots, self.queries),
+            refs(k_u, self.shots + self.queries, self.unlabeled) if self.unlabeled else None)
+
+    def normalize_images(self, images: Array) -> Array:
+        """uint8 [..., H, W, C] -> float32 with this sampler's normalisation."""
+        return jnp.asarray(images).astype(jnp.float32) * self._scale + self._shift
+
+    def gather(self, idx: EpisodeIndices) -> Episode:
+        """The episode named by `idx` (from `sample_indices` or a manifest)."""
+        c, m = self.dataset.num_classes, self.dataset.images.shape[1]
+        shape = self.dataset.image_shape
+
+        def take(r: ImageRefs) -> Array:
+            rows = (r.rotation * c + r.cls) * m + r.example if self.rotations else \
+                r.cls * m + r.example
+            x = self._rows.at[rows].get(mode="promise_in_bounds")
+            # gather the uint8 rows first, then convert: fused, XLA:CPU gathers per float
+            x = jax.lax.optimization_barrier(x).reshape(*rows.shape, *shape)
+            return self.normalize_images(x)
+
+        return Episode(take(idx.support), idx.support.label, take(idx.query), idx.query.label,
+                       take(idx.unlabeled) if idx.unlabeled is not None else None)
+
+    def sample(self, key: Array) -> Episode:
+        """One episode: support [N*K, H, W, C], labels [N*K] in [0, N), query [N*Q, ...]."""
+        return self.gather(self.sample_indices(key))
+
+    def sample_batch(self, key: Array, batch_size: int) -> Episode:
+        """`batch_size` episodes (the same as vmapping `sample`; one gather for the batch)."""
+        return self.gather(jax.vmap(self.sample_indices)(jax.random.split(key, batch_size)))
+
+    # ----- fixed episodes
+    def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
+        """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
+        idx = jax.device_get(jax.jit(jax.vmap(self.sample_indices))(
+            jax.random.split(key, num_episodes)))
+        episodes = []
+        ds = self.dataset
+        for e in range(num_episodes):
+            ep: dict[str, Any] = {}
+            for s in _SETS:
+                r = getattr(idx, s)
+                if r is None:
+                    continue
+                ep[s] = [_entry(ds, int(r.cls[e, i]), int(r.example[e, i]),
+                                int(r.rotation[e, i]), int(r.label[e, i]) if s != "unlabeled"
+                                else None) for i in range(r.cls.shape[1])]
+            episodes.append(ep)
+        return write_manifest(path, episodes, {"sampler": self.describe()})
+
+    def episodes_from_manifest(self, path: str | Path) -> Episode:
+        """Episodes listed in a manifest (batched: leading axis = episodes), preprocessed as in
+        training. Entries name a dataset class + example index, or an image file path."""
+        path = Path(path)
+        episodes = read_manifest(path)
+        if not episodes:
+            raise ValueError(f"manifest {path} lists no episodes")
+        sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in _SETS}
+        for s in ("support", "query"):
+            if 0 in sizes[s]:
+                raise ValueError(f"manifest {path}: an episode has no {s} images")
+        for s, n in sizes.items():
+            if len(n) > 1:
+                raise ValueError(f"manifest {path}: episodes have different numbers of {s} "
+                                 f"images {sorted(n)}; split it into manifests of equal shape")
+        where = {c: i for i, c in enumerate(self.dataset.class_names)}
+        h, w, ch = self.dataset.image_shape
+        base = path.parent
+
+        def load_set(s: str) -> tuple[Array, Array] | None:
+            if sizes[s] == {0}:
+                return None
+            imgs, rots, labels = [], [], []
+            for e, ep in enumerate(episodes):
+                for i, it in enumerate(ep[s]):
+                    imgs.append(self._manifest_image(it, where, (h, w), ch, base,
+                                                     f"{path} episode {e} {s}[{i}]"))
+                    rots.append(int(it.get("rotation") or 0) // 90 % 4)
+                    labels.append(int(it["label"]) if s != "unlabeled" else 0)
+            if any(rots) and h != w:
+                raise ValueError(f"manifest {path} rotates non-square images ({h}x{w})")
+            x = self.normalize_images(np.stack([np.rot90(im, k) for im, k in
+                                                zip(imgs, rots, strict=True)]))
+            n = len(episodes)
+            return x.reshape(n, -1, h, w, ch), jnp.asarray(labels, jnp.int32).reshape(n, -1)
+
+        (sx, sy), (qx, qy) = load_set("support"), load_set("query")
+        un = load_set("unlabeled")
+        return Episode(sx, sy, qx, qy, un[0] if un is not None else None)
+
+    def _manifest_image(self, it: dict, where: dict, hw: tuple[int, int], ch: int,
+                        base: Path, what: str) -> np.ndarray:
+        cname, ex = it.get("class"), it.get("example")
+        if cname not in (None, "") and ex not in (None, ""):
+            if cname not in where:
+                if it.get("path"):
+                    return read_image_ref(str(it["path"]), hw, ch, base)
+                raise KeyError(f"{what}: class {cname!r} is not in the sampler's dataset "
+                               f"({self.dataset.num_classes} classes) and no image path is given")
+            c, j = where[cname], int(ex)
+            if not 0 <= j < self.dataset.counts[c]:
+                raise IndexError(f"{what}: class {cname!r} has {self.dataset.counts[c]} "
+                                 f"examples, example {j} does not exist")
+            return self.dataset.images[c, j]
+        if it.get("path"):
+            return read_image_ref(str(it["path"]), hw, ch, base)
+        raise ValueError(f"{what}: an entry needs 'class' and 'example', or 'path'")
+
+
+def _rows(images: np.ndarray, rotations: bool) -> np.ndarray:
+    """[classes * examples, H*W*C] rows to gather from (x4: rotations 0, 90, 180, 270 degrees).
+
+    Gathering whole rows is several times faster on CPU than gathering [class, example] pairs,
+    and precomputed rotations cost memory (4x) instead of a per-pixel gather each episode."""
+    c, m = images.shape[:2]
+    rots = [np.rot90(images, k, axes=(2, 3)) for k in range(4)] if rotations else [images]
+    return np.concatenate([r.reshape(c * m, -1) for r in rots])
+
+
+class _Ref:
+    """Identity-compared holder (pytree aux data must be hashable and cheap to compare)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Ref) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
+                   kqu: tuple[int, int, int]) -> None:
+    """Impossible episode requests fail here, saying what the split has."""
+    if ds.num_classes == 0:
+        raise ValueError(f"dataset {ds.name!r} has no classes (empty split?); check the split "
+                         "fractions or the class lists the split was built from")
+    n = ds.num_classes * (4 if rotations else 1)
+    if ways > n:
+        rot = f" ({ds.num_classes} x 4 rotations)" if rotations else ""
+        raise ValueError(f"ways={ways} but dataset {ds.name!r} has only {n} classes{rot}; "
+                         f"use ways <= {n}" + ("" if rotations else " or rotations=True"))
+    small = int(np.argmin(ds.counts))
+    have = int(ds.counts[small])
+    if per_class > have:
+        k, q, u = kqu
+        parts = f"shots + queries{' + unlabeled' if u else ''} = {k} + {q}" + \
+            (f" + {u}" if u else "")
+        raise ValueError(f"{parts} = {per_class} examples per class needed, but class "
+                         f"{ds.class_names[small]!r} of {ds.name!r} has only {have} (examples "
+                         f"per class: {int(ds.counts.min())} to {int(ds.counts.max())}); lower "
+                         "shots/queries or drop small classes with "
+                         f"dataset.filter_min_examples({per_class})")
+
+
+def _entry(ds: ImageDataset, c: int, j: int, rot: int, label: int | None) -> dict:
+    e = {"class": ds.class_names[c], "example": j, "rotation": 90 * rot,
+         "path": ds.paths[c][j] if ds.paths else ""}
+    if label is not None:
+        e["label"] = label
+    return e
+
+
+_CSV_FIELDS = ("episode", "set", "label", "class", "example", "rotation", "path")
+
+
+def write_manifest(path: str | Path, episodes: Sequence[dict], meta: dict | None = None) -> Path:
+    """Write episodes (dicts of support/query/unlabeled entry lists) as .json or .csv."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+            wr.writeheader()
+            for e, ep in enumerate(episodes):
+                for s in _SETS:
+                    for it in ep.get(s, []):
+                        wr.writerow({"episode": e, "set": s, **{k: it.get(k, "")
+                                                                  for k in _CSV_FIELDS[2:]}})
+    elif path.suffix.lower() == ".json":
+        doc = {"format": MANIFEST_FORMAT, **(meta or {}), "episodes": list(episodes)}
+        path.write_text(json.dumps(doc, indent=1))
+    else:
+        raise ValueError(f"manifest {path}: use a .json or .csv file name")
+    return path
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Episodes of a .json or .csv manifest, as dicts of support/query/unlabeled entry lists."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    if path.suffix.lower() == ".json":
+        doc = json.loads(path.read_text())
+        eps = doc["episodes"] if isinstance(doc, dict) else doc
+        return [dict(ep) for ep in eps]
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"manifest {path}: use a .json or .csv file")
+    episodes: dict[str, dict[str, list]] = {}
+    with open(path, newline="") as f:
+        rd = csv.DictReader(f)
+        missing = {"episode", "set"} - set(rd.fieldnames or ())
+        if missing:
+            raise ValueError(f"manifest {path} lacks the CSV columns {sorted(missing)}; "
+                             f"columns: {', '.join(_CSV_FIELDS)}")
+        for row in rd:
+            s = row["set"].strip().lower()
+            if s not in _SETS:
+                raise ValueError(f"manifest {path}: set {row['set']!r} is not one of {_SETS}")
+            it = {k: v for k, v in row.items() if k not in ("episode", "set") and v not in
+                  (None, "")}
+            episodes.setdefault(row["episode"], {}).setdefault(s, []).append(it)
+    return list(episodes.values())
