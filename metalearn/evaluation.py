@@ -34,13 +34,16 @@ def _episode_metrics_fn(learner: InnerLearner):
     return jax.jit(f)
 
 
-_CACHE: dict[int, Any] = {}
+_CACHE: dict[Any, Any] = {}
 
 
 def episode_metrics(learner: InnerLearner, meta: MetaParams, episodes: Episode,
                     key: Array) -> dict[str, np.ndarray]:
     """Per-episode metrics of a batch of episodes (leading axis), as NumPy arrays."""
-    fn = _CACHE.setdefault(id(learner), _episode_metrics_fn(learner))
+    try:  # learners are frozen dataclasses: equal configs share one compiled function
+        fn = _CACHE.get(learner) or _CACHE.setdefault(learner, _episode_metrics_fn(learner))
+    except TypeError:  # unhashable learner: compile per call site
+        fn = _episode_metrics_fn(learner)
     return {k: np.asarray(v) for k, v in fn(meta, episodes, key).items()}
 
 

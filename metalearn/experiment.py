@@ -39,7 +39,14 @@ class Experiment:
 
     learner: InnerLearner
     splits: dict[str, TaskSampler]  # at least "train"; "validation"/"test" for held-out tasks
+    # scores evaluations when given (same meta-parameters as `learner`, e.g. extra metrics)
+    eval_learner: InnerLearner | None = None
     report: Callable[[Experiment, MetaParams, Run | None], dict] | None = None
+
+    @property
+    def evaluator(self) -> InnerLearner:
+        """The learner that scores evaluations."""
+        return self.eval_learner or self.learner
 
     @property
     def train(self) -> TaskSampler:
@@ -235,7 +242,8 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
         config=config.to_dict(), resume=resume,
         options=RunOptions(eval_every=config.eval_every, eval_episodes=config.eval_episodes,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                           progress=progress))
+                           progress=progress),
+        eval_learner=exp.eval_learner)
     summary: dict[str, Any] = {"experiment": config.experiment, "steps": config.steps,
                                "seed": config.seed,
                                "steps_per_second": result.steps_per_second}
@@ -245,7 +253,7 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
     if result.final_eval is not None:
         summary[split] = result.final_eval
     if "test" in exp.splits and split != "test":
-        summary["test"] = evaluate(exp.learner, result.meta, exp.splits["test"],
+        summary["test"] = evaluate(exp.evaluator, result.meta, exp.splits["test"],
                                    jax.random.PRNGKey(2_000_003), config.test_episodes)
     if exp.report is not None:
         summary.update(exp.report(exp, result.meta, run))
@@ -279,7 +287,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
     if split not in exp.splits:
         raise ValueError(f"split {split!r} not available for {config.experiment}; "
                          f"choose one of {sorted(exp.splits)}")
-    res = evaluate(exp.learner, meta, exp.splits[split], jax.random.PRNGKey(3_000_017 + seed),
+    res = evaluate(exp.evaluator, meta, exp.splits[split], jax.random.PRNGKey(3_000_017 + seed),
                    episodes)
     res = {"split": split, "step": step, **res}
     Run(run_dir).write_json(f"eval_{split}.json", res)
@@ -303,7 +311,7 @@ def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "t
         raise ValueError(f"the samplers of {config.experiment!r} ({type(sampler).__name__}) "
                          "cannot read episode manifests; manifests are for few-shot image tasks")
     episodes = sampler.episodes_from_manifest(manifest)
-    res = evaluate_episodes(exp.learner, meta, episodes, jax.random.PRNGKey(4_000_037))
+    res = evaluate_episodes(exp.evaluator, meta, episodes, jax.random.PRNGKey(4_000_037))
     res = {"split": f"manifest:{manifest.name}", "step": step, **res}
     Run(run_dir).write_json(f"eval_manifest_{manifest.stem}.json", res)
     return res

@@ -131,8 +131,13 @@ class OuterLoop:
     def run(self, learner: InnerLearner, train_sampler: TaskSampler, key: Array, *, steps: int,
             eval_sampler: TaskSampler | None = None, run_dir: str | Path | None = None,
             config: dict | None = None, resume: bool = False,
-            options: RunOptions | None = None) -> TrainResult:
-        """Meta-train for `steps` meta-steps (in total, counting steps done before a resume)."""
+            options: RunOptions | None = None,
+            eval_learner: InnerLearner | None = None) -> TrainResult:
+        """Meta-train for `steps` meta-steps (in total, counting steps done before a resume).
+
+        `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
+        same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
+        """
         opts = options or RunOptions()
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -159,7 +164,7 @@ class OuterLoop:
         last_ckpt = ckpt.latest_step() if ckpt else None
 
         def do_eval(step: int) -> dict:
-            res = evaluate(learner, self.meta_params(state), eval_sampler, eval_key,
+            res = evaluate(eval_learner or learner, self.meta_params(state), eval_sampler, eval_key,
                            opts.eval_episodes, opts.eval_batch_size)
             rec = {"step": step, "split": "eval", **res}
             history.append(rec)
