@@ -513,16 +513,13 @@ def load_tfds(name: str, split: str = "train", data_dir: str | Path | None = Non
     import tensorflow_datasets as tfds
 
     def build() -> ImageDataset:
-        builder = tfds.builder(name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
-        feats = builder.info.features
+        src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        feats = tfds.builder(name, data_dir=data_dir).info.features
         for k in (image_key, label_key):
             if k not in feats:
                 raise ValueError(f"TFDS dataset {name!r} has no feature {k!r}; features: "
                                  f"{sorted(feats.keys())}")
-        src = builder.as_data_source(split=split)
-        recs = [src[i] for i in range(len(src))]
+        recs = _read_all(src)
         images = np.stack([np.asarray(r[image_key]) for r in recs]) if recs else \
             np.zeros((0, 1, 1, 1), np.uint8)
         labels = np.asarray([int(r[label_key]) for r in recs])
@@ -534,6 +531,18 @@ def load_tfds(name: str, split: str = "train", data_dir: str | Path | None = Non
     key = {"kind": "tfds", "name": name, "split": split, "data_dir": str(data_dir),
            "image_size": image_size, "image_key": image_key, "label_key": label_key}
     return cached(key, build, cache_dir, f"tfds-{name.replace('/', '_')}")
+
+
+def _read_all(src, chunk: int = 4096) -> list:
+    """Every record of a random-access data source (batched reads where supported)."""
+    out: list = []
+    for start in range(0, len(src), chunk):
+        ids = list(range(start, min(start + chunk, len(src))))
+        try:
+            out.extend(src.__getitems__(ids))
+        except (AttributeError, TypeError):  # no (working) batched read: one by one
+            out.extend(src[i] for i in ids)
+    return out
 
 
 # ---------------------------------------------------------------- cache

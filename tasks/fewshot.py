@@ -190,6 +190,10 @@ class FewShotSampler(TaskSampler):
             refs(k_s, 0, self.shots), refs(k_q, self.shots, self.queries),
             refs(k_u, self.shots + self.queries, self.unlabeled) if self.unlabeled else None)
 
+    def batch_indices(self, keys: Array) -> EpisodeIndices:
+        """`sample_indices` of every key (compiled once per sampler configuration)."""
+        return _batch_indices(self, keys)
+
     def normalize_images(self, images: Array) -> Array:
         """uint8 [..., H, W, C] -> float32 with this sampler's normalisation."""
         return jnp.asarray(images).astype(jnp.float32) * self._scale + self._shift
@@ -221,8 +225,8 @@ class FewShotSampler(TaskSampler):
     # ----- fixed episodes
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
         """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
-        idx = jax.device_get(jax.jit(jax.vmap(self.sample_indices))(
-            jax.random.split(key, num_episodes)))
+        _manifest_kind(Path(path))
+        idx = jax.device_get(self.batch_indices(jax.random.split(key, num_episodes)))
         episodes = []
         ds = self.dataset
         for e in range(num_episodes):
@@ -296,6 +300,11 @@ class FewShotSampler(TaskSampler):
         raise ValueError(f"{what}: an entry needs 'class' and 'example', or 'path'")
 
 
+@jax.jit
+def _batch_indices(sampler: FewShotSampler, keys: Array) -> EpisodeIndices:
+    return jax.vmap(sampler.sample_indices)(keys)
+
+
 def _rows(images: np.ndarray, rotations: bool) -> np.ndarray:
     """[classes * examples, H*W*C] rows to gather from (x4: rotations 0, 90, 180, 270 degrees).
 
@@ -356,11 +365,19 @@ def _entry(ds: ImageDataset, c: int, j: int, rot: int, label: int | None) -> dic
 _CSV_FIELDS = ("episode", "set", "label", "class", "example", "rotation", "path")
 
 
+def _manifest_kind(path: Path) -> str:
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in ("json", "csv"):
+        raise ValueError(f"manifest {path}: use a .json or .csv file name")
+    return kind
+
+
 def write_manifest(path: str | Path, episodes: Sequence[dict], meta: dict | None = None) -> Path:
     """Write episodes (dicts of support/query/unlabeled entry lists) as .json or .csv."""
     path = Path(path)
+    kind = _manifest_kind(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
+    if kind == "csv":
         with open(path, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
             wr.writeheader()
@@ -369,11 +386,9 @@ def write_manifest(path: str | Path, episodes: Sequence[dict], meta: dict | None
                     for it in ep.get(s, []):
                         wr.writerow({"episode": e, "set": s, **{k: it.get(k, "")
                                                                   for k in _CSV_FIELDS[2:]}})
-    elif path.suffix.lower() == ".json":
+    else:
         doc = {"format": MANIFEST_FORMAT, **(meta or {}), "episodes": list(episodes)}
         path.write_text(json.dumps(doc, indent=1))
-    else:
-        raise ValueError(f"manifest {path}: use a .json or .csv file name")
     return path
 
 
@@ -382,12 +397,10 @@ def read_manifest(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    if path.suffix.lower() == ".json":
+    if _manifest_kind(path) == "json":
         doc = json.loads(path.read_text())
         eps = doc["episodes"] if isinstance(doc, dict) else doc
         return [dict(ep) for ep in eps]
-    if path.suffix.lower() != ".csv":
-        raise ValueError(f"manifest {path}: use a .json or .csv file")
     episodes: dict[str, dict[str, list]] = {}
     with open(path, newline="") as f:
         rd = csv.DictReader(f)
