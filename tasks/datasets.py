@@ -474,11 +474,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r})")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    dims = np.frombuffer(data, ">i4", ndim, 4).astype(int)
+    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, 4))
     body = 4 + 4 * ndim
     n = int(np.prod(dims)) * dtype.itemsize
     if len(data) - body != n:
-        raise ValueError(f"{path}: header says shape {tuple(dims)} ({n} bytes) but the file "
+        raise ValueError(f"{path}: header says shape {dims} ({n} bytes) but the file "
                          f"holds {len(data) - body} bytes of data")
     return np.frombuffer(data, dtype, offset=body).reshape(dims).astype(dtype.newbyteorder("="))
 

@@ -1,0 +1,124 @@
+"""In-context regression task families against NumPy/JAX reference formulas."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.core import check_episode
+from metalearn.tasks import (
+    LinearRegression,
+    Sinusoid,
+    SparseLinearRegression,
+    TaskPool,
+    TeacherNetwork,
+)
+
+KEY = jax.random.PRNGKey(5)
+
+
+def batch(task, n: int):
+    """n episodes of `task` (one compiled call)."""
+    return jax.jit(jax.vmap(task.sample))(jax.random.split(KEY, n))
+
+
+def test_linear_regression_unchanged():
+    """Same fields, defaults and numbers as the original LinearRegression."""
+    t = LinearRegression(dim=3, num_context=4, num_queries=2, dim_out=2, input_range=1.5,
+                         weight_scale=0.5, weight_mean=1.0, noise_std=0.1)
+    assert [f.name for f in dataclasses.fields(LinearRegression)] == [
+        "dim", "num_context", "num_queries", "dim_out", "input_dist", "input_range",
+        "weight_scale", "weight_mean", "noise_std"]
+    ep = t.sample(KEY)
+    kw, kx, kn = jax.random.split(KEY, 3)
+    w = 1.0 + 0.5 * jax.random.normal(kw, (3, 2))
+    x = jax.random.uniform(kx, (6, 3), minval=-1.5, maxval=1.5)
+    y = x @ w + 0.1 * jax.random.normal(kn, (6, 2))
+    np.testing.assert_allclose(ep.support_x, x[:4])
+    np.testing.assert_allclose(ep.query_y, y[4:], rtol=1e-6)
+    assert t.describe()["sampler"] == "LinearRegression"
+
+
+def test_sinusoid_maml_defaults():
+    t = Sinusoid()
+    assert (t.amplitude_min, t.amplitude_max, t.phase_min, t.phase_max, t.input_range) == \
+        (0.1, 5.0, 0.0, math.pi, 5.0)
+    eps = batch(t, 200)
+    check_episode(eps, batched=True)
+    assert eps.support_x.shape == (200, 10, 1) and eps.query_y.shape == (200, 10, 1)
+    x = np.concatenate([eps.support_x, eps.query_x], 1)[..., 0]
+    y = np.concatenate([eps.support_y, eps.query_y], 1)[..., 0]
+    assert x.min() >= -5 and x.max() <= 5 and x.min() < -4.5 and x.max() > 4.5
+    amp = np.abs(y).max(1)
+    assert amp.max() <= 5.0 + 1e-5 and amp.min() < 1.0
+    # recover (A, phase) of episode 0 exactly from the task key
+    kw, _, _ = jax.random.split(jax.random.split(KEY, 200)[0], 3)
+    a, p = t.task_params(kw)
+    np.testing.assert_allclose(y[0], a * np.sin(x[0] - p), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_teacher_network(act):
+    t = TeacherNetwork(dim=3, hidden=7, dim_out=2, activation=act, bias_scale=0.3,
+                       num_context=5, num_queries=3)
+    ep, th = jax.jit(lambda k: (t.sample(k), t.task_params(jax.random.split(k, 3)[0])))(KEY)
+    assert ep.support_x.shape == (5, 3) and ep.support_y.shape == (5, 2)
+    f = np.tanh if act == "tanh" else (lambda v: np.maximum(v, 0))
+    x = np.asarray(ep.query_x)
+    ref = f(x @ np.asarray(th["w1"]) + np.asarray(th["b1"])) @ np.asarray(th["w2"]) + \
+        np.asarray(th["b2"])
+    np.testing.assert_allclose(ep.query_y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="activation must be 'tanh' or 'relu', got 'gelu'"):
+        TeacherNetwork(activation="gelu")
+
+
+def test_sparse_linear():
+    t = SparseLinearRegression(dim=8, nonzero=3, num_context=20)
+    ws = jax.jit(jax.vmap(t.task_params))(jax.random.split(KEY, 50))
+    nz = np.count_nonzero(np.asarray(ws)[..., 0], axis=1)
+    assert np.all(nz == 3)
+    assert len({tuple(np.flatnonzero(w[:, 0])) for w in np.asarray(ws)}) > 5
+    with pytest.raises(ValueError, match=r"nonzero must lie in \[1, dim=8\], got 9"):
+        SparseLinearRegression(dim=8, nonzero=9)
+
+
+def test_ood_variants():
+    t = TeacherNetwork(input_range=1.0, weight_scale=1.0, bias_scale=0.5)
+    o = t.ood(input_scale=3.0, weight_scale=2.0)
+    assert (o.input_range, o.weight_scale, o.bias_scale) == (3.0, 2.0, 1.0)
+    s = Sinusoid().ood(input_scale=2.0, weight_scale=0.5)
+    assert (s.input_range, s.amplitude_min, s.amplitude_max) == (10.0, 0.05, 2.5)
+    lin = LinearRegression().ood(weight_scale=4.0, weight_mean=2.0)
+    assert (lin.weight_scale, lin.weight_mean, lin.input_range) == (4.0, 2.0, 0.5)
+    ep = LinearRegression(dim=2, num_context=50).ood(input_scale=10.0).sample(KEY)
+    assert float(jnp.abs(ep.support_x).max()) > 4.0
+
+
+def test_task_pool_is_finite_with_fresh_inputs():
+    pool = TaskPool(LinearRegression(dim=2, num_context=3), num_tasks=4, seed=1)
+    eps = batch(pool, 64)
+    x, y = np.asarray(eps.support_x), np.asarray(eps.support_y)
+    ws = {tuple(np.round(np.linalg.lstsq(x[i], y[i], rcond=None)[0].ravel(), 4))
+          for i in range(64)}
+    assert len(ws) == 4  # only four distinct tasks
+    pool_ws = jax.jit(jax.vmap(pool.task_params))(jnp.arange(4))
+    pool_ws = {tuple(np.round(w.ravel(), 4)) for w in np.asarray(pool_ws)}
+    assert ws == pool_ws
+    assert len({tuple(x[i].ravel()) for i in range(64)}) == 64  # inputs are fresh
+    fresh = batch(LinearRegression(dim=2, num_context=3), 64)
+    assert len({tuple(np.asarray(fresh.support_x[i]).ravel()) for i in range(64)}) == 64
+    assert pool.describe()["task"]["sampler"] == "LinearRegression"
+    with pytest.raises(ValueError, match="TaskPool.num_tasks must be >= 1, got 0"):
+        TaskPool(LinearRegression(), 0)
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="LinearRegression.num_context must be >= 1, got 0"):
+        LinearRegression(num_context=0)
+    with pytest.raises(ValueError, match="unknown input_dist 'cauchy'"):
+        Sinusoid(input_dist="cauchy")
