@@ -1,0 +1,422 @@
+"""Transformers learn in context by gradient descent: 1-layer LSA vs GD (von Oswald et al. 2023).
+
+A linear self-attention learner (`metalearn.learners.lsa.LSA`) is meta-trained on linear
+regression, d = 10, N = 10, one query per task, x ~ U(-0.5, 0.5)^d (the released code's law;
+`task.input_range` is the half-width), W ~ N(0, I). The report compares it with gradient descent
+(learning rate line-searched on training tasks), GD++ (for several layers) and least squares on
+10,000 fresh test tasks: losses, the L2 distance of predictions (`preds_diff`), the cosine of
+the sensitivities d y_hat / d x_q (`model_cos`), the loss of the trained weights interpolated
+with the construction, and losses on rescaled (out-of-distribution) inputs and weights.
+
+Training curves of these metrics come from the periodic evaluation (`eval_every`): evaluation
+episodes carry a marker (an empty `unlabeled_x`), and only for marked episodes the learner's
+`loss` also computes the comparison metrics, so training steps pay nothing for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
+from metalearn.evaluation import evaluate_episodes
+from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
+from metalearn.learners.gd import GradientDescent, LeastSquares, fit_step_sizes
+from metalearn.learners.lsa import (
+    LSA,
+    effective_step,
+    gd_construction_for,
+    interpolate_with_construction,
+)
+from metalearn.runs import Run
+from metalearn.tasks.regression import LinearRegression
+
+# Figures of the paper's official code re-run on a 2-core CPU (x ~ U(-0.5, 0.5)^10, N = 10,
+# 5000 steps, 10,000 validation tasks), keyed by (layers, recurrent, heads, softmax, layer_norm).
+REFERENCE = {
+    (1, True, 1, False, False): {"loss_model": 0.2079, "loss_gd": 0.2074, "loss_gdpp": 0.2074,
+                                 "loss_interp": 0.2075, "model_cos": 0.9993,
+                                 "preds_diff": 0.0225, "model_diff": 0.097,
+                                 "ood_input_1.5": (1.18, 1.09), "ood_input_2": (8.97, 8.31)},
+    (2, True, 1, False, False): {"loss_model": 0.1136, "loss_gd": 0.1588, "loss_gdpp": 0.1116,
+                                 "loss_interp": 0.1121, "model_cos": 0.952,
+                                 "model_cos_gdpp": 0.9974},
+    (3, True, 1, False, False): {"loss_model": 0.0816, "loss_gd": 0.1341, "loss_gdpp": 0.0787,
+                                 "loss_interp": 0.0789, "model_cos": 0.963,
+                                 "model_cos_gdpp": 0.9951},
+    (1, True, 2, True, False): {"loss_model": 0.2201, "loss_gd": 0.2074, "model_cos": 0.9646,
+                                "preds_diff": 0.1057},
+    (1, True, 1, True, False): {"loss_model": 0.2906, "loss_gd": 0.2074, "model_cos": 0.720},
+    (1, True, 1, False, True): {"loss_model": 0.2587, "loss_gd": 0.2074, "model_cos": 0.833},
+}
+INPUT_SCALES = tuple(np.round(np.arange(0.5, 2.01, 0.1), 2).tolist())
+WEIGHT_SCALES = tuple(np.round(np.arange(0.5, 5.01, 0.5), 2).tolist())
+
+
+def get_config() -> ConfigDict:
+    """d = N = 10, 1-layer LSA, Adam(W) lr 1e-3 b2 = 0.98, batch 2048, 5000 steps."""
+    c = base_config(steps=5000, eval_every=100, eval_episodes=2000, test_episodes=10_000,
+                    checkpoint_every=1000)
+    c.task = ConfigDict({"dim": 10, "num_context": 10, "input_range": 0.5, "weight_scale": 1.0,
+                         "num_queries": 1})
+    c.model = ConfigDict({"num_layers": 1, "recurrent": True, "num_heads": 1, "key_size": 0,
+                          "softmax": False, "layer_norm": False, "init_scale": 0.002})
+    c.analysis = ConfigDict({"search_tasks": 10_000, "test_tasks": 10_000, "ood_tasks": 1000,
+                             "gd_plus_plus": True})
+    c.outer = outer_config("gradient", optimizer="adamw", learning_rate=1e-3, b1=0.9, b2=0.98,
+                           clip_norm=0.001, batch_size=2048, steps_per_call=100,
+                           strategy="Sep_CMA_ES", population_size=64, std_init=0.05)
+    return c
+
+
+# ---------------------------------------------------------------- task sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLinearRegression(LinearRegression):
+    """`LinearRegression` (same law) whose draws are flat vectors reshaped afterwards.
+
+    Under `vmap`, multi-dimensional `jax.random` draws are several times slower on CPU than flat
+    ones of the same size, and at batch 2048 the sampler dominates a meta-step.
+    """
+
+    def sample(self, key: Array) -> Episode:
+        """One task: N context pairs and Q query pairs sharing the teacher W."""
+        kw, kx, kn = jax.random.split(key, 3)
+        n, d, dy = self.num_context + self.num_queries, self.dim, self.dim_out
+        w = self.weight_mean + self.weight_scale * jax.random.normal(kw, (d * dy,)).reshape(d, dy)
+        if self.input_dist == "uniform":
+            x = jax.random.uniform(kx, (n * d,), minval=-self.input_range,
+                                   maxval=self.input_range)
+        else:
+            x = self.input_range * jax.random.normal(kx, (n * d,))
+        x = x.reshape(n, d)
+        y = x @ w
+        if self.noise_std:
+            y = y + self.noise_std * jax.random.normal(kn, (n * dy,)).reshape(n, dy)
+        c = self.num_context
+        return Episode(x[:c], y[:c], x[c:], y[c:])
+
+
+def mark(episodes: Episode) -> Episode:
+    """Episodes (one or a batch) marked with an empty `unlabeled_x` for `Compared`'s metrics."""
+    return episodes._replace(unlabeled_x=episodes.support_x[..., :0, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class Probed(TaskSampler):
+    """Episodes of `base` marked (empty `unlabeled_x`) so that `Compared` adds its metrics.
+
+    `sample_batch` is one jitted function per sampler: `evaluate` wraps it in `jax.jit` on each
+    call, and a jitted function inside is compiled once instead of at every evaluation.
+    """
+
+    base: TaskSampler
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_batch",
+                           jax.jit(super().sample_batch, static_argnums=1))
+
+    def sample(self, key: Array) -> Episode:
+        """An episode of `base` carrying the marker."""
+        return mark(self.base.sample(key))
+
+    def describe(self) -> dict:
+        """The base sampler's description."""
+        return {**self.base.describe(), "probed": True}
+
+
+# ---------------------------------------------------------------- comparison with baselines
+
+
+def predictions_and_sensitivities(learner: InnerLearner, meta: MetaParams, episode: Episode,
+                                  key: Array) -> tuple[Array, Array]:
+    """Query predictions [Q, dy] and their input sensitivities d y_hat / d x_q [Q, dy, d]."""
+    state = learner.adapt(meta, episode.support(), key)
+
+    def one(xq: Array) -> Array:
+        return learner.predict(meta, state, xq[None]).reshape(-1)
+
+    return jax.vmap(one)(episode.query_x), jax.vmap(jax.jacfwd(one))(episode.query_x)
+
+
+def _cos(a: Array, b: Array) -> Array:
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.sum(a * b, axis=-1) / jnp.maximum(den, 1e-12)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Baseline:
+    """A fixed in-context learner to compare with: name, learner, its meta-parameters."""
+
+    name: str
+    learner: InnerLearner
+    meta: dict
+    align: bool = True  # also report preds_diff / model_diff / model_cos against it
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Compared(InnerLearner):
+    """`learner`, whose `loss` on marked episodes also compares it with fixed baselines.
+
+    Per episode (mean over queries), for each baseline b: loss_b, and when b.align:
+    preds_diff_b = ||y_hat - y_hat_b||, model_diff_b = ||J - J_b|| and model_cos_b = cos(J, J_b)
+    with J = d y_hat / d x_q. The first baseline's names drop the suffix (preds_diff, ...).
+    """
+
+    learner: InnerLearner
+    baselines: tuple[Baseline, ...] = ()
+
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """The wrapped learner's meta-parameters."""
+        return self.learner.init(key, example)
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> Any:
+        """The wrapped learner's adaptation."""
+        return self.learner.adapt(meta, support, key)
+
+    def predict(self, meta: MetaParams, state: Any, query_x: Array) -> Array:
+        """The wrapped learner's predictions."""
+        return self.learner.predict(meta, state, query_x)
+
+    def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
+        """The wrapped learner's loss; plus comparison metrics for marked episodes."""
+        loss, metrics = self.learner.loss(meta, episode, key)
+        if episode.unlabeled_x is None:
+            return loss, metrics
+        return loss, {**metrics, **self.compare(meta, episode, key)}
+
+    def compare(self, meta: MetaParams, episode: Episode, key: Array) -> dict:
+        """Per-episode comparison metrics against every baseline."""
+        pred, sens = predictions_and_sensitivities(self.learner, meta, episode, key)
+        y = episode.query_y.reshape(pred.shape)
+        out = {}
+        for i, b in enumerate(self.baselines):
+            bmeta = jax.tree.map(jnp.asarray, b.meta)
+            p_b, s_b = predictions_and_sensitivities(b.learner, bmeta, episode, key)
+            out[f"loss_{b.name}"] = 0.5 * jnp.mean(jnp.sum((p_b - y) ** 2, axis=-1))
+            if b.align:
+                sfx = "" if i == 0 else f"_{b.name}"
+                out["preds_diff" + sfx] = jnp.mean(jnp.linalg.norm(pred - p_b, axis=-1))
+                out["model_diff" + sfx] = jnp.mean(jnp.linalg.norm(
+                    (sens - s_b).reshape(sens.shape[0], -1), axis=-1))
+                out["model_cos" + sfx] = jnp.mean(_cos(sens, s_b))
+        return out
+
+
+# ---------------------------------------------------------------- build
+
+
+def make_task(config: ConfigDict, **changes: Any) -> FlatLinearRegression:
+    """The linear-regression task law of the config."""
+    t = config.task
+    kw = {"dim": t.dim, "num_context": t.num_context, "num_queries": t.num_queries,
+          "input_range": t.input_range, "weight_scale": t.weight_scale, **changes}
+    return FlatLinearRegression(**kw)
+
+
+def make_lsa(config: ConfigDict) -> LSA:
+    """The LSA learner of the config."""
+    return LSA(**config.model.to_dict())
+
+
+def linear_baselines(config: ConfigDict, task: TaskSampler, steps: int) -> tuple[Baseline, ...]:
+    """GD (line-searched lr), GD++ with `steps` steps (when steps > 1) and least squares."""
+    key = jax.random.PRNGKey(config.seed + 7)
+    n = config.analysis.search_tasks
+    gd = GradientDescent(steps=steps)
+    out = [Baseline("gd", gd, fit_step_sizes(gd, task, key, n)[0])]
+    if steps > 1 and config.analysis.gd_plus_plus:
+        gdpp = GradientDescent(steps=steps, plus_plus=True)
+        out.append(Baseline("gdpp", gdpp, fit_step_sizes(gdpp, task, key, n)[0]))
+    out.append(Baseline("lstsq", LeastSquares(), {}, align=False))
+    return tuple(out)
+
+
+def build(config: ConfigDict, run: Run | None = None) -> Experiment:
+    """LSA learner compared with line-searched GD (GD++ too with several layers), and samplers."""
+    task = make_task(config)
+    lsa = make_lsa(config)
+    learner = Compared(lsa, linear_baselines(config, task, lsa.num_layers))
+    test = Probed(task)
+    return Experiment(learner=learner, splits={"train": task, "test": test},
+                      report=functools.partial(report, config=config))
+
+
+# ---------------------------------------------------------------- report
+
+
+def _episodes_loss(learner: InnerLearner):
+    @jax.jit
+    def f(meta: MetaParams, episodes: Episode, key: Array) -> Array:
+        keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
+        return jax.vmap(lambda e, k: learner.loss(meta, e, k)[0])(episodes, keys)
+
+    return f
+
+
+def ood_curves(learners: dict[str, tuple[InnerLearner, MetaParams]],
+               eps: Episode) -> dict[str, dict[str, list[float]]]:
+    """Mean loss of each learner on the episodes `eps` with inputs (and so targets) scaled by
+    alpha or the teacher weights by beta: x -> alpha x, y -> alpha y is exactly the law
+    U(-alpha a, alpha a) of the rescaled input range."""
+    k = jax.random.PRNGKey(0)
+
+    def scaled(ex: float, ey: float) -> Episode:
+        return eps._replace(support_x=ex * eps.support_x, query_x=ex * eps.query_x,
+                            support_y=ey * eps.support_y, query_y=ey * eps.query_y)
+
+    out: dict[str, dict[str, list[float]]] = {"input_scale": {"scale": list(INPUT_SCALES)},
+                                               "weight_scale": {"scale": list(WEIGHT_SCALES)}}
+    for name, (lrn, meta) in learners.items():
+        f = _episodes_loss(lrn)
+        out["input_scale"][name] = [float(jnp.mean(f(meta, scaled(a, a), k)))
+                                    for a in INPUT_SCALES]
+        out["weight_scale"][name] = [float(jnp.mean(f(meta, scaled(1.0, b), k)))
+                                     for b in WEIGHT_SCALES]
+    return out
+
+
+def _reference_key(config: ConfigDict) -> tuple:
+    m, t = config.model, config.task
+    if (t.dim, t.num_context, t.input_range, t.weight_scale) != (10, 10, 0.5, 1.0):
+        return ()
+    return (m.num_layers, m.recurrent, m.num_heads, m.softmax, m.layer_norm)
+
+
+def construction_metrics(lsa: LSA, meta: MetaParams, gd: Baseline,
+                         eps: Episode) -> dict[str, float]:
+    """Losses of the trained weights interpolated with (and projected onto) the construction,
+    and the step sizes the trained weights implement (1-head linear attention only)."""
+    if lsa.softmax or lsa.layer_norm or lsa.num_heads != 1 or lsa.embed_size:
+        return {}
+    example = jax.tree.map(lambda a: a[0], eps)
+    n, d = example.support_x.shape
+    cons = gd_construction_for(lsa, example, gd.meta["lr"], gd.meta["gamma"])
+    steps = effective_step(meta, n, d)
+    proj = gd_construction_for(lsa, example, steps["eta"], steps["gamma"])
+    plain = dataclasses.replace(lsa, key_size=0)
+    out = {"eta_learned": np.asarray(steps["eta"]).tolist(),
+           "gamma_learned": np.asarray(steps["gamma"]).tolist()}
+    for name, m in (("loss_interp", interpolate_with_construction(meta, cons, d)),
+                    ("loss_projected", proj), ("loss_construction", cons)):
+        out[name] = evaluate_episodes(plain, m, eps, jax.random.PRNGKey(0), 1000)["loss"]
+    return out
+
+
+def _fmt(x: Any, ci: Any = None) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, tuple | list):
+        return " / ".join(_fmt(v) for v in x)
+    s = f"{x:.4f}" if abs(x) < 100 else f"{x:.4g}"
+    return s + (f" ± {ci:.4f}" if ci is not None else "")
+
+
+def comparison_table(s: dict, ref: dict, baselines: tuple[Baseline, ...], steps: int) -> str:
+    """Markdown table: this run's figures next to the official code's (when known)."""
+    names = {b.name: b for b in baselines}
+    rows = [("loss, trained model", "loss_model")]
+    if "gd" in names:
+        eta = float(names["gd"].meta["lr"])
+        rows.append((f"loss, GD ({steps} step{'s' * (steps > 1)}, eta* = {eta:.2f})", "loss_gd"))
+    if "gdpp" in names:
+        m = names["gdpp"].meta
+        rows.append((f"loss, GD++ (eta = {float(m['lr']):.2f}, gamma = {float(m['gamma']):.2f})",
+                     "loss_gdpp"))
+    rows += [("loss, least squares", "loss_lstsq"),
+             ("loss, trained weights interpolated with the construction", "loss_interp"),
+             ("loss, construction with the learned step sizes", "loss_projected"),
+             ("model cos vs GD", "model_cos"), ("model cos vs GD++", "model_cos_gdpp"),
+             ("preds diff vs GD (mean L2)", "preds_diff"),
+             ("preds diff vs GD++", "preds_diff_gdpp"),
+             ("model diff vs GD (mean L2 of d y/d x_q)", "model_diff"),
+             ("learned eta (effective step)", "eta_learned"),
+             ("OOD input x1.5: loss model / GD", "ood_input_1.5"),
+             ("OOD input x2: loss model / GD", "ood_input_2")]
+    lines = ["| quantity | this run | official code |", "|---|---|---|"]
+    for label, k in rows:
+        if k in s:
+            lines.append(f"| {label} | {_fmt(s[k], s.get(k + '_ci95'))} | {_fmt(ref.get(k))} |")
+    return "\n".join(lines)
+
+
+def plot_run(run: Run, curves: dict, name: str = "icl_gd.png") -> Path:
+    """Training curves of the ICL metrics (periodic evaluation) and the OOD curves, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in run.metrics() if r.get("split") == "eval"]
+    panels = [("test loss", ("loss", "loss_gd", "loss_gdpp")),
+              ("model cos", ("model_cos", "model_cos_gdpp")),
+              ("preds diff (L2)", ("preds_diff", "preds_diff_gdpp"))]
+    labels = {"loss": "trained model", "loss_gd": "GD", "loss_gdpp": "GD++",
+              "model_cos": "vs GD", "model_cos_gdpp": "vs GD++", "preds_diff": "vs GD",
+              "preds_diff_gdpp": "vs GD++", "model": "trained model", "gd": "GD",
+              "gdpp": "GD++"}
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6))
+    for ax, (title, keys) in zip(axes[:3], panels, strict=True):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), int | float)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=labels[k], lw=1.2)
+        ax.set(title=title, xlabel="meta-step")
+    for ax, kind, xl in ((axes[3], "input_scale", "input scale alpha (x ~ U(-a alpha, a alpha))"),
+                         (axes[4], "weight_scale", "teacher weight scale")):
+        c = curves[kind]
+        for k, v in c.items():
+            if k != "scale":
+                ax.plot(c["scale"], v, marker="o", ms=3, label=labels.get(k, k), lw=1.2)
+        ax.set(title=f"OOD: {kind.replace('_', ' ')}", xlabel=xl, yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = run.path / "plots" / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(exp: Experiment, meta: MetaParams, run: Run | None,
+           config: ConfigDict | None = None) -> dict:
+    """Headline comparison on fresh test tasks, OOD curves, the table and the plot."""
+    config = config if config is not None else get_config()
+    learner: Compared = exp.learner  # type: ignore[assignment]
+    lsa, task, a = learner.learner, exp.train, config.analysis
+    eps = jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(4_000_037),
+                                                       a.test_tasks)
+    res = evaluate_episodes(learner, meta, mark(eps), jax.random.PRNGKey(0), 1000)
+    rename = {"loss": "loss_model", "loss_ci95": "loss_model_ci95"}
+    s: dict[str, Any] = {rename.get(k, k): v for k, v in res.items()}
+    base = {b.name: b for b in learner.baselines}
+    if isinstance(lsa, LSA) and "gd" in base:
+        s.update(construction_metrics(lsa, meta, base.get("gdpp", base["gd"]), eps))
+    curves = ood_curves({"model": (lsa, meta),
+                         **{b.name: (b.learner, jax.tree.map(jnp.asarray, b.meta))
+                            for b in learner.baselines if b.align}},
+                        jax.tree.map(lambda x: x[:a.ood_tasks], eps))
+    s["ood"] = curves
+    if "gd" in base:
+        for scale in (1.5, 2.0):
+            i = INPUT_SCALES.index(scale)
+            s[f"ood_input_{scale:g}"] = (curves["input_scale"]["model"][i],
+                                         curves["input_scale"]["gd"][i])
+        for b in learner.baselines:
+            if b.name in ("gd", "gdpp"):
+                s[f"{b.name}_step_sizes"] = {k: float(v) for k, v in b.meta.items()}
+    ref = REFERENCE.get(_reference_key(config), {})
+    s["table"] = comparison_table(s, ref, learner.baselines, getattr(lsa, "num_layers", 1))
+    if run is not None:
+        s["plot"] = str(plot_run(run, curves))
+    return s
