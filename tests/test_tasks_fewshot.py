@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -287,3 +288,44 @@ def test_plot_episode(tmp_path, batch):
 
 def test_uint8_images_stay_uint8_on_device(sampler):
     assert sampler._rows.dtype == jnp.uint8
+
+
+def test_batch_sampler_equals_sample_batch(sampler, batch):
+    """The compiled batch sampler (CPU: XLA loop emitters) gives the very same episodes."""
+    got = sampler.batch_sampler(N_EPISODES)(jax.random.PRNGKey(3))
+    for a, b in zip(got, batch[1], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_random_permutation_is_uniform():
+    """All 24 orders of 4 items appear about equally often (chi-square, p ~ 1e-4 cut-off)."""
+    from metalearn.tasks.fewshot import random_permutation
+
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: random_permutation(k, 4)))(
+        jax.random.split(jax.random.PRNGKey(0), 24_000)))
+    assert np.all(np.sort(perms, 1) == np.arange(4))
+    _, counts = np.unique(perms, axis=0, return_counts=True)
+    assert len(counts) == 24
+    chi2 = float(((counts - 1000) ** 2 / 1000).sum())
+    assert chi2 < 55  # 23 degrees of freedom
+
+
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"Omniglot minimal sets not at {OMNIGLOT}")
+def test_omniglot_20_way_1_shot_on_held_out_alphabets(tmp_path):
+    """The user story: a few lines give held-out-alphabet episodes and a PNG of one."""
+    from metalearn.tasks import load_omniglot, split_by_group
+
+    ds = load_omniglot(cache_dir=tmp_path)
+    splits = split_by_group(ds, {"train": 0.75, "test": 0.25}, seed=0)
+    test = FewShotSampler(splits["test"], ways=20, shots=1, queries=2)
+    idx = jax.device_get(test.batch_indices(jax.random.split(jax.random.PRNGKey(0), 8)))
+    held_out = set(splits["test"].groups)
+    assert not held_out & set(splits["train"].groups)
+    for r in (idx.support, idx.query):
+        assert {splits["test"].groups[c] for c in np.unique(r.cls)} <= held_out
+    ep = test.gather(jax.tree.map(lambda a: a[0], idx))
+    assert ep.support_x.shape == (20, 28, 28, 1) and float(ep.support_x.max()) == 1.0
+    assert plot_episode(ep, tmp_path / "episode.png").stat().st_size > 10_000
