@@ -10,6 +10,7 @@ checked on load and rebuilt when corrupt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -225,8 +226,10 @@ class _ClassFiles:
     read: list[Callable[[], bytes]]
 
 
-def _folder_tree(root: Path) -> tuple[list[tuple[tuple[str, ...], str, Callable[[], bytes]]], str]:
-    """(relative parts, reference, reader) of every image below a folder or in a zip."""
+def _folder_tree(root: Path, stack: contextlib.ExitStack
+                 ) -> tuple[list[tuple[tuple[str, ...], str, Callable[[], bytes]]], str]:
+    """(relative parts, reference, reader) of every image below a folder or in a zip (kept
+    open by `stack` until the images are decoded)."""
     out = []
     if root.is_dir():
         for p in sorted(root.rglob("*")):
@@ -234,7 +237,7 @@ def _folder_tree(root: Path) -> tuple[list[tuple[tuple[str, ...], str, Callable[
                 out.append((p.relative_to(root).parts, str(p), p.read_bytes))
         return out, root.name
     if zipfile.is_zipfile(root):
-        z = zipfile.ZipFile(root)
+        z = stack.enter_context(zipfile.ZipFile(root))
         for info in sorted(z.infolist(), key=lambda i: i.filename):
             name = info.filename
             if info.is_dir() or not name.lower().endswith(IMAGE_SUFFIXES):
@@ -247,9 +250,10 @@ def _folder_tree(root: Path) -> tuple[list[tuple[tuple[str, ...], str, Callable[
     raise ValueError(f"{root} is neither a folder nor a zip file of images")
 
 
-def _scan_classes(root: Path, name: str | None = None) -> list[_ClassFiles]:
+def _scan_classes(root: Path, stack: contextlib.ExitStack,
+                  name: str | None = None) -> list[_ClassFiles]:
     """Classes below `root`: `group/class/*.png` (Omniglot) or `class/*.png`."""
-    files, stem = _folder_tree(root)
+    files, stem = _folder_tree(root, stack)
     # a single top-level folder shared by every file (images_background/...) is not a level
     while files and len({f[0][0] for f in files}) == 1 and min(len(f[0]) for f in files) > 2:
         files = [(f[0][1:], f[1], f[2]) for f in files]
@@ -318,13 +322,14 @@ def load_image_folder(path: str | Path | Sequence[str | Path], image_size=None,
     name = name or "+".join(p.stem for p in paths)
 
     def build() -> ImageDataset:
-        lists = [_scan_classes(p, name if len(paths) == 1 and p.is_dir() else None)
-                 for p in paths]
-        classes = _dedup(lists)
-        if not classes:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
-                             f"{', '.join(map(str, paths))}")
-        return _decode_classes(classes, image_size, channels, name)
+        with contextlib.ExitStack() as stack:
+            lists = [_scan_classes(p, stack, name if len(paths) == 1 and p.is_dir() else None)
+                     for p in paths]
+            classes = _dedup(lists)
+            if not classes:
+                raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
+                                 f"{', '.join(map(str, paths))}")
+            return _decode_classes(classes, image_size, channels, name)
 
     if not cache:
         return build()
@@ -576,7 +581,7 @@ def save_npz(path: Path, ds: ImageDataset) -> None:
 def load_npz(path: Path) -> ImageDataset:
     """Read a dataset written by `save_npz`; ValueError when it is corrupt or incomplete."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             images, counts, meta = z["images"], z["counts"], json.loads(str(z["meta"]))
         ds = ImageDataset(images, counts, meta["class_names"], meta["groups"], meta["sources"],
                           meta["paths"], meta["name"])

@@ -78,43 +78,42 @@ def _normalizer(normalize: str | tuple, ds: ImageDataset) -> tuple[np.ndarray, n
     return np.full(ch, a, np.float32), np.full(ch, b, np.float32)
 
 
-def random_permutation(key: Array, n: int) -> Array:
-    """A uniformly random permutation of range(n) (int32), by sorting packed int32 keys.
-
-    Each key packs random high bits above the position (one-operand sort: several times faster
-    on CPU than `jax.random.permutation`'s key/value sort); enough rounds are composed that ties
-    between random parts, which keep the original order, are negligible (as jax does)."""
-    pos_bits = max(1, (n - 1).bit_length())
+def _packed_order(key: Array, valid: Array, pos_bits: int) -> Array:
+    """Positions along the last axis in random order, valid ones first: one int32 sort of keys
+    packing random high bits above the position (several times faster on CPU than a key/value
+    sort such as `jax.random.permutation`'s). Ties between random parts keep position order."""
+    size = valid.shape[-1]
     rand_bits = 31 - pos_bits
+    r = (jax.random.bits(key, valid.shape, jnp.uint32) >> (32 - rand_bits)).astype(jnp.int32)
+    packed = jnp.where(valid, (r << pos_bits) | jnp.arange(size, dtype=jnp.int32),
+                       jnp.iinfo(jnp.int32).max)
+    return jnp.sort(packed, axis=-1) & ((1 << pos_bits) - 1)
+
+
+def _pos_bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def random_permutation(key: Array, n: int) -> Array:
+    """A uniformly random permutation of range(n) (int32) by packed-key sorts; as in jax, enough
+    independent rounds are composed that ties between random keys are negligible."""
+    rand_bits = 31 - _pos_bits(n)
     if rand_bits < 8:
         return jax.random.permutation(key, n).astype(jnp.int32)
     rounds = max(1, math.ceil(3 * math.log2(max(n, 2)) / rand_bits))
     perm = jnp.arange(n, dtype=jnp.int32)
     for k in jax.random.split(key, rounds):
-        r = jax.random.bits(k, (n,), jnp.uint32) >> (32 - rand_bits)
-        packed = (r.astype(jnp.int32) << pos_bits) | jnp.arange(n, dtype=jnp.int32)
-        perm = perm[jnp.sort(packed) & ((1 << pos_bits) - 1)]
+        perm = perm[_packed_order(k, jnp.ones(n, bool), _pos_bits(n))]
     return perm
 
 
-def _topk_distinct(key: Array, n: int, valid: Array) -> Array:
-    """`n` distinct indices (in random order) among the True entries of `valid` (last axis)."""
-    u = jax.random.uniform(key, valid.shape)
-    _, idx = jax.lax.top_k(jnp.where(valid, u, -1.0), n)
-    return idx.astype(jnp.int32)
-
-
 def _random_subset(key: Array, n: int, valid: Array) -> Array:
-    """Like `_topk_distinct`, by one packed-key sort when positions leave >= 24 random bits."""
-    size = valid.shape[-1]
-    pos_bits = max(1, (size - 1).bit_length())
-    rand_bits = 31 - pos_bits
-    if rand_bits < 24:
-        return _topk_distinct(key, n, valid)
-    r = (jax.random.bits(key, valid.shape, jnp.uint32) >> (32 - rand_bits)).astype(jnp.int32)
-    packed = jnp.where(valid, (r << pos_bits) | jnp.arange(size, dtype=jnp.int32),
-                       jnp.iinfo(jnp.int32).max)
-    return jnp.sort(packed, axis=-1)[..., :n] & ((1 << pos_bits) - 1)
+    """`n` distinct indices (in random order) among the True entries of `valid` (last axis)."""
+    bits = _pos_bits(valid.shape[-1])
+    if 31 - bits >= 24:  # ties between 24-bit random keys are negligible
+        return _packed_order(key, valid, bits)[..., :n]
+    u = jax.random.uniform(key, valid.shape)
+    return jax.lax.top_k(jnp.where(valid, u, -1.0), n)[1].astype(jnp.int32)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -137,8 +136,9 @@ class FewShotSampler(TaskSampler):
                          ("unlabeled", unlabeled, 0)):
             if int(v) != v or v < lo:
                 raise ValueError(f"FewShotSampler: {f} must be an integer >= {lo}, got {v!r}")
-        self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
-        self.unlabeled, self.rotations, self.shuffle = unlabeled, bool(rotations), bool(shuffle)
+        self.dataset, self.ways, self.shots = dataset, int(ways), int(shots)
+        self.queries, self.unlabeled = int(queries), int(unlabeled)
+        self.rotations, self.shuffle = bool(rotations), bool(shuffle)
         self.normalize = tuple(normalize) if isinstance(normalize, list) else normalize
         _check_request(dataset, ways, shots + queries + unlabeled, self.rotations,
                        (shots, queries, unlabeled))
@@ -205,7 +205,7 @@ class FewShotSampler(TaskSampler):
         """Which classes, examples and rotations make up the episode for `key` (pure)."""
         k_cls, k_ex, k_s, k_q, k_u = jax.random.split(key, 5)
         n_base = self.dataset.num_classes
-        chosen = _topk_distinct(k_cls, self.ways, jnp.ones(self.num_classes, bool))
+        chosen = _random_subset(k_cls, self.ways, jnp.ones(self.num_classes, bool))
         base = chosen % n_base
         rot = chosen // n_base
         per_class = self.shots + self.queries + self.unlabeled
@@ -241,7 +241,8 @@ class FewShotSampler(TaskSampler):
             rows = (r.rotation * c + r.cls) * m + r.example if self.rotations else \
                 r.cls * m + r.example
             x = self._rows.at[rows].get(mode="promise_in_bounds")
-            # gather the uint8 rows first, then convert: fused, XLA:CPU gathers per float
+            # whole uint8 rows first, then the float conversion: fused into one loop, XLA's
+            # default CPU emitter would gather each float separately (~5x slower)
             x = jax.lax.optimization_barrier(x).reshape(*rows.shape, *shape)
             return self.normalize_images(x)
 
@@ -307,9 +308,14 @@ class FewShotSampler(TaskSampler):
             imgs, rots, labels = [], [], []
             for e, ep in enumerate(episodes):
                 for i, it in enumerate(ep[s]):
-                    imgs.append(self._manifest_image(it, where, (h, w), ch, base,
-                                                     f"{path} episode {e} {s}[{i}]"))
-                    rots.append(int(it.get("rotation") or 0) // 90 % 4)
+                    what = f"manifest {path}: episode {e} {s}[{i}]"
+                    imgs.append(self._manifest_image(it, where, (h, w), ch, base, what))
+                    rot = int(float(it.get("rotation") or 0))
+                    if rot % 90:
+                        raise ValueError(f"{what}: rotation {rot} is not a multiple of 90")
+                    rots.append(rot // 90 % 4)
+                    if s != "unlabeled" and str(it.get("label", "")).strip() == "":
+                        raise ValueError(f"{what} has no label")
                     labels.append(int(it["label"]) if s != "unlabeled" else 0)
             if any(rots) and h != w:
                 raise ValueError(f"manifest {path} rotates non-square images ({h}x{w})")
@@ -319,6 +325,11 @@ class FewShotSampler(TaskSampler):
             return x.reshape(n, -1, h, w, ch), jnp.asarray(labels, jnp.int32).reshape(n, -1)
 
         (sx, sy), (qx, qy) = load_set("support"), load_set("query")
+        for e, (ys, yq) in enumerate(zip(np.asarray(sy), np.asarray(qy), strict=True)):
+            missing = sorted(set(yq.tolist()) - set(ys.tolist()))
+            if missing or ys.min() < 0:
+                raise ValueError(f"manifest {path}: episode {e} has query labels {missing} "
+                                 "that no support image has (labels are 0..ways-1)")
         un = load_set("unlabeled")
         return Episode(sx, sy, qx, qy, un[0] if un is not None else None)
 

@@ -114,8 +114,9 @@ def test_cache_reuse_and_corrupt_cache_rebuilt(tmp_path):
     # a cache whose pixels changed (but is still a valid npz) fails its checksum
     ds = D.load_npz(files[0])
     ds.images[0, 0, 0, 0, 0] ^= 1
-    np.savez(files[0], images=ds.images, counts=ds.counts,
-             meta=np.load(files[0])["meta"])
+    with np.load(files[0]) as z:
+        meta = z["meta"]
+    np.savez(files[0], images=ds.images, counts=ds.counts, meta=meta)
     with pytest.raises(ValueError, match="checksum mismatch"):
         D.load_npz(files[0])
 

@@ -273,6 +273,17 @@ def test_manifest_errors(tmp_path, sampler):
         sampler.episodes_from_manifest(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="use a .json or .csv file name"):
         sampler.export_manifest(tmp_path / "eps.txt", jax.random.PRNGKey(0), 1)
+    c0, c1 = sampler.dataset.class_names[:2]
+    item = lambda c, j, y, **kw: {"class": c, "example": j, "label": y, **kw}
+    for query, msg in [
+            ([item(c1, 1, 1)], "episode 0 has query labels \\[1\\] that no support image has"),
+            ([item(c0, 1, 0, rotation=45)], "rotation 45 is not a multiple of 90"),
+            ([{"class": c0, "example": 1}], "episode 0 query\\[0\\] has no label"),
+            ([item(c0, 9, 0)], "class 'g0/c00' has 6 examples, example 9 does not exist")]:
+        bad.write_text(json.dumps({"episodes": [{"support": [item(c0, 0, 0)],
+                                                 "query": query}]}))
+        with pytest.raises((ValueError, IndexError), match=msg):
+            sampler.episodes_from_manifest(bad)
 
 
 def test_plot_episode(tmp_path, batch):
