@@ -1,13 +1,20 @@
 """Task samplers and datasets: few-shot image classification episodes and in-context regression.
 
+    import jax
     from metalearn import tasks
-    ds = tasks.load_omniglot()                                   # 28x28, alphabets as groups
-    splits = tasks.split_by_group(ds, {"train": 0.75, "test": 0.25}, seed=0)
-    train = tasks.FewShotSampler(splits["train"], ways=20, shots=1, queries=15, rotations=True)
-    test = train.with_dataset(splits["test"])
-    tasks.plot_episode(train.sample(jax.random.PRNGKey(0)), "episode.png")
-"""
 
+    ds = tasks.load_omniglot()                    # ../shared/data/omniglot or $METALEARN_OMNIGLOT
+    splits = tasks.split_by_group(ds, {"train": 0.75, "test": 0.25}, seed=0)  # by alphabet
+    tasks.save_split("run/split.json", splits)    # tasks.load_split(...) rebuilds it later
+    train = tasks.FewShotSampler(splits["train"], ways=20, shots=1, queries=15, rotations=True)
+    test = train.with_dataset(splits["test"])     # held-out alphabets, same settings
+    tasks.plot_episode(test.sample(jax.random.PRNGKey(0)), "episode.png")
+    batch = train.batch_sampler(32)(jax.random.PRNGKey(1))   # 32 episodes, compiled
+
+Samplers are pure functions of a PRNG key (`sample`, `sample_batch`), so they also run inside
+a jitted training step. In-context regression: `LinearRegression`, `SparseLinearRegression`,
+`TeacherNetwork`, `Sinusoid`, their `.ood(...)` variants and `TaskPool` (a finite task pool).
+"""
 from metalearn.tasks.datasets import (
     ImageDataset,
     concat,

@@ -124,7 +124,9 @@ class FewShotSampler(TaskSampler):
     class rotated by 90/180/270 degrees is a new class: 4x the classes), `normalize` ('unit':
     [0, 1], 'centered': [-1, 1], 'invert': 1 - x/255 (ink bright for Omniglot), 'standard':
     dataset mean/std per channel, 'none': 0..255, or a (mean, std) pair on [0, 1] pixels),
-    `shuffle` (random order within the support and query sets). The sampler is a pytree (the
+    `shuffle` (random order within the support and query sets). The uint8 images go to the
+    device once, as rows [classes * examples, H*W*C] (with rotations: the four rotated copies,
+    4x the memory, instead of a per-pixel gather every episode). The sampler is a pytree (the
     images are a leaf), so `jax.jit(f)(sampler, key)` does not embed the images as constants.
     """
 
