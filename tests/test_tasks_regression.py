@@ -101,17 +101,21 @@ def test_ood_variants():
 
 def test_task_pool_is_finite_with_fresh_inputs():
     pool = TaskPool(LinearRegression(dim=2, num_context=3), num_tasks=4, seed=1)
-    eps = batch(pool, 64)
+    fresh_task = LinearRegression(dim=2, num_context=3)
+    keys = jax.random.split(KEY, 64)
+    eps, fresh, pool_ws = jax.jit(lambda k: (jax.vmap(pool.sample)(k),
+                                             jax.vmap(fresh_task.sample)(k),
+                                             jax.vmap(pool.task_params)(jnp.arange(4))))(keys)
     x, y = np.asarray(eps.support_x), np.asarray(eps.support_y)
     ws = {tuple(np.round(np.linalg.lstsq(x[i], y[i], rcond=None)[0].ravel(), 4))
           for i in range(64)}
-    assert len(ws) == 4  # only four distinct tasks
-    pool_ws = jax.jit(jax.vmap(pool.task_params))(jnp.arange(4))
-    pool_ws = {tuple(np.round(w.ravel(), 4)) for w in np.asarray(pool_ws)}
-    assert ws == pool_ws
+    assert len(ws) == 4  # only four distinct tasks, exactly the pool's
+    assert ws == {tuple(np.round(w.ravel(), 4)) for w in np.asarray(pool_ws)}
     assert len({tuple(x[i].ravel()) for i in range(64)}) == 64  # inputs are fresh
-    fresh = batch(LinearRegression(dim=2, num_context=3), 64)
-    assert len({tuple(np.asarray(fresh.support_x[i]).ravel()) for i in range(64)}) == 64
+    fx, fy = np.asarray(fresh.support_x), np.asarray(fresh.support_y)
+    fresh_ws = {tuple(np.round(np.linalg.lstsq(fx[i], fy[i], rcond=None)[0].ravel(), 4))
+                for i in range(64)}
+    assert len(fresh_ws) == 64  # the prior: a new task every episode
     assert pool.describe()["task"]["sampler"] == "LinearRegression"
     with pytest.raises(ValueError, match="TaskPool.num_tasks must be >= 1, got 0"):
         TaskPool(LinearRegression(), 0)
