@@ -1,0 +1,87 @@
+"""The few-shot CNN: shapes, batch-norm statistics, the hand-written conv VJP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn import nn
+
+
+def _images(n: int = 6, size: int = 28, channels: int = 1, seed: int = 0) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, size, size, channels))
+
+
+@pytest.mark.parametrize("width", nn.CNN_WIDTHS)
+def test_cnn_shapes_for_every_width(width):
+    params = nn.init_cnn(jax.random.PRNGKey(0), 1, (width,) * 4)
+    assert [b["w"].shape for b in params["blocks"]] == \
+        [(3, 3, 1, width)] + [(3, 3, width, width)] * 3
+    out = jax.eval_shape(nn.cnn_apply, params, jax.ShapeDtypeStruct((6, 28, 28, 1), jnp.float32))
+    assert out.shape == (6, width)  # 28 -> 14 -> 7 -> 3 -> 1
+    assert nn.cnn_output_dim(params, (28, 28, 1)) == width
+    assert nn.cnn_output_dim(params, (84, 84, 1)) == width * 25  # 84 -> 42 -> 21 -> 10 -> 5
+
+
+def test_cnn_matches_a_direct_numpy_forward():
+    params = nn.init_cnn(jax.random.PRNGKey(1), 2, (3, 4))
+    params["blocks"][0]["scale"] = jnp.asarray([0.5, 2.0, 1.0])
+    params["blocks"][1]["shift"] = jnp.asarray([0.1, -0.2, 0.3, 0.0])
+    x = np.asarray(_images(4, 9, 2))
+
+    def conv(h, w):
+        k = w.shape[0] // 2
+        hp = np.pad(h, ((0, 0), (k, k), (k, k), (0, 0)))
+        out = np.zeros(h.shape[:3] + (w.shape[-1],))
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                out += hp[:, i:i + h.shape[1], j:j + h.shape[2]] @ w[i, j]
+        return out
+
+    h = x.astype(np.float64)
+    for b in params["blocks"]:
+        h = conv(h, np.asarray(b["w"], np.float64))
+        mu, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
+        h = (h - mu) / np.sqrt(var + nn.BN_EPS) * np.asarray(b["scale"]) + np.asarray(b["shift"])
+        h = np.maximum(h, 0)
+        n, hh, ww, c = h.shape
+        h = h[:, :hh // 2 * 2, :ww // 2 * 2].reshape(n, hh // 2, 2, ww // 2, 2, c).max((2, 4))
+    np.testing.assert_allclose(jax.jit(nn.cnn_apply)(params, jnp.asarray(x)), h.reshape(4, -1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_given_statistics_make_each_image_independent_of_its_batch():
+    params = nn.init_cnn(jax.random.PRNGKey(0), 1, (4,) * 4)
+    support, queries = _images(5, seed=1), _images(7, seed=2)
+    _, stats = jax.jit(nn.cnn_forward)(params, support)
+    apply = jax.jit(nn.cnn_apply)
+    together = apply(params, queries, stats)
+    alone = jax.vmap(lambda q: apply(params, q[None], stats)[0])(queries)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    # without given statistics the batch normalises itself: the support's own stats
+    np.testing.assert_allclose(apply(params, support), apply(params, support, stats),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv_vjp_matches_autodiff_of_lax_conv():
+    x = _images(3, 9, 4)
+    w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 4, 5))
+    g = jax.random.normal(jax.random.PRNGKey(4), (3, 9, 9, 5))
+    _, vjp = jax.vjp(nn.conv2d, x, w)
+    _, vjp_ref = jax.vjp(nn._conv_same, x, w)
+    for a, b in zip(vjp(g), vjp_ref(g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_fail_with_clear_messages():
+    params = nn.init_cnn(jax.random.PRNGKey(0), 1, (4,) * 4)
+    with pytest.raises(ValueError, match="NHWC"):
+        nn.cnn_apply(params, jnp.zeros((2, 1, 28, 28)))
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        nn.cnn_apply(params, jnp.zeros((28, 28, 1)))
+    with pytest.raises(ValueError, match="too small"):
+        nn.cnn_apply(params, jnp.zeros((2, 12, 12, 1)))
+    with pytest.raises(ValueError, match="widths"):
+        nn.init_cnn(jax.random.PRNGKey(0), 1, ())

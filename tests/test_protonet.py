@@ -1,0 +1,201 @@
+"""Prototypical networks: logits, invariances, soft k-means, the Omniglot experiment end to end."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn import nn
+from metalearn.core import Episode, Support
+from metalearn.learners.protonet import MASKED_LOGIT, ProtoNet
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
+WAYS, SHOTS, QUERIES = 4, 2, 3
+
+
+def _episode(seed: int = 0, ways: int = WAYS, shots: int = SHOTS, queries: int = QUERIES,
+             unlabeled: int = 0, size: int = 16) -> Episode:
+    """Random images in the FewShotSampler layout: [ways*n, H, W, 1], labels in [0, ways)."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    img = lambda k, n: jax.random.uniform(k, (ways * n, size, size, 1))
+    ux = img(ks[2], unlabeled) if unlabeled else None
+    return Episode(img(ks[0], shots), jnp.tile(jnp.arange(ways, dtype=jnp.int32), shots),
+                   img(ks[1], queries), jnp.tile(jnp.arange(ways, dtype=jnp.int32), queries), ux)
+
+
+@pytest.fixture(scope="module")
+def model():
+    learner = ProtoNet(channels=4)
+    meta = learner.init(jax.random.PRNGKey(1), _episode())
+    logits = jax.jit(lambda m, s, q: learner.predict(m, learner.adapt(m, s, None), q))
+    return learner, meta, logits
+
+
+def _reference_logits(meta, support: Support, query_x, num_classes: int,
+                      refine_steps: int = 1) -> np.ndarray:
+    """Prototypes and distances in float64 NumPy from the CNN's embeddings."""
+    xs = support.x if support.unlabeled_x is None else jnp.concatenate(
+        [support.x, support.unlabeled_x])
+    emb, stats = jax.jit(nn.cnn_forward)(meta["cnn"], xs)
+    emb = np.asarray(emb, np.float64)
+    q = np.asarray(jax.jit(nn.cnn_apply)(meta["cnn"], query_x, stats), np.float64)
+    n, y = support.x.shape[0], np.asarray(support.y)
+    lab, unl = emb[:n], emb[n:]
+    protos = np.stack([lab[y == c].mean(0) for c in range(num_classes)])
+    sums = np.stack([lab[y == c].sum(0) for c in range(num_classes)])
+    counts = np.bincount(y, minlength=num_classes)
+    for _ in range(refine_steps if len(unl) else 0):
+        d = -((unl[:, None] - protos[None]) ** 2).sum(-1)
+        z = np.exp(d - d.max(1, keepdims=True))
+        z /= z.sum(1, keepdims=True)
+        protos = (sums + z.T @ unl) / (counts + z.sum(0))[:, None]
+    return -((q[:, None] - protos[None]) ** 2).sum(-1)
+
+
+def test_logits_match_numpy_prototypes(model):
+    learner, meta, logits = model
+    ep = _episode()
+    out = np.asarray(logits(meta, ep.support(), ep.query_x))
+    assert out.shape == (WAYS * QUERIES, WAYS * SHOTS)  # one column per support slot
+    np.testing.assert_allclose(out[:, :WAYS], _reference_logits(meta, ep.support(), ep.query_x,
+                                                                WAYS), rtol=1e-4, atol=1e-3)
+    assert np.all(out[:, WAYS:] == MASKED_LOGIT)  # labels with no support example
+    # num_classes trims the columns to the ways; the loss is unchanged
+    trimmed = ProtoNet(channels=4, num_classes=WAYS)
+    loss, metrics = jax.jit(learner.loss)(meta, ep, None)
+    assert np.isfinite(loss) and 0.0 <= metrics["accuracy"] <= 1.0
+    np.testing.assert_allclose(jax.jit(trimmed.loss)(meta, ep, None)[0], loss, rtol=1e-5)
+
+
+def test_semi_supervised_soft_kmeans_matches_numpy(model):
+    learner, meta, logits = model
+    ep = _episode(seed=3, unlabeled=2)
+    sup = ep.support()
+    out = np.asarray(logits(meta, sup, ep.query_x))[:, :WAYS]
+    np.testing.assert_allclose(out, _reference_logits(meta, sup, ep.query_x, WAYS),
+                               rtol=1e-4, atol=1e-3)
+    plain = np.asarray(logits(meta, sup._replace(unlabeled_x=None), ep.query_x))[:, :WAYS]
+    assert not np.allclose(out, plain)  # the unlabeled samples moved the prototypes
+
+
+def test_support_order_does_not_matter(model):
+    _, meta, logits = model
+    ep = _episode(seed=5, unlabeled=1)
+    perm = np.random.default_rng(0).permutation(WAYS * SHOTS)
+    shuffled = Support(ep.support_x[perm], ep.support_y[perm], ep.unlabeled_x[::-1])
+    np.testing.assert_allclose(logits(meta, shuffled, ep.query_x),
+                               logits(meta, ep.support(), ep.query_x), rtol=1e-5, atol=1e-4)
+
+
+def test_label_permutation_permutes_logits(model):
+    _, meta, logits = model
+    ep = _episode(seed=7)
+    pi = np.array([2, 0, 3, 1])
+    relabelled = Support(ep.support_x, jnp.asarray(pi)[ep.support_y])
+    base = np.asarray(logits(meta, ep.support(), ep.query_x))[:, :WAYS]
+    moved = np.asarray(logits(meta, relabelled, ep.query_x))[:, :WAYS]
+    np.testing.assert_allclose(moved[:, pi], base, rtol=1e-5, atol=1e-4)
+
+
+def test_a_query_is_scored_alone(model):
+    _, meta, logits = model
+    ep = _episode(seed=9)
+    together = logits(meta, ep.support(), ep.query_x)
+    first = logits(meta, ep.support(), ep.query_x[:1])
+    np.testing.assert_allclose(first[0], together[0], rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_are_finite_with_masked_columns(model):
+    learner, meta, _ = model
+    ep = _episode(seed=11)
+    g = jax.jit(jax.grad(lambda m: learner.loss(m, ep, None)[0]))(meta)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(g))
+
+
+# ---------------------------------------------------------------- real data, end to end
+
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background_small1.zip").exists(),
+    reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from metalearn.experiment import train
+
+    run_dir = tmp_path_factory.mktemp("protonet") / "run"
+    # no validation split and no extra report settings: fewer evaluations to compile
+    sets = ["steps=40", "eval_every=0", "eval_episodes=8", "checkpoint_every=0",
+            "learner.channels=8", "task.ways=5", "task.queries=3", "outer.batch_size=4",
+            "outer.learning_rate=0.003", "outer.steps_per_call=40", "data.validation_alphabets=",
+            "report_settings="]
+    run, summary = train("protonet_omniglot", sets, run_dir=run_dir, progress=False)
+    return run, summary
+
+
+@needs_omniglot
+def test_loss_falls_on_omniglot_and_split_is_kept(trained_run):
+    run, summary = trained_run
+    losses = [r["loss"] for r in run.metrics() if r["split"] == "train"]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+    split = json.loads((run.path / "split.json").read_text())["splits"]
+    alphabets = {k: {c.split("/")[0] for c in v} for k, v in split.items()}
+    assert alphabets == {"train": {"Balinese", "Early_Aramaic", "Korean", "Latin"},
+                         "test": {"Japanese_(katakana)", "Sanskrit", "Tagalog"}}
+    assert summary["test"]["episodes"] == 8 and "test_setting" in summary
+    assert (run.path / "plots" / "learning_curves.png").exists()
+
+
+@needs_omniglot
+def test_default_split_holds_out_greek_for_validation():
+    from metalearn.experiments import protonet_omniglot as exp
+
+    data = exp._splits(exp.get_config(), None)
+    groups = {k: set(v.groups) for k, v in data.items()}
+    assert groups["validation"] == {"Greek"}
+    assert groups["test"] == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+    assert data["train"].num_classes == 112 and data["test"].num_classes == 106
+
+
+@needs_omniglot
+def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
+    from metalearn.evaluation import evaluate_episodes
+    from metalearn.experiment import evaluate_manifest, load_trained
+    from metalearn.tasks.datasets import ZIP_SEP
+
+    run, _ = trained_run
+    _, exp, meta, _ = load_trained(run.path)
+    test = exp.splits["test"]
+    key, n = jax.random.PRNGKey(42), 6
+    exported = test.export_manifest(tmp_path / "exported.json", key, n)
+    # the same episodes as plain PNG files on disk (Omniglot's own 105x105 originals), named by
+    # path only, so evaluation reads, resizes and normalises them itself
+    doc = json.loads(exported.read_text())
+    (tmp_path / "png").mkdir()
+    zips: dict[str, zipfile.ZipFile] = {}
+    for e, ep in enumerate(doc["episodes"]):
+        for s, items in ep.items():
+            for i, it in enumerate(items):
+                archive, member = it["path"].split(ZIP_SEP, 1)
+                z = zips.setdefault(archive, zipfile.ZipFile(archive))
+                dst = tmp_path / "png" / f"{e}_{s}_{i}.png"
+                dst.write_bytes(z.read(member))
+                items[i] = {"path": str(dst.relative_to(tmp_path)), "label": it["label"],
+                            "rotation": it["rotation"]}
+    for z in zips.values():
+        z.close()
+    manifest = tmp_path / "episodes.json"
+    manifest.write_text(json.dumps({"episodes": doc["episodes"]}))
+    from_files = evaluate_manifest(run.path, manifest)
+    in_memory = evaluate_episodes(exp.evaluator, meta, test.sample_batch(key, n),
+                                  jax.random.PRNGKey(4_000_037))
+    assert from_files["episodes"] == n
+    assert from_files["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
+    assert from_files["loss"] == pytest.approx(in_memory["loss"], rel=1e-5)
