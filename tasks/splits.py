@@ -8,6 +8,7 @@ standard full-Omniglot split (1028 train + 172 validation = 1200 training charac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,8 +64,13 @@ def _by_keys(ds: ImageDataset, keys: list[str], parts: Fractions | Mapping[str, 
             for i in order[start:start + size]:
                 assign[uniq[i]] = name
             start += size
-    return {name: ds.subset([i for i, k in enumerate(keys) if assign.get(k) == name])
+    return {name: _part(ds, [i for i, k in enumerate(keys) if assign.get(k) == name], name)
             for name in names}
+
+
+def _part(ds: ImageDataset, idx: Sequence[int], split: str) -> ImageDataset:
+    """The classes `idx` of `ds` as split `split` (named e.g. 'omniglot:test' in messages)."""
+    return dataclasses.replace(ds.subset(idx), name=f"{ds.name}:{split}")
 
 
 def split_by_class(ds: ImageDataset, fractions: Fractions = DEFAULT_FRACTIONS,
@@ -106,7 +112,8 @@ def load_split(path: str | Path, dataset: ImageDataset) -> dict[str, ImageDatase
     doc = json.loads(path.read_text())
     if not isinstance(doc, dict) or "splits" not in doc:
         raise ValueError(f"{path} is not a split file (no 'splits' entry)")
-    return {k: dataset.select(v) for k, v in doc["splits"].items()}
+    return {k: dataclasses.replace(dataset.select(names), name=f"{dataset.name}:{k}")
+            for k, names in doc["splits"].items()}
 
 
 # Vinyals et al. (2016) / Snell et al. (2017) Omniglot split, as shipped by prototypical-networks
@@ -132,7 +139,7 @@ def vinyals_split(ds: ImageDataset, validation: bool = True,
 
     labels = [part(c) for c in ds.class_names]
     names = ["train", "validation", "test"] if validation else ["train", "test"]
-    out = {n: ds.subset([i for i, p in enumerate(labels) if p == n]) for n in names}
+    out = {n: _part(ds, [i for i, p in enumerate(labels) if p == n], n) for n in names}
     if strict:
         want = dict(VINYALS_SIZES) if validation else {"train": 1200, "test": 423}
         got = {k: v.num_classes for k, v in out.items()}

@@ -45,6 +45,7 @@ def test_split_by_class(ds):
     _assert_partition(parts, ds)
     assert {k: v.num_classes for k, v in parts.items()} == {"train": 24, "validation": 6,
                                                             "test": 10}
+    assert parts["test"].name == "synthetic:test"  # error messages name the split
     again = split_by_class(ds, {"train": 0.6, "validation": 0.15, "test": 0.25}, seed=3)
     assert _names(again) == _names(parts)
     other = split_by_class(ds, {"train": 0.6, "validation": 0.15, "test": 0.25}, seed=4)
