@@ -286,8 +286,8 @@ def _dedup(class_lists: Sequence[list[_ClassFiles]]) -> list[_ClassFiles]:
     return [seen[k] for k in sorted(seen)]
 
 
-def _decode_classes(classes: list[_ClassFiles], image_size, channels: int, name: str,
-                    group_is_dataset: bool = False) -> ImageDataset:
+def _decode_classes(classes: list[_ClassFiles], image_size: int | tuple[int, int] | None,
+                    channels: int, name: str) -> ImageDataset:
     m = max((len(c.refs) for c in classes), default=0)
     imgs: list[np.ndarray] = []
     for c in classes:
@@ -310,9 +310,10 @@ def _decode_classes(classes: list[_ClassFiles], image_size, channels: int, name:
                         [list(c.refs) for c in classes], name=name)
 
 
-def load_image_folder(path: str | Path | Sequence[str | Path], image_size=None,
-                      channels: int = 1, name: str | None = None,
-                      cache_dir: str | Path | None = None, cache: bool = True) -> ImageDataset:
+def load_image_folder(path: str | Path | Sequence[str | Path],
+                      image_size: int | tuple[int, int] | None = None, channels: int = 1,
+                      name: str | None = None, cache_dir: str | Path | None = None,
+                      cache: bool = True) -> ImageDataset:
     """Images in `class/*.png` or `group/class/*.png` folders (or zips of them); classes with the
     same name in several sources are kept once. `image_size` resizes (antialiased) at load time."""
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]

@@ -155,14 +155,14 @@ class FewShotSampler(TaskSampler):
         self._rows, self._counts = _device
 
     # ----- pytree: the device arrays are leaves, the configuration is static
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[Array, Array], tuple]:
         """Leaves: the device images and counts; aux: everything else."""
         aux = (_Ref(self.dataset), self.ways, self.shots, self.queries, self.unlabeled,
                self.rotations, self.normalize, self.shuffle)
         return (self._rows, self._counts), aux
 
     @classmethod
-    def tree_unflatten(cls, aux, leaves):
+    def tree_unflatten(cls, aux: tuple, leaves: tuple[Array, Array]) -> FewShotSampler:
         """Rebuild without re-validating or re-uploading."""
         obj = cls.__new__(cls)
         ref, obj.ways, obj.shots, obj.queries, obj.unlabeled, obj.rotations, obj.normalize, \

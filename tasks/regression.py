@@ -91,7 +91,8 @@ class RegressionTask(TaskSampler):
         kw, kx, kn = jax.random.split(key, 3)
         return self.episode(self.task_params(kw), kx, kn)
 
-    def ood(self, input_scale: float = 1.0, weight_scale: float = 1.0, **changes: Any):
+    def ood(self, input_scale: float = 1.0, weight_scale: float = 1.0,
+            **changes: Any) -> RegressionTask:
         """An out-of-distribution variant: inputs and/or the prior's weight scale multiplied."""
         upd = {"input_range": self.input_range * input_scale, **changes}
         for f in self._weight_fields:
