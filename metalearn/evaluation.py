@@ -47,20 +47,38 @@ def episode_metrics(learner: InnerLearner, meta: MetaParams, episodes: Episode,
     return {k: np.asarray(v) for k, v in fn(meta, episodes, key).items()}
 
 
+def batch_sampler(sampler: TaskSampler, batch_size: int):
+    """A compiled `key -> batch of episodes`, reused across calls (no recompile per evaluation).
+
+    Uses the sampler's own `batch_sampler` when it has one (few-shot image samplers pass their
+    data as an argument instead of baking it into the program).
+    """
+    if hasattr(sampler, "batch_sampler"):
+        return sampler.batch_sampler(batch_size)
+    try:
+        fn = _CACHE.get((sampler, batch_size))
+    except TypeError:  # unhashable sampler
+        return jax.jit(lambda key: sampler.sample_batch(key, batch_size))
+    if fn is None:
+        fn = _CACHE[(sampler, batch_size)] = jax.jit(
+            lambda key: sampler.sample_batch(key, batch_size))
+    return fn
+
+
 def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key: Array,
              episodes: int = 1000, batch_size: int = 100) -> dict[str, float]:
     """Mean query loss/accuracy over `episodes` sampled episodes, with 95% CIs."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     batch_size = min(batch_size, episodes)
-    sample = jax.jit(sampler.sample_batch, static_argnums=1)
+    sample = batch_sampler(sampler, batch_size)
     chunks: list[dict[str, np.ndarray]] = []
     done = 0
     i = 0
     while done < episodes:
         n = min(batch_size, episodes - done)
         k_s, k_l = jax.random.split(jax.random.fold_in(key, i))
-        eps = sample(k_s, batch_size)
+        eps = sample(k_s)
         m = episode_metrics(learner, meta, eps, k_l)
         chunks.append({k: v[:n] for k, v in m.items()})
         done += n
