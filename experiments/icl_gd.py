@@ -8,15 +8,16 @@ regression, d = 10, N = 10, one query per task, x ~ U(-0.5, 0.5)^d (the released
 the sensitivities d y_hat / d x_q (`model_cos`), the loss of the trained weights interpolated
 with the construction, and losses on rescaled (out-of-distribution) inputs and weights.
 
-Training curves of these metrics come from the periodic evaluation (`eval_every`): evaluation
-episodes carry a marker (an empty `unlabeled_x`), and only for marked episodes the learner's
-`loss` also computes the comparison metrics, so training steps pay nothing for them.
+Training curves of these metrics come from the periodic evaluation (`eval_every`, on
+`eval_episodes` test tasks): the experiment's `eval_learner` (`Compared`) scores evaluations with
+the comparison metrics, while training steps run the plain LSA and pay nothing for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +81,26 @@ def get_config() -> ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class FlatLinearRegression(LinearRegression):
-    """`LinearRegression` (same law) whose draws are flat vectors reshaped afterwards.
+    """`LinearRegression` (the same law) drawn from one flat uniform vector per task.
 
-    Under `vmap`, multi-dimensional `jax.random` draws are several times slower on CPU than flat
-    ones of the same size, and at batch 2048 the sampler dominates a meta-step.
+    Under `vmap`, multi-dimensional `jax.random` draws are several times slower on CPU than one
+    flat draw of the same size, and at batch 2048 the sampler dominates a meta-step. Normal
+    teacher weights come from the same vector as sqrt(2) erfinv(u), u ~ U(-1, 1), which is how
+    `jax.random.normal` makes them.
     """
 
     def sample(self, key: Array) -> Episode:
         """One task: N context pairs and Q query pairs sharing the teacher W."""
-        kw, kx, kn = jax.random.split(key, 3)
+        ku, kn = jax.random.split(key)
         n, d, dy = self.num_context + self.num_queries, self.dim, self.dim_out
-        w = self.weight_mean + self.weight_scale * jax.random.normal(kw, (d * dy,)).reshape(d, dy)
+        lo = float(np.nextafter(np.float32(-1), np.float32(0)))
+        u = jax.random.uniform(ku, (d * dy + n * d,), minval=lo, maxval=1.0)
+        z = np.sqrt(2.0) * jax.lax.erf_inv(u[:d * dy])
+        w = (self.weight_mean + self.weight_scale * z).reshape(d, dy)
         if self.input_dist == "uniform":
-            x = jax.random.uniform(kx, (n * d,), minval=-self.input_range,
-                                   maxval=self.input_range)
+            x = self.input_range * u[d * dy:]
         else:
-            x = self.input_range * jax.random.normal(kx, (n * d,))
+            x = self.input_range * np.sqrt(2.0) * jax.lax.erf_inv(u[d * dy:])
         x = x.reshape(n, d)
         y = x @ w
         if self.noise_std:
@@ -104,17 +109,13 @@ class FlatLinearRegression(LinearRegression):
         return Episode(x[:c], y[:c], x[c:], y[c:])
 
 
-def mark(episodes: Episode) -> Episode:
-    """Episodes (one or a batch) marked with an empty `unlabeled_x` for `Compared`'s metrics."""
-    return episodes._replace(unlabeled_x=episodes.support_x[..., :0, :])
-
-
 @dataclasses.dataclass(frozen=True)
-class Probed(TaskSampler):
-    """Episodes of `base` marked (empty `unlabeled_x`) so that `Compared` adds its metrics.
+class CompiledSampler(TaskSampler):
+    """`base` with `sample_batch` compiled once for the sampler's lifetime.
 
-    `sample_batch` is one jitted function per sampler: `evaluate` wraps it in `jax.jit` on each
-    call, and a jitted function inside is compiled once instead of at every evaluation.
+    `metalearn.evaluation.evaluate` wraps `sampler.sample_batch` in `jax.jit` on every call, and
+    a bound method is a new function each time, so the sampler was recompiled at every periodic
+    evaluation (seconds each on a small CPU); a jitted function inside is compiled once.
     """
 
     base: TaskSampler
@@ -124,12 +125,12 @@ class Probed(TaskSampler):
                            jax.jit(super().sample_batch, static_argnums=1))
 
     def sample(self, key: Array) -> Episode:
-        """An episode of `base` carrying the marker."""
-        return mark(self.base.sample(key))
+        """An episode of `base`."""
+        return self.base.sample(key)
 
     def describe(self) -> dict:
         """The base sampler's description."""
-        return {**self.base.describe(), "probed": True}
+        return self.base.describe()
 
 
 # ---------------------------------------------------------------- comparison with baselines
@@ -164,11 +165,12 @@ class Baseline:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Compared(InnerLearner):
-    """`learner`, whose `loss` on marked episodes also compares it with fixed baselines.
+    """`learner`, whose `loss` also compares it with fixed baselines (for evaluations).
 
-    Per episode (mean over queries), for each baseline b: loss_b, and when b.align:
-    preds_diff_b = ||y_hat - y_hat_b||, model_diff_b = ||J - J_b|| and model_cos_b = cos(J, J_b)
-    with J = d y_hat / d x_q. The first baseline's names drop the suffix (preds_diff, ...).
+    Per episode, for each baseline b: loss_b, and when b.align: preds_diff_b = ||y_hat - y_hat_b||
+    and model_diff_b = ||J - J_b|| (means over queries), and model_cos_b = cos(J, J_b) with
+    J = d y_hat / d x_q of all the episode's queries (one query for linear tasks: the cosine of
+    the implicit linear models). The first baseline's names drop the suffix (preds_diff, ...).
     """
 
     learner: InnerLearner
@@ -187,10 +189,8 @@ class Compared(InnerLearner):
         return self.learner.predict(meta, state, query_x)
 
     def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
-        """The wrapped learner's loss; plus comparison metrics for marked episodes."""
+        """The wrapped learner's loss and metrics, plus the comparison metrics."""
         loss, metrics = self.learner.loss(meta, episode, key)
-        if episode.unlabeled_x is None:
-            return loss, metrics
         return loss, {**metrics, **self.compare(meta, episode, key)}
 
     def compare(self, meta: MetaParams, episode: Episode, key: Array) -> dict:
@@ -207,7 +207,7 @@ class Compared(InnerLearner):
                 out["preds_diff" + sfx] = jnp.mean(jnp.linalg.norm(pred - p_b, axis=-1))
                 out["model_diff" + sfx] = jnp.mean(jnp.linalg.norm(
                     (sens - s_b).reshape(sens.shape[0], -1), axis=-1))
-                out["model_cos" + sfx] = jnp.mean(_cos(sens, s_b))
+                out["model_cos" + sfx] = _cos(sens.reshape(1, -1), s_b.reshape(1, -1))[0]
         return out
 
 
@@ -244,10 +244,9 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """LSA learner compared with line-searched GD (GD++ too with several layers), and samplers."""
     task = make_task(config)
     lsa = make_lsa(config)
-    learner = Compared(lsa, linear_baselines(config, task, lsa.num_layers))
-    test = Probed(task)
-    return Experiment(learner=learner, splits={"train": task, "test": test},
-                      report=functools.partial(report, config=config))
+    compared = Compared(lsa, linear_baselines(config, task, lsa.num_layers))
+    return Experiment(learner=lsa, splits={"train": task, "test": CompiledSampler(task)},
+                      eval_learner=compared, report=functools.partial(report, config=config))
 
 
 # ---------------------------------------------------------------- report
@@ -338,9 +337,12 @@ def comparison_table(s: dict, ref: dict, baselines: tuple[Baseline, ...], steps:
              ("preds diff vs GD (mean L2)", "preds_diff"),
              ("preds diff vs GD++", "preds_diff_gdpp"),
              ("model diff vs GD (mean L2 of d y/d x_q)", "model_diff"),
-             ("learned eta (effective step)", "eta_learned"),
-             ("OOD input x1.5: loss model / GD", "ood_input_1.5"),
-             ("OOD input x2: loss model / GD", "ood_input_2")]
+             ("learned eta (effective step)", "eta_learned")]
+    if "gdpp" in names:
+        rows.append(("learned gamma (effective GD++ input step)", "gamma_learned"))
+    vs = " / ".join(NAMES[b.name] for b in baselines if b.align)
+    rows += [(f"OOD inputs x1.5: loss model / {vs}", "ood_input_1.5"),
+             (f"OOD inputs x2: loss model / {vs}", "ood_input_2")]
     lines = ["| quantity | this run | official code |", "|---|---|---|"]
     for label, k in rows:
         if k in s:
@@ -348,35 +350,46 @@ def comparison_table(s: dict, ref: dict, baselines: tuple[Baseline, ...], steps:
     return "\n".join(lines)
 
 
-def plot_run(run: Run, curves: dict, name: str = "icl_gd.png") -> Path:
-    """Training curves of the ICL metrics (periodic evaluation) and the OOD curves, one figure."""
+NAMES = {"gd": "GD", "gdpp": "GD++", "mlp_gd": "MLP + GD", "lstsq": "least squares",
+         "model": "trained model"}
+
+
+def plot_run(run: Run, baselines: Sequence[str], curves: dict | None = None,
+             extra: Callable[[Any], None] | None = None, name: str = "icl_gd.png") -> Path:
+    """One figure: training curves of the comparison metrics (from the periodic evaluations),
+    then the OOD curves (when given) and an `extra` panel drawn by a callback (when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [r for r in run.metrics() if r.get("split") == "eval"]
-    panels = [("test loss", ("loss", "loss_gd", "loss_gdpp")),
-              ("model cos", ("model_cos", "model_cos_gdpp")),
-              ("preds diff (L2)", ("preds_diff", "preds_diff_gdpp"))]
-    labels = {"loss": "trained model", "loss_gd": "GD", "loss_gdpp": "GD++",
-              "model_cos": "vs GD", "model_cos_gdpp": "vs GD++", "preds_diff": "vs GD",
-              "preds_diff_gdpp": "vs GD++", "model": "trained model", "gd": "GD",
-              "gdpp": "GD++"}
-    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6))
+    sfx = {b: "" if i == 0 else f"_{b}" for i, b in enumerate(baselines)}
+    panels = [("test loss", [("loss", "trained model")] +
+               [(f"loss_{b}", NAMES.get(b, b)) for b in baselines if b != "lstsq"]),
+              ("model cos (d y/d x_q)", [(f"model_cos{x}", f"vs {NAMES.get(b, b)}")
+                                         for b, x in sfx.items()]),
+              ("preds diff (L2)", [(f"preds_diff{x}", f"vs {NAMES.get(b, b)}")
+                                   for b, x in sfx.items()])]
+    n = 3 + (2 if curves else 0) + (1 if extra else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
     for ax, (title, keys) in zip(axes[:3], panels, strict=True):
-        for k in keys:
+        for k, label in keys:
             pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), int | float)]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=labels[k], lw=1.2)
+                ax.plot(*zip(*pts, strict=True), label=label, lw=1.2)
         ax.set(title=title, xlabel="meta-step")
-    for ax, kind, xl in ((axes[3], "input_scale", "input scale alpha (x ~ U(-a alpha, a alpha))"),
-                         (axes[4], "weight_scale", "teacher weight scale")):
+    for ax, kind in zip(axes[3:5] if curves else (), ("input_scale", "weight_scale"),
+                        strict=False):
         c = curves[kind]
         for k, v in c.items():
             if k != "scale":
-                ax.plot(c["scale"], v, marker="o", ms=3, label=labels.get(k, k), lw=1.2)
-        ax.set(title=f"OOD: {kind.replace('_', ' ')}", xlabel=xl, yscale="log")
+                ax.plot(c["scale"], v, marker="o", ms=3, label=NAMES.get(k, k), lw=1.2)
+        ax.set(title=f"out of distribution: {kind.replace('_', ' ')}", yscale="log",
+               xlabel="factor on the inputs" if kind == "input_scale" else
+               "factor on the teacher weights")
+    if extra:
+        extra(axes[-1])
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -388,17 +401,26 @@ def plot_run(run: Run, curves: dict, name: str = "icl_gd.png") -> Path:
     return path
 
 
+def test_episodes(task: TaskSampler, num_tasks: int) -> Episode:
+    """The fixed test tasks of the report (a key no training or evaluation step uses)."""
+    return jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(4_000_037), num_tasks)
+
+
+def test_comparison(learner: Compared, meta: MetaParams, eps: Episode) -> dict[str, Any]:
+    """Means (and 95% CIs) of the comparison metrics on `eps`; the model's loss is loss_model."""
+    res = evaluate_episodes(learner, meta, eps, jax.random.PRNGKey(0), 1000)
+    rename = {"loss": "loss_model", "loss_ci95": "loss_model_ci95"}
+    return {rename.get(k, k): v for k, v in res.items()}
+
+
 def report(exp: Experiment, meta: MetaParams, run: Run | None,
            config: ConfigDict | None = None) -> dict:
     """Headline comparison on fresh test tasks, OOD curves, the table and the plot."""
     config = config if config is not None else get_config()
-    learner: Compared = exp.learner  # type: ignore[assignment]
+    learner: Compared = exp.eval_learner  # type: ignore[assignment]
     lsa, task, a = learner.learner, exp.train, config.analysis
-    eps = jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(4_000_037),
-                                                       a.test_tasks)
-    res = evaluate_episodes(learner, meta, mark(eps), jax.random.PRNGKey(0), 1000)
-    rename = {"loss": "loss_model", "loss_ci95": "loss_model_ci95"}
-    s: dict[str, Any] = {rename.get(k, k): v for k, v in res.items()}
+    eps = test_episodes(task, a.test_tasks)
+    s = test_comparison(learner, meta, eps)
     base = {b.name: b for b in learner.baselines}
     if isinstance(lsa, LSA) and "gd" in base:
         s.update(construction_metrics(lsa, meta, base.get("gdpp", base["gd"]), eps))
@@ -410,13 +432,13 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None,
     if "gd" in base:
         for scale in (1.5, 2.0):
             i = INPUT_SCALES.index(scale)
-            s[f"ood_input_{scale:g}"] = (curves["input_scale"]["model"][i],
-                                         curves["input_scale"]["gd"][i])
+            s[f"ood_input_{scale:g}"] = tuple(curves["input_scale"][k][i]
+                                              for k in curves["input_scale"] if k != "scale")
         for b in learner.baselines:
             if b.name in ("gd", "gdpp"):
                 s[f"{b.name}_step_sizes"] = {k: float(v) for k, v in b.meta.items()}
     ref = REFERENCE.get(_reference_key(config), {})
     s["table"] = comparison_table(s, ref, learner.baselines, getattr(lsa, "num_layers", 1))
     if run is not None:
-        s["plot"] = str(plot_run(run, curves))
+        s["plot"] = str(plot_run(run, [b.name for b in learner.baselines if b.align], curves))
     return s

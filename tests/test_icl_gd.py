@@ -3,32 +3,36 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.experiment import load_module, train
+from metalearn.core import Episode
+from metalearn.experiment import apply_overrides, load_module, train
 from metalearn.experiments import icl_gd
 from metalearn.learners.gd import GradientDescent
 from metalearn.learners.lsa import LSA, gd_construction
+from metalearn.runs import Run
 from metalearn.tasks.regression import LinearRegression
 
-SMALL = ["task.dim=4", "task.num_context=6", "analysis.search_tasks=1000",
-         "analysis.test_tasks=500", "analysis.ood_tasks=100", "eval_episodes=200",
+SMALL = ["task.dim=4", "task.num_context=6", "analysis.search_tasks=500",
+         "analysis.test_tasks=200", "analysis.ood_tasks=100", "eval_episodes=200",
          "outer.batch_size=64", "outer.steps_per_call=10", "checkpoint_every=0"]
 
 
 def test_flat_sampler_has_the_same_law():
-    flat = icl_gd.FlatLinearRegression(dim=3, num_context=20, input_range=0.5)
-    ref = LinearRegression(dim=3, num_context=20, input_range=0.5)
-    a = flat.sample_batch(jax.random.PRNGKey(0), 4000)
-    b = ref.sample_batch(jax.random.PRNGKey(1), 4000)
-    assert a.support_x.shape == b.support_x.shape and a.query_y.shape == b.query_y.shape
-    for f in ("support_x", "support_y"):
-        x, y = np.asarray(getattr(a, f)), np.asarray(getattr(b, f))
-        assert abs(x.std() - y.std()) < 0.02 * y.std()
-        assert np.abs(x).max() <= 0.5 + 1e-6 or f == "support_y"
-    w = np.linalg.lstsq(np.asarray(a.support_x[0]), np.asarray(a.support_y[0]), rcond=None)[0]
-    np.testing.assert_allclose(np.asarray(a.query_x[0]) @ w, a.query_y[0], atol=1e-4)
+    flat = icl_gd.FlatLinearRegression(dim=3, num_context=20, input_range=0.5, weight_scale=2.0)
+    a = jax.jit(flat.sample_batch, static_argnums=1)(jax.random.PRNGKey(0), 4000)
+    shapes = jax.eval_shape(LinearRegression(dim=3, num_context=20).sample, jax.random.PRNGKey(0))
+    assert [x.shape[1:] for x in a[:4]] == [x.shape for x in shapes[:4]]
+    x = np.asarray(a.support_x)
+    assert np.abs(x).max() <= 0.5 and abs(x.std() - 0.5 / np.sqrt(3)) < 0.003
+    assert abs(np.mean(x > 0.25) - 0.25) < 0.01  # uniform, not only the right variance
+    w = np.stack([np.linalg.lstsq(x[i], np.asarray(a.support_y[i]), rcond=None)[0]
+                  for i in range(500)])
+    assert abs(w.std() - 2.0) < 0.1 and abs(w.mean()) < 0.1
+    assert abs(np.mean(np.abs(w) < 2.0) - 0.6827) < 0.03  # normal, not only the right variance
+    np.testing.assert_allclose(np.asarray(a.query_x[0]) @ w[0], a.query_y[0], atol=1e-4)
 
 
 def test_construction_compares_perfectly_with_gd():
@@ -36,35 +40,43 @@ def test_construction_compares_perfectly_with_gd():
     learner = icl_gd.Compared(LSA(), (gd,))
     meta = gd_construction(4, 1, 5.0, 6)
     task = icl_gd.FlatLinearRegression(dim=4, num_context=6)
-    eps = icl_gd.Probed(task).sample_batch(jax.random.PRNGKey(0), 50)
+    eps = icl_gd.CompiledSampler(task).sample_batch(jax.random.PRNGKey(0), 50)
     loss = jax.jit(jax.vmap(learner.loss, (None, 0, None)))
     _, m = loss(meta, eps, jax.random.PRNGKey(0))
     np.testing.assert_allclose(m["loss"], m["loss_gd"], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(m["model_cos"], 1.0, atol=1e-5)
     assert float(np.max(m["preds_diff"])) < 1e-4 and float(np.max(m["model_diff"])) < 1e-3
-    # unmarked (training) episodes only get the plain loss
-    _, m = loss(meta, task.sample_batch(jax.random.PRNGKey(0), 2), jax.random.PRNGKey(0))
-    assert set(m) == {"loss"}
+    assert set(m) == {"loss", "loss_gd", "preds_diff", "model_diff", "model_cos"}
+
+
+def _episodes(b: int, d: int, n: int, q: int = 1, seed: int = 0) -> Episode:
+    """Linear-regression episodes drawn with NumPy (nothing to compile)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-0.5, 0.5, (b, n + q, d)).astype(np.float32)
+    y = x @ rng.normal(size=(b, d, 1)).astype(np.float32)
+    return Episode(*(jnp.asarray(a) for a in (x[:, :n], y[:, :n], x[:, n:], y[:, n:])))
 
 
 def test_sensitivity_is_the_implicit_linear_model():
-    ep = LinearRegression(dim=3, num_context=5, num_queries=2).sample(jax.random.PRNGKey(0))
+    ep = jax.tree.map(lambda a: a[0], _episodes(1, 3, 5, q=2))
     gd = GradientDescent(steps=2, lr=0.3)
-    meta = gd.init(None, ep)
-    _, sens = icl_gd.predictions_and_sensitivities(gd, meta, ep, None)
-    w = gd.adapt(meta, ep.support(), None)
-    np.testing.assert_allclose(sens[0, 0], w[:, 0], rtol=1e-5)
     lsa = LSA(num_layers=2)
     cons = gd_construction(3, 1, 0.3, 5, num_layers=2)
-    _, sens2 = icl_gd.predictions_and_sensitivities(lsa, cons, ep, None)
+
+    @jax.jit
+    def both(meta_gd, cons):
+        sens = icl_gd.predictions_and_sensitivities(gd, meta_gd, ep, None)[1]
+        sens2 = icl_gd.predictions_and_sensitivities(lsa, cons, ep, None)[1]
+        return sens, sens2, gd.adapt(meta_gd, ep.support(), None)
+
+    sens, sens2, w = both(gd.init(None, ep), cons)
+    np.testing.assert_allclose(sens[0, 0], w[:, 0], rtol=1e-5)
     np.testing.assert_allclose(sens2, sens, rtol=1e-4, atol=1e-6)
 
 
 def test_ood_curves_scale_the_law():
-    task = LinearRegression(dim=3, num_context=5)
     gd = GradientDescent(steps=1, lr=1.0)
-    c = icl_gd.ood_curves({"gd": (gd, gd.init(None, None))},
-                          task.sample_batch(jax.random.PRNGKey(0), 50))
+    c = icl_gd.ood_curves({"gd": (gd, gd.init(None, None))}, _episodes(50, 3, 5))
     inp, wt = c["input_scale"], c["weight_scale"]
     assert len(inp["gd"]) == len(icl_gd.INPUT_SCALES) and len(wt["gd"]) == len(wt["scale"])
     # weights scaled by b: GD is linear in y, so its loss scales by b^2
@@ -72,8 +84,8 @@ def test_ood_curves_scale_the_law():
     assert wt["gd"][i2] == pytest.approx(4 * wt["gd"][i1], rel=1e-4)
 
 
-def test_train_end_to_end(tmp_path):
-    run, summary = train("icl_gd_recurrent", [*SMALL, "steps=20", "eval_every=10"],
+def _train_and_check(tmp_path, name: str) -> dict:
+    run, summary = train(name, [*SMALL, "steps=20", "eval_every=10"],
                          run_dir=tmp_path / "run", progress=False)
     for k in ("loss_model", "loss_gd", "model_cos", "preds_diff", "loss_interp", "table", "ood"):
         assert k in summary, k
@@ -82,15 +94,53 @@ def test_train_end_to_end(tmp_path):
     evals = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["split"] == "eval"]
     assert evals and "model_cos" in evals[0] and "loss_gd" in evals[0]
+    assert summary["gd_step_sizes"]["lr"] > 1
+    return summary
+
+
+def test_train_end_to_end(tmp_path):
+    _train_and_check(tmp_path, "icl_gd")
+
+
+@pytest.mark.slow
+def test_train_end_to_end_recurrent(tmp_path):
+    summary = _train_and_check(tmp_path, "icl_gd_recurrent")
     assert "loss_gdpp" in summary and "model_cos_gdpp" in summary
-    assert summary["loss_gdpp"] < summary["loss_gd"] and summary["gd_step_sizes"]["lr"] > 1
+    assert summary["loss_gdpp"] < summary["loss_gd"]
+
+
+def test_build_trains_the_plain_learner_and_evaluates_the_comparison():
+    c = icl_gd.get_config()
+    c.experiment = "icl_gd"
+    apply_overrides(c, SMALL)
+    exp = icl_gd.build(c)
+    assert isinstance(exp.learner, LSA) and isinstance(exp.eval_learner, icl_gd.Compared)
+    assert [b.name for b in exp.eval_learner.baselines] == ["gd", "lstsq"]
+    s = exp.splits["test"]
+    assert s.sample_batch is s.sample_batch  # compiled once, not per evaluation
 
 
 def test_sibling_experiments():
     want = {"icl_gd_recurrent": ("model.num_layers", 2), "icl_gd_softmax": ("model.softmax", True),
-            "icl_gd_es": ("outer.kind", "evolution")}
+            "icl_gd_es": ("outer.kind", "evolution"),
+            "icl_gd_nonlinear": ("model.embed_size", 40)}
     for name, (field, value) in want.items():
         mod = load_module(name)
         section, leaf = field.split(".")
         assert mod.get_config()[section][leaf] == value
-        assert mod.build is icl_gd.build
+        assert mod.build is icl_gd.build or name == "icl_gd_nonlinear"
+
+
+@pytest.mark.slow
+def test_nonlinear_baseline_is_trained_once(tmp_path):
+    mod = load_module("icl_gd_nonlinear")
+    c = mod.get_config()
+    c.experiment = "icl_gd_nonlinear"
+    apply_overrides(c, ["analysis.baseline_steps=4", "model.embed_size=8", "outer.batch_size=16",
+                        "outer.steps_per_call=4"])
+    run = Run(tmp_path)
+    first = mod.build(c, run).eval_learner.baselines[0]
+    assert first.name == "mlp_gd" and first.learner.gd_attention
+    assert (tmp_path / mod.BASELINE_FILE).exists()
+    again = mod.build(c, run).eval_learner.baselines[0]
+    np.testing.assert_allclose(again.meta["embed"]["w1"], first.meta["embed"]["w1"], rtol=1e-6)

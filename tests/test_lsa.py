@@ -34,10 +34,11 @@ def _predict(learner, meta, ep: Episode) -> jax.Array:
     return learner.predict(meta, learner.adapt(meta, ep.support(), None), ep.query_x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(learner, key, ep: Episode):
-    """The learner's meta-parameters (compiled)."""
-    return learner.init(key, ep)
+def _init(learner, seed: int, ep: Episode, scale: float = 0.3):
+    """Random meta-parameters shaped like `learner.init`'s (NumPy: nothing to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(learner.init, jax.random.PRNGKey(0), ep)
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes)
 
 
 def _explicit_gd(ep: Episode, eta: float, steps: int) -> np.ndarray:
@@ -114,15 +115,33 @@ def test_gd_plus_plus_construction_matches_its_math(d, n, k):
                                _explicit_gd(ep, eta, 1), rtol=1e-10)
 
 
+def test_gd_attention_is_gd_on_the_features():
+    """With fixed GD attention and no embedding the learner is GD; with an embedding it is GD
+    on phi(x), and only the embedding and eta are meta-parameters."""
+    ep = _task(4, 8, seed=7)
+    lsa = LSA(gd_attention=True)
+    meta = {"eta": jnp.asarray(3.0)}
+    np.testing.assert_allclose(_predict(lsa, meta, ep), _explicit_gd(ep, 3.0, 1), rtol=1e-4)
+    mlp = LSA(gd_attention=True, embed_size=6)
+    meta = _init(mlp, 0, ep)
+    assert set(meta) == {"eta", "embed"}
+    feats = Episode(mlp.features(meta, ep.support_x), ep.support_y,
+                    mlp.features(meta, ep.query_x), ep.query_y)
+    want = _explicit_gd(feats, float(meta["eta"]), 1)
+    np.testing.assert_allclose(_predict(mlp, meta, ep), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="gd_attention"):
+        LSA(gd_attention=True, softmax=True)
+
+
 def test_recurrent_equals_unrolled_with_tied_weights():
     ep = _task(5, 8, seed=1)
     rec = LSA(num_layers=3, recurrent=True, num_heads=2, init_scale=1.0)
-    meta = _init(rec, jax.random.PRNGKey(2), ep)
+    meta = _init(rec, 2, ep)
     unrolled = dataclasses.replace(rec, recurrent=False)
     stacked = {"attn": jax.tree.map(lambda a: jnp.stack([a] * 3), meta["attn"])}
     a, b = _predict(rec, meta, ep), _predict(unrolled, stacked, ep)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert jax.tree.leaves(_init(unrolled, jax.random.PRNGKey(0), ep))[0].shape[0] == 3
+    assert jax.tree.leaves(_init(unrolled, 0, ep))[0].shape[0] == 3
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "recurrent": False},
@@ -132,7 +151,7 @@ def test_queries_are_independent(kw):
     """One sequence with Q queries == Q sequences with one query each."""
     ep = _task(4, 6, q=5, seed=4)
     lsa = LSA(init_scale=1.0, **kw)
-    meta = _init(lsa, jax.random.PRNGKey(1), ep)
+    meta = _init(lsa, 1, ep)
     predict = jax.jit(lsa.predict)
     state = lsa.adapt(meta, ep.support(), None)
     together = predict(meta, state, ep.query_x)
@@ -145,7 +164,7 @@ def test_linear_attention_matches_token_by_token_formula():
     """e_j <- e_j + sum_h P_h^T sum_i (q_j . k_i) v_i for every token, keys from the context."""
     ep = _task(3, 5, q=2, seed=5)
     lsa = LSA(num_heads=2, key_size=3, init_scale=1.0)
-    meta = _init(lsa, jax.random.PRNGKey(3), ep)
+    meta = _init(lsa, 3, ep)
     p = meta["attn"]
     h = np.asarray(lsa.tokens(meta, ep.support(), ep.query_x), np.float64)
     want = h.copy()
@@ -200,17 +219,17 @@ def test_least_squares_and_line_search():
     np.testing.assert_allclose(_predict(LeastSquares(), {}, ep), ep.query_y, atol=1e-4)
     # one GD step: loss(eta) is a quadratic, argmin E[a b] / E[a^2] with a = x_q X^T Y / N
     rng = np.random.default_rng(0)
-    x = rng.uniform(-0.5, 0.5, (2000, 11, 5)).astype(np.float32)
-    y = x @ rng.normal(size=(2000, 5, 1)).astype(np.float32)
+    x = rng.uniform(-0.5, 0.5, (1000, 11, 5)).astype(np.float32)
+    y = x @ rng.normal(size=(1000, 5, 1)).astype(np.float32)
     task = _Fixed(Episode(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]))
-    meta, loss = fit_step_sizes(GradientDescent(steps=1), task, None, num_tasks=2000)
+    meta, loss = fit_step_sizes(GradientDescent(steps=1), task, None, num_tasks=1000)
     a = np.einsum("bqd,bnd,bny->bqy", x[:, 10:], x[:, :10], y[:, :10]) / 10
     best = float(np.sum(a * y[:, 10:]) / np.sum(a * a))
     assert float(meta["lr"]) == pytest.approx(best, rel=2e-3)
     assert loss == pytest.approx(float(0.5 * np.mean((best * a - y[:, 10:]) ** 2)), rel=1e-4)
     # GD++ with two steps beats two steps of GD at their best step sizes
-    gd2, l2 = fit_step_sizes(GradientDescent(steps=2), task, None, num_tasks=2000)
-    pp, lpp = fit_step_sizes(GradientDescent(steps=2, plus_plus=True), task, None, 2000)
+    gd2, l2 = fit_step_sizes(GradientDescent(steps=2), task, None, num_tasks=1000)
+    pp, lpp = fit_step_sizes(GradientDescent(steps=2, plus_plus=True), task, None, 1000)
     assert lpp < 0.9 * l2 and float(pp["gamma"]) > 0 and float(gd2["gamma"]) == 0
 
 

@@ -52,30 +52,33 @@ def attention_products(p: dict) -> tuple[Array, Array]:
 
 
 def attention_layer(p: dict, h: Array, num_context: int, *, softmax: bool = False,
-                    layer_norm: bool = False, queries_only: bool = False) -> Array:
+                    layer_norm: bool = False, queries_only: bool = False,
+                    last_cols: int = 0) -> Array:
     """One residual self-attention layer on tokens h [T, D]; keys/values are h[:num_context].
 
     Linear attention computes sum_i (h_j W_Q W_K^T c_i^T) c_i W_V P with the weight products
     formed first (one large matrix product per role over a vmapped batch of episodes). With
     `queries_only` only the tokens after the context are updated and returned (enough for the
-    last layer, since the context never attends to the queries).
+    last layer, since the context never attends to the queries); with `last_cols` > 0 only
+    their last `last_cols` channels (the y entries read by the prediction).
     """
     hn = _layer_norm(h, p["ln_scale"], p["ln_offset"]) if layer_norm else h
     ctx = hn[:num_context]
     tgt = hn[num_context:] if queries_only else hn
+    cols = slice(h.shape[-1] - last_cols if last_cols else 0, h.shape[-1])
     if softmax:
         q = jnp.einsum("td,hdk->htk", tgt, p["query"])
         k = jnp.einsum("nd,hdk->hnk", ctx, p["key"])
         v = jnp.einsum("nd,hdk->hnk", ctx, p["value"])
         w = jax.nn.softmax(jnp.einsum("htk,hnk->htn", q, k) / math.sqrt(q.shape[-1]), axis=-1)
-        out = jnp.einsum("htn,hnk,hke->te", w, v, p["proj"])
+        out = jnp.einsum("htn,hnk,hke->te", w, v, p["proj"][..., cols])
     else:
         a, b = attention_products(p)
         u = jnp.einsum("td,hde->hte", tgt, a)
-        v = jnp.einsum("nd,hde->hne", ctx, b)
+        v = jnp.einsum("nd,hde->hne", ctx, b[..., cols])
         w = jnp.einsum("hte,ne->htn", u, ctx)
         out = jnp.einsum("htn,hne->te", w, v)
-    return (h[num_context:] if queries_only else h) + out
+    return (h[num_context:] if queries_only else h)[:, cols] + out
 
 
 def _mlp_embed(p: dict, x: Array) -> Array:
@@ -92,7 +95,9 @@ class LSA(InnerLearner):
     num_heads / key_size: heads and their width (default D); softmax: softmax attention instead
     of linear; layer_norm: pre-attention LayerNorm; embed_size > 0: tokens (phi(x), y) with an
     MLP embedding phi of x (for non-linear regression); init_scale: VarianceScaling scale, divided
-    by num_layers as in the paper's code.
+    by num_layers as in the paper's code. gd_attention: the attention is fixed to the GD
+    construction and only its learning rate (meta["eta"]) and the embedding are learned, i.e.
+    gradient descent on learned features (the paper's "MLP + GD" baseline).
     """
 
     num_layers: int = 1
@@ -104,6 +109,7 @@ class LSA(InnerLearner):
     embed_size: int = 0
     mlp_widening: int = 4
     init_scale: float = 0.002
+    gd_attention: bool = False
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_heads"):
@@ -111,6 +117,9 @@ class LSA(InnerLearner):
                 raise ValueError(f"LSA.{f} must be >= 1, got {getattr(self, f)}")
         if self.key_size < 0 or self.embed_size < 0:
             raise ValueError("LSA.key_size and LSA.embed_size must be >= 0 (0 = default)")
+        if self.gd_attention and (self.softmax or self.layer_norm or self.num_heads != 1):
+            raise ValueError("LSA.gd_attention is the linear 1-head GD construction: it cannot be "
+                             "combined with softmax, layer_norm or several heads")
 
     @property
     def _stack(self) -> int:
@@ -132,9 +141,12 @@ class LSA(InnerLearner):
                 p["ln_scale"], p["ln_offset"] = jnp.ones(dd), jnp.zeros(dd)
             return p
 
-        layers = [layer() for _ in range(self._stack)]
-        params = {"attn": layers[0] if self.recurrent else
-                  jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+        if self.gd_attention:
+            params = {"eta": jnp.asarray(1.0, jnp.float32)}
+        else:
+            layers = [layer() for _ in range(self._stack)]
+            params = {"attn": layers[0] if self.recurrent else
+                      jax.tree.map(lambda *a: jnp.stack(a), *layers)}
         if self.embed_size:
             e, w = self.embed_size, self.embed_size * self.mlp_widening
             dense = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -147,8 +159,12 @@ class LSA(InnerLearner):
         """In-context learning happens in `predict`: the task state is the context itself."""
         return support
 
-    def layer_params(self, meta: MetaParams, layer: int) -> dict:
-        """The attention weights used by layer `layer` (shared when recurrent)."""
+    def layer_params(self, meta: MetaParams, layer: int, width: int = 0, dim_out: int = 1,
+                     num_context: int = 1) -> dict:
+        """The attention weights of layer `layer` (shared when recurrent); with `gd_attention`
+        the construction for tokens of `width` channels, the last `dim_out` the targets."""
+        if self.gd_attention:
+            return gd_construction(width - dim_out, dim_out, meta["eta"], num_context)["attn"]
         if self.recurrent:
             return meta["attn"]
         return jax.tree.map(lambda a: a[layer], meta["attn"])
@@ -166,20 +182,26 @@ class LSA(InnerLearner):
         qry = jnp.concatenate([fq, jnp.zeros((fq.shape[0], sy.shape[1]), fq.dtype)], axis=-1)
         return jnp.concatenate([ctx, qry], axis=0)
 
-    def forward(self, meta: MetaParams, h: Array, num_context: int,
-                queries_only: bool = True) -> Array:
-        """Run the layers on tokens h [N + Q, D]; returns the query tokens (or all tokens)."""
+    def forward(self, meta: MetaParams, h: Array, num_context: int, queries_only: bool = True,
+                last_cols: int = 0, dim_out: int = 1) -> Array:
+        """Run the layers on tokens h [N + Q, D] whose last `dim_out` channels are targets.
+
+        Returns the query tokens (or all tokens); with `last_cols` > 0 only the last layer's
+        last `last_cols` channels of the queries.
+        """
         for i in range(self.num_layers):
             last = queries_only and i == self.num_layers - 1
-            h = attention_layer(self.layer_params(meta, i), h, num_context, softmax=self.softmax,
-                                layer_norm=self.layer_norm, queries_only=last)
+            p = self.layer_params(meta, i, h.shape[-1], dim_out, num_context)
+            h = attention_layer(p, h, num_context, softmax=self.softmax,
+                                layer_norm=self.layer_norm, queries_only=last,
+                                last_cols=last_cols if last else 0)
         return h
 
     def predict(self, meta: MetaParams, state: Support, query_x: Array) -> Array:
         """-(query tokens' y entries) after the layers, [Q, dy]."""
         n = state.x.shape[0]
         dy = state.y.shape[-1] if state.y.ndim > 1 else 1
-        out = -self.forward(meta, self.tokens(meta, state, query_x), n)[:, -dy:]
+        out = -self.forward(meta, self.tokens(meta, state, query_x), n, last_cols=dy, dim_out=dy)
         return out if state.y.ndim > 1 else out[:, 0]
 
 
