@@ -56,7 +56,7 @@ def main() -> None:
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
     exp = icl_gd.build(config)
-    lsa, gd = exp.learner.learner, exp.learner.baselines[0]
+    lsa, gd = exp.learner, exp.eval_learner.baselines[0]
     outer = build_outer(config.outer, config.steps)
     chunk = outer.steps_per_call
     fn = outer.compiled_steps(lsa, exp.train)

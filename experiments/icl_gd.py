@@ -109,30 +109,6 @@ class FlatLinearRegression(LinearRegression):
         return Episode(x[:c], y[:c], x[c:], y[c:])
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledSampler(TaskSampler):
-    """`base` with `sample_batch` compiled once for the sampler's lifetime.
-
-    `metalearn.evaluation.evaluate` wraps `sampler.sample_batch` in `jax.jit` on every call, and
-    a bound method is a new function each time, so the sampler was recompiled at every periodic
-    evaluation (seconds each on a small CPU); a jitted function inside is compiled once.
-    """
-
-    base: TaskSampler
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sample_batch",
-                           jax.jit(super().sample_batch, static_argnums=1))
-
-    def sample(self, key: Array) -> Episode:
-        """An episode of `base`."""
-        return self.base.sample(key)
-
-    def describe(self) -> dict:
-        """The base sampler's description."""
-        return self.base.describe()
-
-
 # ---------------------------------------------------------------- comparison with baselines
 
 
@@ -245,7 +221,7 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     task = make_task(config)
     lsa = make_lsa(config)
     compared = Compared(lsa, linear_baselines(config, task, lsa.num_layers))
-    return Experiment(learner=lsa, splits={"train": task, "test": CompiledSampler(task)},
+    return Experiment(learner=lsa, splits={"train": task, "test": task},
                       eval_learner=compared, report=functools.partial(report, config=config))
 
 

@@ -83,7 +83,7 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     mlp_gd = dataclasses.replace(lsa, gd_attention=True)
     baseline = icl_gd.Baseline("mlp_gd", mlp_gd, train_baseline(config, mlp_gd, task, run))
     test = dataclasses.replace(task, num_queries=config.analysis.test_queries)
-    return Experiment(learner=lsa, splits={"train": task, "test": icl_gd.CompiledSampler(test)},
+    return Experiment(learner=lsa, splits={"train": task, "test": test},
                       eval_learner=icl_gd.Compared(lsa, (baseline,)),
                       report=functools.partial(report, config=config))
 
@@ -93,7 +93,7 @@ def _fits(exp: Experiment, meta: MetaParams, key: jax.Array, tasks: int = 3):
     learner: icl_gd.Compared = exp.eval_learner  # type: ignore[assignment]
     base = learner.baselines[0]
     grid = jnp.linspace(-5, 5, 200)[:, None]
-    eps = exp.splits["test"].sample_batch(key, tasks)
+    eps = jax.jit(exp.splits["test"].sample_batch, static_argnums=1)(key, tasks)
 
     def draw(ax) -> None:
         for i in range(tasks):
@@ -113,7 +113,7 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None,
            config: ConfigDict | None = None) -> dict:
     """Losses, prediction distance and sensitivity cosine against MLP + GD; table and plot."""
     config = config if config is not None else get_config()
-    eps = icl_gd.test_episodes(exp.splits["test"].base, config.analysis.test_tasks)
+    eps = icl_gd.test_episodes(exp.splits["test"], config.analysis.test_tasks)
     s = icl_gd.test_comparison(exp.eval_learner, meta, eps)
     s["loss_zero"] = float(0.5 * jnp.mean(eps.query_y ** 2))
     rows = [("loss, trained model (MLP + 1 LSA layer)", "loss_model"),
