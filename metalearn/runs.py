@@ -97,7 +97,8 @@ class Run:
         import matplotlib.pyplot as plt
 
         keys = sorted({k for r in recs for k, v in r.items()
-                       if k not in ("step", "split", "time") and not k.endswith("_ci95")
+                       if k not in ("step", "split", "time", "episodes")
+                       and not k.endswith("_ci95")
                        and isinstance(v, int | float)})
         if not keys:
             return None
@@ -106,8 +107,15 @@ class Run:
             for split in sorted({r.get("split", "train") for r in recs}):
                 pts = [(r["step"], r[k]) for r in recs
                        if r.get("split", "train") == split and isinstance(r.get(k), int | float)]
-                if pts:
-                    s, v = zip(*pts, strict=True)
+                if not pts:
+                    continue
+                s, v = (np.asarray(a, np.float64) for a in zip(*pts, strict=True))
+                if split == "train" and len(v) > 50:  # raw steps faint, moving average on top
+                    w = max(2, len(v) // 50)
+                    ax.plot(s, v, lw=0.5, alpha=0.3, color="C1")
+                    ma = np.convolve(v, np.ones(w) / w, mode="valid")
+                    ax.plot(s[w - 1:], ma, lw=1.5, color="C1", label=f"train ({w}-step mean)")
+                else:
                     ax.plot(s, v, label=split, marker="o" if split != "train" else None,
                             ms=3, lw=1)
             ax.set_xlabel("meta-step")
