@@ -102,6 +102,7 @@ def base_config(**overrides: Any) -> ConfigDict:
         "steps": 1000,
         "eval_every": 0,
         "eval_episodes": 1000,
+        "eval_batch_size": 250,  # episodes per compiled evaluation call (memory vs speed)
         "test_episodes": 1000,
         "checkpoint_every": 0,
         "log_every": 1,
@@ -241,6 +242,7 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
         eval_sampler=exp.splits.get(split) if split else None, run_dir=run.path,
         config=config.to_dict(), resume=resume,
         options=RunOptions(eval_every=config.eval_every, eval_episodes=config.eval_episodes,
+                           eval_batch_size=config.get("eval_batch_size", 250),
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                            progress=progress),
         eval_learner=exp.eval_learner)
@@ -254,7 +256,8 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
         summary[split] = result.final_eval
     if "test" in exp.splits and split != "test":
         summary["test"] = evaluate(exp.evaluator, result.meta, exp.splits["test"],
-                                   jax.random.PRNGKey(2_000_003), config.test_episodes)
+                                   jax.random.PRNGKey(2_000_003), config.test_episodes,
+                                   config.get("eval_batch_size", 250))
     if exp.report is not None:
         summary.update(exp.report(exp, result.meta, run))
     run.write_json("summary.json", summary)
@@ -288,7 +291,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
         raise ValueError(f"split {split!r} not available for {config.experiment}; "
                          f"choose one of {sorted(exp.splits)}")
     res = evaluate(exp.evaluator, meta, exp.splits[split], jax.random.PRNGKey(3_000_017 + seed),
-                   episodes)
+                   episodes, config.get("eval_batch_size", 250))
     res = {"split": split, "step": step, **res}
     Run(run_dir).write_json(f"eval_{split}.json", res)
     return res
