@@ -118,6 +118,19 @@ def test_build_trains_the_plain_learner_and_evaluates_the_comparison():
     assert [b.name for b in exp.eval_learner.baselines] == ["gd", "lstsq"]
 
 
+def test_evolution_starts_where_the_gradient_run_starts():
+    from metalearn.experiments import icl_gd_es
+    from metalearn.outer.evolution import EvolutionOuterLoop
+    from metalearn.outer.gradient import GradientOuterLoop
+
+    task = icl_gd.FlatLinearRegression(dim=3, num_context=5)
+    lsa = LSA(init_key=icl_gd_es.gradient_init_key(3))
+    key = jax.random.PRNGKey(3)
+    g = GradientOuterLoop(batch_size=4).init(LSA(), task, key)
+    e = EvolutionOuterLoop(population_size=4, batch_size=4).init(lsa, task, key)
+    np.testing.assert_array_equal(g.params["attn"]["query"], e.params["attn"]["query"])
+
+
 def test_sibling_experiments():
     want = {"icl_gd_recurrent": ("model.num_layers", 2), "icl_gd_softmax": ("model.softmax", True),
             "icl_gd_es": ("outer.kind", "evolution"),
@@ -126,7 +139,7 @@ def test_sibling_experiments():
         mod = load_module(name)
         section, leaf = field.split(".")
         assert mod.get_config()[section][leaf] == value
-        assert mod.build is icl_gd.build or name == "icl_gd_nonlinear"
+        assert mod.build is icl_gd.build or name in ("icl_gd_nonlinear", "icl_gd_es")
 
 
 @pytest.mark.slow
