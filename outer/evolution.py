@@ -87,7 +87,8 @@ class EvolutionOuterLoop(OuterLoop):
 
     def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
         """The strategy's state, its mean at the learner's initial meta-parameters."""
-        k_init, k_es, k_run = jax.random.split(key, 3)
+        k_init, rest = jax.random.split(key)  # same init key as the gradient loop
+        k_es, k_run = jax.random.split(rest)
         meta0 = learner.init(k_init, sampler.example())
         es = self.es(meta0)
         es_state = es.init(k_es, meta0, self.es_params(es))
