@@ -46,7 +46,7 @@ class OuterState(NamedTuple):
 
     step: Array  # int32 scalar: meta-steps done
     key: Array  # the run's base PRNG key (step t uses fold_in(key, t))
-    params: PyTree  # gradient: meta-parameters; evolution: unused (None)
+    params: PyTree  # gradient: meta-parameters; evolution: the initial ones (shape template)
     opt_state: PyTree  # optax state, or the evosax strategy state
 
 
