@@ -308,6 +308,21 @@ def test_batch_sampler_equals_sample_batch(sampler, batch):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_rgb_per_channel_normalisation_in_sampled_episodes():
+    """Per-channel (mean, std) on RGB rows: every sampler path equals the NumPy formula."""
+    ds = synthetic_dataset(classes=6, examples=5, size=6, channels=3)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    s = FewShotSampler(ds, 3, 2, 2, rotations=True, normalize=(mean, std))
+    key = jax.random.PRNGKey(1)
+    idx = jax.device_get(s.batch_indices(jax.random.split(key, 5)))
+    for eps in (sample_batch(s, key, 5), s.batch_sampler(5)(key)):
+        for e in range(5):
+            raw = np.stack([np.rot90(ds.images[c, j], r) for c, j, r in zip(
+                idx.query.cls[e], idx.query.example[e], idx.query.rotation[e], strict=True)])
+            want = (raw / 255 - np.asarray(mean)) / np.asarray(std)
+            np.testing.assert_allclose(np.asarray(eps.query_x[e]), want, rtol=1e-5, atol=1e-5)
+
+
 def test_random_permutation_is_uniform():
     """All 24 orders of 4 items appear about equally often (chi-square, p ~ 1e-4 cut-off)."""
     from metalearn.tasks.fewshot import random_permutation
