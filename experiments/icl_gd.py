@@ -76,39 +76,6 @@ def get_config() -> ConfigDict:
     return c
 
 
-# ---------------------------------------------------------------- task sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatLinearRegression(LinearRegression):
-    """`LinearRegression` (the same law) drawn from one flat uniform vector per task.
-
-    Under `vmap`, multi-dimensional `jax.random` draws are several times slower on CPU than one
-    flat draw of the same size, and at batch 2048 the sampler dominates a meta-step. Normal
-    teacher weights come from the same vector as sqrt(2) erfinv(u), u ~ U(-1, 1), which is how
-    `jax.random.normal` makes them.
-    """
-
-    def sample(self, key: Array) -> Episode:
-        """One task: N context pairs and Q query pairs sharing the teacher W."""
-        ku, kn = jax.random.split(key)
-        n, d, dy = self.num_context + self.num_queries, self.dim, self.dim_out
-        lo = float(np.nextafter(np.float32(-1), np.float32(0)))
-        u = jax.random.uniform(ku, (d * dy + n * d,), minval=lo, maxval=1.0)
-        z = np.sqrt(2.0) * jax.lax.erf_inv(u[:d * dy])
-        w = (self.weight_mean + self.weight_scale * z).reshape(d, dy)
-        if self.input_dist == "uniform":
-            x = self.input_range * u[d * dy:]
-        else:
-            x = self.input_range * np.sqrt(2.0) * jax.lax.erf_inv(u[d * dy:])
-        x = x.reshape(n, d)
-        y = x @ w
-        if self.noise_std:
-            y = y + self.noise_std * jax.random.normal(kn, (n * dy,)).reshape(n, dy)
-        c = self.num_context
-        return Episode(x[:c], y[:c], x[c:], y[c:])
-
-
 # ---------------------------------------------------------------- comparison with baselines
 
 
@@ -190,12 +157,12 @@ class Compared(InnerLearner):
 # ---------------------------------------------------------------- build
 
 
-def make_task(config: ConfigDict, **changes: Any) -> FlatLinearRegression:
+def make_task(config: ConfigDict, **changes: Any) -> LinearRegression:
     """The linear-regression task law of the config."""
     t = config.task
     kw = {"dim": t.dim, "num_context": t.num_context, "num_queries": t.num_queries,
           "input_range": t.input_range, "weight_scale": t.weight_scale, **changes}
-    return FlatLinearRegression(**kw)
+    return LinearRegression(**kw)
 
 
 def make_lsa(config: ConfigDict) -> LSA:

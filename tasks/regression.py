@@ -16,20 +16,28 @@ the prior; `TaskPool(task, num_tasks, seed)` draws tasks from a finite pool inst
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metalearn.core import Array, Episode, TaskSampler
 
 
+def _flat(draw: Any, key: Array, shape: tuple[int, ...], **kw: Any) -> Array:
+    """`draw(key, shape)` as one flat draw reshaped: the same numbers, but under `vmap` on CPU
+    multi-dimensional `jax.random` draws are several times slower than flat ones."""
+    return draw(key, (math.prod(shape),), **kw).reshape(shape)
+
+
 def _inputs(key: Array, shape: tuple[int, ...], dist: str, scale: float) -> Array:
     if dist == "uniform":
-        return jax.random.uniform(key, shape, minval=-scale, maxval=scale)
+        return _flat(jax.random.uniform, key, shape, minval=-scale, maxval=scale)
     if dist == "normal":
-        return scale * jax.random.normal(key, shape)
+        return scale * _flat(jax.random.normal, key, shape)
     raise ValueError(f"unknown input distribution {dist!r}; use 'uniform' or 'normal'")
 
 
@@ -82,7 +90,7 @@ class RegressionTask(TaskSampler):
         n = self.num_context + self.num_queries
         x = _inputs(key_x, (n, self.input_dim), self.input_dist, self.input_range)
         y = self.apply(theta, x)
-        y = y + self.noise_std * jax.random.normal(key_noise, y.shape)
+        y = y + self.noise_std * _flat(jax.random.normal, key_noise, y.shape)
         c = self.num_context
         return Episode(x[:c], y[:c], x[c:], y[c:])
 
@@ -125,12 +133,35 @@ class LinearRegression(RegressionTask):
 
     def task_params(self, key: Array) -> Array:
         """W [dim, dim_out]."""
-        return self.weight_mean + self.weight_scale * jax.random.normal(
-            key, (self.dim, self.dim_out))
+        return self.weight_mean + self.weight_scale * _flat(
+            jax.random.normal, key, (self.dim, self.dim_out))
 
     def apply(self, theta: Array, x: Array) -> Array:
         """x W."""
         return x @ theta
+
+    def sample(self, key: Array) -> Episode:
+        """One task: N context and Q query pairs sharing W, with W and x from one flat uniform
+        vector (normals as sqrt(2) erfinv(u), u ~ U(-1, 1), as `jax.random.normal` makes them).
+        The law of `episode(task_params(k), ...)`; at a batch of thousands under `vmap` the
+        separate draws would dominate a meta-step on CPU."""
+        ku, kn = jax.random.split(key)
+        n, d, dy = self.num_context + self.num_queries, self.dim, self.dim_out
+        lo = float(np.nextafter(np.float32(-1), np.float32(0)))
+        u = jax.random.uniform(ku, (d * dy + n * d,), minval=lo, maxval=1.0)
+        w = self.weight_mean + self.weight_scale * _normal_from_uniform(u[:d * dy])
+        x = u[d * dy:] if self.input_dist == "uniform" else _normal_from_uniform(u[d * dy:])
+        x = (self.input_range * x).reshape(n, d)
+        y = x @ w.reshape(d, dy)
+        if self.noise_std:
+            y = y + self.noise_std * _flat(jax.random.normal, kn, (n, dy))
+        c = self.num_context
+        return Episode(x[:c], y[:c], x[c:], y[c:])
+
+
+def _normal_from_uniform(u: Array) -> Array:
+    """N(0, 1) draws from U(-1, 1) ones (the inverse normal CDF)."""
+    return np.sqrt(2.0) * jax.lax.erf_inv(u)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +183,10 @@ class SparseLinearRegression(LinearRegression):
         _, support = jax.lax.top_k(jax.random.uniform(ks, (self.dim,)), self.nonzero)
         mask = jnp.zeros((self.dim,), w.dtype).at[support].set(1.0)
         return w * mask[:, None]
+
+    def sample(self, key: Array) -> Episode:
+        """One task (the generic draw: the weights carry the sparsity mask)."""
+        return RegressionTask.sample(self, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +219,10 @@ class TeacherNetwork(RegressionTask):
         """{'w1', 'b1', 'w2', 'b2'}."""
         k1, k2, k3, k4 = jax.random.split(key, 4)
         s = self.weight_scale
-        return {"w1": s * jax.random.normal(k1, (self.dim, self.hidden)) / math.sqrt(self.dim),
+        normal = functools.partial(_flat, jax.random.normal)
+        return {"w1": s * normal(k1, (self.dim, self.hidden)) / math.sqrt(self.dim),
                 "b1": self.bias_scale * jax.random.normal(k2, (self.hidden,)),
-                "w2": s * jax.random.normal(k3, (self.hidden, self.dim_out))
-                / math.sqrt(self.hidden),
+                "w2": s * normal(k3, (self.hidden, self.dim_out)) / math.sqrt(self.hidden),
                 "b2": self.bias_scale * jax.random.normal(k4, (self.dim_out,))}
 
     def apply(self, theta: dict, x: Array) -> Array:

@@ -20,26 +20,11 @@ SMALL = ["task.dim=4", "task.num_context=6", "analysis.search_tasks=500",
          "outer.batch_size=64", "outer.steps_per_call=10", "checkpoint_every=0"]
 
 
-def test_flat_sampler_has_the_same_law():
-    flat = icl_gd.FlatLinearRegression(dim=3, num_context=20, input_range=0.5, weight_scale=2.0)
-    a = jax.jit(flat.sample_batch, static_argnums=1)(jax.random.PRNGKey(0), 4000)
-    shapes = jax.eval_shape(LinearRegression(dim=3, num_context=20).sample, jax.random.PRNGKey(0))
-    assert [x.shape[1:] for x in a[:4]] == [x.shape for x in shapes[:4]]
-    x = np.asarray(a.support_x)
-    assert np.abs(x).max() <= 0.5 and abs(x.std() - 0.5 / np.sqrt(3)) < 0.003
-    assert abs(np.mean(x > 0.25) - 0.25) < 0.01  # uniform, not only the right variance
-    w = np.stack([np.linalg.lstsq(x[i], np.asarray(a.support_y[i]), rcond=None)[0]
-                  for i in range(500)])
-    assert abs(w.std() - 2.0) < 0.1 and abs(w.mean()) < 0.1
-    assert abs(np.mean(np.abs(w) < 2.0) - 0.6827) < 0.03  # normal, not only the right variance
-    np.testing.assert_allclose(np.asarray(a.query_x[0]) @ w[0], a.query_y[0], atol=1e-4)
-
-
 def test_construction_compares_perfectly_with_gd():
     gd = icl_gd.Baseline("gd", GradientDescent(), {"lr": 5.0, "gamma": 0.0})
     learner = icl_gd.Compared(LSA(), (gd,))
     meta = gd_construction(4, 1, 5.0, 6)
-    task = icl_gd.FlatLinearRegression(dim=4, num_context=6)
+    task = LinearRegression(dim=4, num_context=6)
     eps = jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(0), 50)
     loss = jax.jit(jax.vmap(learner.loss, (None, 0, None)))
     _, m = loss(meta, eps, jax.random.PRNGKey(0))
@@ -123,7 +108,7 @@ def test_evolution_starts_where_the_gradient_run_starts():
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
 
-    task = icl_gd.FlatLinearRegression(dim=3, num_context=5)
+    task = LinearRegression(dim=3, num_context=5)
     lsa = LSA(init_key=icl_gd_es.gradient_init_key(3))
     key = jax.random.PRNGKey(3)
     g = GradientOuterLoop(batch_size=4).init(LSA(), task, key)

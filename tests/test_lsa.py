@@ -249,7 +249,7 @@ def test_short_training_lowers_the_loss():
     outer = GradientOuterLoop(optimizer="adam", learning_rate=2e-2, batch_size=128,
                               steps_per_call=50)
     state = outer.init(lsa, task, jax.random.PRNGKey(0))
-    state, m = outer.compiled_steps(lsa, task)(state, 150)
+    state, m = outer.compiled_steps(lsa, task)(state, 300)  # 150 steps reach GD for only some seeds
     first, last = float(np.mean(m["loss"][:10])), float(np.mean(m["loss"][-30:]))
     # the best one-step GD: a quadratic in eta, minimised in closed form on numpy tasks
     rng = np.random.default_rng(0)

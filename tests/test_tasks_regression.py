@@ -27,21 +27,44 @@ def batch(task, n: int):
     return jax.jit(jax.vmap(task.sample))(jax.random.split(KEY, n))
 
 
-def test_linear_regression_unchanged():
-    """Same fields, defaults and numbers as the original LinearRegression."""
+def test_linear_regression_sample_is_the_documented_flat_draw():
+    """W and x from one flat uniform vector (normals by erfinv), noise from its own key."""
     t = LinearRegression(dim=3, num_context=4, num_queries=2, dim_out=2, input_range=1.5,
                          weight_scale=0.5, weight_mean=1.0, noise_std=0.1)
     assert [f.name for f in dataclasses.fields(LinearRegression)] == [
         "dim", "num_context", "num_queries", "dim_out", "input_dist", "input_range",
         "weight_scale", "weight_mean", "noise_std"]
     ep = t.sample(KEY)
-    kw, kx, kn = jax.random.split(KEY, 3)
-    w = 1.0 + 0.5 * jax.random.normal(kw, (3, 2))
-    x = jax.random.uniform(kx, (6, 3), minval=-1.5, maxval=1.5)
-    y = x @ w + 0.1 * jax.random.normal(kn, (6, 2))
-    np.testing.assert_allclose(ep.support_x, x[:4])
-    np.testing.assert_allclose(ep.query_y, y[4:], rtol=1e-6)
+    ku, kn = jax.random.split(KEY)
+    u = np.asarray(jax.random.uniform(ku, (6 + 18,), minval=np.nextafter(np.float32(-1), 0)))
+    w = 1.0 + 0.5 * np.sqrt(2) * np.asarray(jax.scipy.special.erfinv(u[:6])).reshape(3, 2)
+    x = 1.5 * u[6:].reshape(6, 3)
+    y = x @ w + 0.1 * np.asarray(jax.random.normal(kn, (12,))).reshape(6, 2)
+    np.testing.assert_allclose(ep.support_x, x[:4], rtol=1e-6)
+    np.testing.assert_allclose(ep.query_y, y[4:], rtol=1e-5, atol=1e-6)
     assert t.describe()["sampler"] == "LinearRegression"
+
+
+@pytest.mark.parametrize("dist", ["uniform", "normal"])
+def test_linear_regression_law(dist):
+    """x ~ U(-a, a) or N(0, a^2), W ~ N(m, s^2) (checked beyond the variance), y = x W; the
+    flat `sample` and the generic `episode(task_params(...))` (used by TaskPool) agree."""
+    t = LinearRegression(dim=3, num_context=20, input_range=0.5, weight_scale=2.0,
+                         input_dist=dist)
+    for a in (batch(t, 4000), jax.jit(jax.vmap(lambda k: t.episode(
+            t.task_params(k), *jax.random.split(jax.random.fold_in(k, 1)))))(
+            jax.random.split(KEY, 4000))):
+        x = np.asarray(a.support_x)
+        if dist == "uniform":
+            assert np.abs(x).max() <= 0.5 and abs(x.std() - 0.5 / np.sqrt(3)) < 0.003
+            assert abs(np.mean(x > 0.25) - 0.25) < 0.01  # uniform, not only the variance
+        else:
+            assert abs(x.std() - 0.5) < 0.005 and abs(np.mean(np.abs(x) < 0.5) - 0.6827) < 0.01
+        w = np.stack([np.linalg.lstsq(x[i], np.asarray(a.support_y[i]), rcond=None)[0]
+                      for i in range(500)])
+        assert abs(w.std() - 2.0) < 0.1 and abs(w.mean()) < 0.1
+        assert abs(np.mean(np.abs(w) < 2.0) - 0.6827) < 0.03  # normal, not only the variance
+        np.testing.assert_allclose(np.asarray(a.query_x[0]) @ w[0], a.query_y[0], atol=1e-4)
 
 
 def test_sinusoid_maml_defaults():
