@@ -30,8 +30,9 @@ def get_config() -> ConfigDict:
     c.task = ConfigDict({"ways": 20, "shots": 1, "queries": 5, "unlabeled": 0,
                          "rotations": True, "normalize": "invert", "eval_queries": 5})
     c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "refine_steps": 1})
-    # (ways, shots, queries per class) evaluated on test by `report`, besides the trained one
-    c.report_settings = "20x5x5,5x1x15"
+    # WAYSxSHOTSxQUERIES[+UNLABELED] per class, evaluated on test by `report` besides the
+    # trained setting; +U adds U unlabeled images per class (semi-supervised soft k-means)
+    c.report_settings = "20x5x5,5x1x15,20x1x5+5"
     c.report_episodes = 1000
     c.outer = outer_config("gradient", learning_rate=1e-3, batch_size=2, steps_per_call=10)
     return c
@@ -71,13 +72,15 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     return Experiment(learner=learner, splits=splits, report=report)
 
 
-def parse_settings(text: str) -> list[tuple[int, int, int]]:
-    """'20x5x5,5x1x15' -> [(ways, shots, queries), ...]."""
+def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
+    """'20x5x5,20x1x5+5' -> [(ways, shots, queries, unlabeled), ...] (unlabeled per class)."""
     out = []
     for part in _names(text):
-        nums = part.split("x")
-        if len(nums) != 3 or not all(n.isdigit() for n in nums):
-            raise ValueError(f"report setting {part!r}: expected WAYSxSHOTSxQUERIES, e.g. 5x1x15")
+        head, plus, unl = part.partition("+")
+        nums = head.split("x") + ([unl] if plus else ["0"])
+        if len(nums) != 4 or not all(n.isdigit() for n in nums):
+            raise ValueError(f"report setting {part!r}: expected WAYSxSHOTSxQUERIES or "
+                             "WAYSxSHOTSxQUERIES+UNLABELED, e.g. 5x1x15 or 20x1x5+5")
         out.append(tuple(int(n) for n in nums))
     return out
 
@@ -91,12 +94,14 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None) -> dict:
     out: dict = {"test_setting": f"{test.ways}-way {test.shots}-shot, {test.queries} queries "
                                  "per class"}
     lines = []
-    for i, (ways, shots, queries) in enumerate(parse_settings(config.report_settings)):
-        sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries)
+    for i, (ways, shots, queries, unl) in enumerate(parse_settings(config.report_settings)):
+        sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries, unlabeled=unl)
         res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(5_000_011 + i),
                        config.report_episodes, batch_size=25)
-        out[f"test_{ways}way_{shots}shot"] = res
-        lines.append(f"test {ways}-way {shots}-shot: accuracy {100 * res['accuracy']:.2f} "
-                     f"± {100 * res['accuracy_ci95']:.2f} % ({res['episodes']} episodes)")
+        name, extra = f"{ways}way_{shots}shot", f" + {unl} unlabeled per class" if unl else ""
+        out[f"test_{name}" + (f"_{unl}unlabeled" if unl else "")] = res
+        lines.append(f"test {ways}-way {shots}-shot{extra}: accuracy "
+                     f"{100 * res['accuracy']:.2f} ± {100 * res['accuracy_ci95']:.2f} % "
+                     f"({res['episodes']} episodes)")
     out["table"] = "\n".join(lines)
     return out

@@ -51,9 +51,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.manifest:
         res = experiment.evaluate_manifest(args.run_dir, args.manifest)
     else:
-        res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed)
-    print(f"{res.get('split', 'manifest')} (step {res.get('step')}, {res.get('episodes')} "
-          f"episodes): {_fmt_metrics(res)}")
+        res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
+                                      ways=args.ways, shots=args.shots, queries=args.queries,
+                                      unlabeled=args.unlabeled)
+    where = res.get("split", "manifest") + "".join(
+        f" {k}={v}" for k, v in res.get("setting", {}).items())
+    print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes): "
+          f"{_fmt_metrics(res)}")
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -88,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the evaluation episodes")
     e.add_argument("--manifest", default=None,
                    help="evaluate on the fixed episodes listed in this manifest file")
+    for flag, what in (("ways", "classes per episode (N)"), ("shots", "labelled images per "
+                       "class (K)"), ("queries", "query images per class"),
+                       ("unlabeled", "unlabeled images per class (semi-supervised learners)")):
+        e.add_argument(f"--{flag}", type=int, default=None,
+                       help=f"few-shot runs: {what}; default: the run's")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.set_defaults(fn=_cmd_evaluate)
     return p

@@ -284,16 +284,34 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDi
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
-                 seed: int = 0) -> dict:
-    """Evaluate a trained run on one of its splits; saves eval_SPLIT.json in the run."""
+                 seed: int = 0, **setting: int | None) -> dict:
+    """Evaluate a trained run on one of its splits; saves eval_SPLIT.json in the run.
+
+    `setting` (ways, shots, queries, unlabeled; None keeps the run's) evaluates few-shot runs
+    at another N-way K-shot setting, e.g. with unlabeled images for semi-supervised learners;
+    the result goes to eval_SPLIT_<setting>.json, next to (not over) the default one."""
     config, exp, meta, step = load_trained(run_dir)
     if split not in exp.splits:
         raise ValueError(f"split {split!r} not available for {config.experiment}; "
                          f"choose one of {sorted(exp.splits)}")
-    res = evaluate(exp.evaluator, meta, exp.splits[split], jax.random.PRNGKey(3_000_017 + seed),
+    sampler, name = exp.splits[split], f"eval_{split}.json"
+    setting = {k: v for k, v in setting.items() if v is not None}
+    if setting:
+        if not hasattr(sampler, "with_ways_shots"):
+            raise ValueError(f"the {split} sampler of {config.experiment!r} "
+                             f"({type(sampler).__name__}) has no ways/shots/queries/unlabeled "
+                             "settings; they are for few-shot classification runs")
+        sampler = sampler.with_ways_shots(**setting)
+        tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
+               + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else ""))
+        name = f"eval_{split}_{tag}.json"
+    res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(3_000_017 + seed),
                    episodes, config.get("eval_batch_size", 250))
     res = {"split": split, "step": step, **res}
-    Run(run_dir).write_json(f"eval_{split}.json", res)
+    if setting:
+        res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
+                                                            "unlabeled")}
+    Run(run_dir).write_json(name, res)
     return res
 
 

@@ -43,6 +43,8 @@ def test_train_resume_evaluate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test (step 30, 40 episodes)" in out and "loss=" in out
     assert json.loads((rd / "eval_test.json").read_text())["episodes"] == 40
+    assert main(["evaluate", str(rd), "--ways", "5"]) == 2  # not a few-shot run
+    assert "has no ways/shots/queries/unlabeled settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [

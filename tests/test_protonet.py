@@ -154,6 +154,24 @@ def test_loss_falls_on_omniglot_and_split_is_kept(trained_run):
 
 
 @needs_omniglot
+def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
+    """`metalearn evaluate RUN --ways 3 --unlabeled 2`: its own result file, the default kept."""
+    from metalearn.cli import main
+
+    run, _ = trained_run
+    default = run.path / "eval_test.json"
+    default.write_text('{"kept": true}')
+    assert main(["evaluate", str(run.path), "--episodes", "6", "--ways", "3", "--shots", "1",
+                 "--queries", "2", "--unlabeled", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "test ways=3 shots=1 queries=2 unlabeled=2 (step 40, 6 episodes)" in out
+    res = json.loads((run.path / "eval_test_3way_1shot_2query_2unlabeled.json").read_text())
+    assert res["setting"] == {"ways": 3, "shots": 1, "queries": 2, "unlabeled": 2}
+    assert 0 <= res["accuracy"] <= 1 and res["episodes"] == 6
+    assert json.loads(default.read_text()) == {"kept": True}
+
+
+@needs_omniglot
 def test_default_split_holds_out_greek_for_validation():
     from metalearn.experiments import protonet_omniglot as exp
 
@@ -199,3 +217,15 @@ def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_p
     assert from_files["episodes"] == n
     assert from_files["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert from_files["loss"] == pytest.approx(in_memory["loss"], rel=1e-5)
+
+
+def test_report_settings_parse_with_unlabeled():
+    from metalearn.experiments.protonet_omniglot import get_config, parse_settings
+
+    assert parse_settings("20x5x5, 5x1x15,20x1x5+5") == [(20, 5, 5, 0), (5, 1, 15, 0),
+                                                         (20, 1, 5, 5)]
+    assert parse_settings("") == []
+    assert (20, 1, 5, 5) in parse_settings(get_config().report_settings)
+    for bad in ("20x5", "20x1x5+", "20x1x5+a", "5-way"):
+        with pytest.raises(ValueError, match=r"expected WAYSxSHOTSxQUERIES"):
+            parse_settings(bad)
