@@ -22,7 +22,7 @@ TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
 def get_config() -> ConfigDict:
     """20-way 1-shot training with rotations as classes, 64-channel CNN, Adam 1e-3."""
     c = base_config(steps=2000, eval_every=500, eval_episodes=50, test_episodes=1000,
-                    checkpoint_every=500, log_every=1)
+                    checkpoint_every=500, log_every=1, eval_batch_size=25)
     c.data = ConfigDict({"paths": "", "image_size": 28,
                          "train_alphabets": ",".join(TRAIN_ALPHABETS),
                          "validation_alphabets": ",".join(VALIDATION_ALPHABETS),
@@ -97,7 +97,7 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None) -> dict:
     for i, (ways, shots, queries, unl) in enumerate(parse_settings(config.report_settings)):
         sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries, unlabeled=unl)
         res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(5_000_011 + i),
-                       config.report_episodes, batch_size=25)
+                       config.report_episodes, batch_size=config.get("eval_batch_size", 25))
         name, extra = f"{ways}way_{shots}shot", f" + {unl} unlabeled per class" if unl else ""
         out[f"test_{name}" + (f"_{unl}unlabeled" if unl else "")] = res
         lines.append(f"test {ways}-way {shots}-shot{extra}: accuracy "

@@ -323,6 +323,17 @@ def test_rgb_per_channel_normalisation_in_sampled_episodes():
             np.testing.assert_allclose(np.asarray(eps.query_x[e]), want, rtol=1e-5, atol=1e-5)
 
 
+def test_adding_unlabeled_images_keeps_the_labelled_episode(sampler, batch):
+    """The same key with or without unlabeled images: the same support and query (paired
+    comparisons of semi-supervised learners)."""
+    _, eps = batch
+    other = jax.device_get(sample_batch(sampler.with_ways_shots(unlabeled=0),
+                                        jax.random.PRNGKey(3), N_EPISODES))
+    for f in ("support_x", "support_y", "query_x", "query_y"):
+        np.testing.assert_array_equal(getattr(other, f), getattr(eps, f))
+    assert other.unlabeled_x is None and eps.unlabeled_x.shape[1] == WAYS
+
+
 def test_random_permutation_is_uniform():
     """All 24 orders of 4 items appear about equally often (chi-square, p ~ 1e-4 cut-off)."""
     from metalearn.tasks.fewshot import random_permutation
