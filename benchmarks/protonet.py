@@ -6,9 +6,10 @@ of the same shape when they are absent), channel widths 8 and 64. Each width run
 process so that its peak resident memory (ru_maxrss) is its own; XLA's own estimate of the
 compiled step's buffers is printed too.
 
-`--sampling-share` also trains each width from a pool of pre-sampled, pre-normalised episodes
-on device (the cheapest possible sampler: one dynamic index per episode) and prints how much of a
-meta-step the FewShotSampler's in-step sampling takes.
+`--sampling-share` also times each width's meta-step from a pool of pre-sampled, pre-normalised
+episodes on device (the cheapest possible sampler: one dynamic index per episode) against the
+step with the FewShotSampler inside it, in interleaved rounds in one process, and prints how much
+of a meta-step sampling takes.
 
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--autodiff-conv]
                                      [--sampling-share]
@@ -17,6 +18,7 @@ Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -24,6 +26,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, TaskSampler
@@ -73,16 +76,13 @@ class EpisodePool(TaskSampler):
         return jax.tree.map(lambda a: a[i], self.episodes)
 
 
-def worker(width: int, batch: int, chunk: int, autodiff_conv: bool, pool: bool = False) -> dict:
+def worker(width: int, batch: int, chunk: int, autodiff_conv: bool) -> dict:
     """Steps/s and memory of one width (run in a fresh process)."""
     if autodiff_conv:  # the plain lax convolution, to show what the hand-written VJP buys
         from metalearn import nn
 
         nn.conv2d = nn._conv_same
     sampler, source = _sampler(20, 1, 15)
-    if pool:
-        sampler = EpisodePool(sampler.batch_sampler(batch)(jax.random.PRNGKey(1)))
-        source += f", from a pool of {batch} pre-sampled episodes"
     learner = ProtoNet(channels=width)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
     state = outer.init(learner, sampler, jax.random.PRNGKey(0))
@@ -109,6 +109,36 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool, pool: bool =
             "source": source}
 
 
+def sampling_share(width: int, batch: int, chunk: int, rounds: int = 10) -> dict:
+    """Meta-step time with in-step sampling vs from an `EpisodePool`, interleaved rounds in one
+    process (medians), and the sampling alone (`jax.jit(sample_batch)`) for comparison."""
+    sampler, _ = _sampler(20, 1, 15)
+    pool = EpisodePool(sampler.batch_sampler(batch)(jax.random.PRNGKey(1)))
+    learner = ProtoNet(channels=width)
+    outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
+    state = outer.init(learner, sampler, jax.random.PRNGKey(0))
+    steps = {name: outer.compiled_steps(learner, s).lower(state, chunk).compile()
+             for name, s in (("sampler", sampler), ("pool", pool))}
+    alone = jax.jit(lambda s, k: s.sample_batch(k, batch))
+    states = {name: jax.tree.map(jnp.copy, state) for name in steps}  # the steps donate them
+
+    def run(name: str) -> Array:
+        states[name], m = steps[name](states[name])
+        return m
+
+    fns = {**{name: functools.partial(run, name) for name in steps},
+           "sampling alone": lambda: alone(sampler, jax.random.PRNGKey(2))}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - t)
+    per_step = {k: float(np.median(v[1:])) / (1 if k == "sampling alone" else chunk)
+                for k, v in times.items()}
+    return {"width": width, **per_step}
+
+
 def main() -> None:
     """Run each width in a subprocess and print a table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -120,33 +150,30 @@ def main() -> None:
     ap.add_argument("--sampling-share", action="store_true",
                     help="also train from a pool of pre-sampled episodes; print sampling's share")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--pool", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
-                                args.pool)))
+        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv)))
         return
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
           f"{args.batch} episodes per step, Adam"
           + (", automatic conv VJP" if args.autodiff_conv else ""))
     for w in args.widths:
-        runs = {}
-        for pool in ([False, True] if args.sampling_share else [False]):
-            cmd = [sys.executable, __file__, "--worker", str(w), "--batch", str(args.batch),
-                   "--chunk", str(args.chunk)] + (["--autodiff-conv"] if args.autodiff_conv
-                                                  else []) + (["--pool"] if pool else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            r = runs[pool] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"width {w:>3}: {r['steps_per_second']:7.3f} meta-steps/s "
-                  f"({r['seconds_per_step']:.3f} s/step, {r['images_per_step']} images/step), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (before compile "
-                  f"{r['rss_before_compile_mb']:.0f} MB), XLA temp buffers "
-                  f"{r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s  [{r['source']}]")
-        if args.sampling_share:
-            real, pooled = runs[False]["seconds_per_step"], runs[True]["seconds_per_step"]
-            print(f"width {w:>3}: in-step sampling takes {1e3 * (real - pooled):+.1f} ms of a "
-                  f"{1e3 * real:.0f} ms meta-step ({100 * (real - pooled) / real:+.1f}%; best of "
-                  "3 calls each, so within timing noise when about 0)")
+        cmd = [sys.executable, __file__, "--worker", str(w), "--batch", str(args.batch),
+               "--chunk", str(args.chunk)] + (["--autodiff-conv"] if args.autodiff_conv else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"width {w:>3}: {r['steps_per_second']:7.3f} meta-steps/s "
+              f"({r['seconds_per_step']:.3f} s/step, {r['images_per_step']} images/step), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (before compile {r['rss_before_compile_mb']:.0f}"
+              f" MB), XLA temp buffers {r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s"
+              f"  [{r['source']}]")
+    for w in args.widths if args.sampling_share else []:
+        r = sampling_share(w, args.batch, args.chunk)
+        d = r["sampler"] - r["pool"]
+        print(f"width {w:>3}: meta-step {1e3 * r['sampler']:.0f} ms with in-step sampling, "
+              f"{1e3 * r['pool']:.0f} ms from a pool of pre-sampled episodes: sampling "
+              f"{1e3 * d:+.1f} ms ({100 * d / r['sampler']:+.1f}%, medians of 10 interleaved "
+              f"rounds); sampling {args.batch} episodes alone: {1e3 * r['sampling alone']:.1f} ms")
 
 
 if __name__ == "__main__":
