@@ -267,12 +267,11 @@ class FewShotSampler(TaskSampler):
 
     def batch_sampler(self, batch_size: int) -> Callable[[Array], Episode]:
         """`key -> sample_batch(key, batch_size)`, compiled, for sampling outside a training step
-        (data pipelines, evaluation); the episodes are identical. The indices and the image
-        gather are two compiled calls (fused, XLA recomputes index arithmetic for every pixel);
-        on CPU the gather uses XLA's loop emitters and writes whole image rows (see
-        `_gather_apart`), about twice as fast as `jax.jit(sample_batch)`."""
-        indices, gather = _compiled_batch_parts(batch_size)
-        return lambda key: gather(self, indices(self, key))
+        (data pipelines, evaluation); the episodes are identical. On CPU it uses XLA's loop
+        emitters and writes whole image rows (see `_gather_apart`): about twice as fast as
+        `jax.jit(sample_batch)`."""
+        compiled = _compiled_batch(batch_size)
+        return lambda key: compiled(self, key)
 
     # ----- fixed episodes
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
@@ -392,15 +391,11 @@ def _gather_apart(s: FewShotSampler, idx: EpisodeIndices) -> Episode:
 
 
 @functools.cache
-def _compiled_batch_parts(batch_size: int) -> tuple[Callable, Callable]:
-    indices = jax.jit(lambda s, key: jax.vmap(s.sample_indices)(jax.random.split(key, batch_size)))
-    return indices, _compiled_gather()
-
-
-@functools.cache
-def _compiled_gather() -> Callable:
+def _compiled_batch(batch_size: int) -> Callable:
     opts = _sampling_compiler_options()
-    return jax.jit(_gather_apart if opts else lambda s, idx: s.gather(idx), compiler_options=opts)
+    gather = _gather_apart if opts else lambda s, idx: s.gather(idx)
+    return jax.jit(lambda s, key: gather(s, jax.vmap(s.sample_indices)(
+        jax.random.split(key, batch_size))), compiler_options=opts)
 
 
 @jax.jit
