@@ -284,10 +284,11 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDi
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
-                 seed: int = 0, **setting: int | None) -> dict:
+                 seed: int = 0, ways: int | None = None, shots: int | None = None,
+                 queries: int | None = None, unlabeled: int | None = None) -> dict:
     """Evaluate a trained run on one of its splits; saves eval_SPLIT.json in the run.
 
-    `setting` (ways, shots, queries, unlabeled; None keeps the run's) evaluates few-shot runs
+    `ways`, `shots`, `queries`, `unlabeled` (None keeps the run's) evaluate few-shot runs
     at another N-way K-shot setting, e.g. with unlabeled images for semi-supervised learners;
     the result goes to eval_SPLIT_<setting>.json, next to (not over) the default one."""
     config, exp, meta, step = load_trained(run_dir)
@@ -295,7 +296,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
         raise ValueError(f"split {split!r} not available for {config.experiment}; "
                          f"choose one of {sorted(exp.splits)}")
     sampler, name = exp.splits[split], f"eval_{split}.json"
-    setting = {k: v for k, v in setting.items() if v is not None}
+    setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
+                                 ("unlabeled", unlabeled)) if v is not None}
     if setting:
         if not hasattr(sampler, "with_ways_shots"):
             raise ValueError(f"the {split} sampler of {config.experiment!r} "

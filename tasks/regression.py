@@ -29,7 +29,8 @@ from metalearn.core import Array, Episode, TaskSampler
 
 def _flat(draw: Any, key: Array, shape: tuple[int, ...], **kw: Any) -> Array:
     """`draw(key, shape)` as one flat draw reshaped: the same numbers, but under `vmap` on CPU
-    multi-dimensional `jax.random` draws are several times slower than flat ones."""
+    multi-dimensional `jax.random` draws are slower (2048 linear-regression tasks, d = N = 10:
+    4.0-4.9 ms with 2-D draws, 2.2-2.5 ms with flat ones)."""
     return draw(key, (math.prod(shape),), **kw).reshape(shape)
 
 
@@ -143,8 +144,9 @@ class LinearRegression(RegressionTask):
     def sample(self, key: Array) -> Episode:
         """One task: N context and Q query pairs sharing W, with W and x from one flat uniform
         vector (normals as sqrt(2) erfinv(u), u ~ U(-1, 1), as `jax.random.normal` makes them).
-        The law of `episode(task_params(k), ...)`; at a batch of thousands under `vmap` the
-        separate draws would dominate a meta-step on CPU."""
+        The law of `episode(task_params(k), ...)`, faster under `vmap` on CPU: 1.7-1.9 ms per
+        2048 tasks (d = N = 10) against 2.2-2.5 ms for separate flat draws, where a whole
+        `icl_gd` meta-step at that batch takes about 2.5 ms."""
         ku, kn = jax.random.split(key)
         n, d, dy = self.num_context + self.num_queries, self.dim, self.dim_out
         lo = float(np.nextafter(np.float32(-1), np.float32(0)))
