@@ -1,7 +1,8 @@
 """Outer-loop throughput: gradient meta-steps/s, ES generations/s, and overhead ratios.
 
 Prints
-  * meta-steps/s of the gradient loop (InnerSGD, linear regression, batch of episodes);
+  * meta-steps/s of the gradient loop (MAML on a linear model, linear regression,
+    batch of episodes);
   * generations/s of the evolution loop for several evosax strategies;
   * our evolution loop's time per generation / a bare evosax ask-fitness-tell Python loop on
     the same fitness (goal: <= 1.1);
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import batch_loss
-from metalearn.learners.inner_sgd import InnerSGD
+from metalearn.learners.maml import MAML
+from metalearn.nn import Linear
 from metalearn.outer.evolution import EvolutionOuterLoop
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.regression import LinearRegression
@@ -118,10 +120,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke run)")
     args = ap.parse_args()
     tasks = LinearRegression(dim=10, num_context=10, num_queries=10, weight_mean=1.0)
-    learner = InnerSGD(steps=5)
+    learner = MAML(Linear(), inner_steps=5, lr_mode="scalar")
     pop, batch, chunk = (16, 16, 20) if args.quick else (64, 32, 100)
     print(f"devices: {jax.devices()}  (jax {jax.__version__})")
-    print(f"task: linear regression d=10, N=10, Q=10; learner: InnerSGD (5 inner steps); "
+    print(f"task: linear regression d=10, N=10, Q=10; learner: MAML on a linear model "
+          f"(5 inner steps); "
           f"episodes per step: {batch}")
     sps = bench_gradient(learner, tasks, batch, chunk)
     print(f"gradient loop (adam):            {sps:10.1f} meta-steps/s")

@@ -1,9 +1,10 @@
-"""Meta-learned initialisation and step size of inner SGD on linear regression (MAML/Meta-SGD)."""
+"""MAML / Meta-SGD on linear regression: meta-learned initialisation and inner step size."""
 
 from __future__ import annotations
 
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
-from metalearn.learners.inner_sgd import InnerSGD
+from metalearn.learners.maml import MAML
+from metalearn.nn import Linear
 from metalearn.runs import Run
 from metalearn.tasks.regression import LinearRegression
 
@@ -14,8 +15,9 @@ def get_config() -> ConfigDict:
                     checkpoint_every=250)
     c.task = ConfigDict({"dim": 5, "num_context": 10, "num_queries": 10, "input_range": 1.0,
                          "weight_scale": 0.5, "weight_mean": 1.0, "noise_std": 0.0})
-    c.learner = ConfigDict({"steps": 3, "init_lr": 0.05, "learn_lr": True,
-                            "per_param_lr": False})
+    # MAML on a zero-initialised linear model; lr_mode: fixed | scalar | per_param (Meta-SGD)
+    c.learner = ConfigDict({"inner_steps": 3, "inner_lr": 0.05, "lr_mode": "scalar",
+                            "first_order": False})
     c.outer = outer_config("gradient", learning_rate=3e-3, batch_size=32, steps_per_call=25,
                            population_size=16, std_init=0.05)
     return c
@@ -28,5 +30,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
                              input_range=t.input_range, weight_scale=t.weight_scale,
                              weight_mean=t.weight_mean,
                              noise_std=t.noise_std)
-    learner = InnerSGD(**config.learner.to_dict())
+    learner = MAML(Linear(), **config.learner.to_dict())
     return Experiment(learner=learner, splits={"train": train, "test": train})

@@ -21,6 +21,7 @@ single query is not a special case.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -101,12 +102,21 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def max_pool(x: Array, size: int = 2) -> Array:
-    """Non-overlapping `size` x `size` max-pooling of NHWC maps, floor mode (28->14->7->3->1)."""
-    n, h, w, c = x.shape
-    ho, wo = h // size, w // size
-    x = x[:, :ho * size, :wo * size]
-    # A reshape and max: its gradient is far cheaper on CPU than reduce_window's scatter.
-    return jnp.max(x.reshape(n, ho, size, wo, size, c), axis=(2, 4))
+    """Non-overlapping `size` x `size` max-pooling of NHWC maps, floor mode (28->14->7->3->1).
+
+    The maximum is read through a one-hot mask of each window's argmax, so its gradient (of any
+    order) is that mask times the incoming gradient: no scatter (reduce_window's gradient is far
+    slower on CPU) and no equality test between the input and the maximum. `jnp.max`'s and
+    `jnp.maximum`'s gradients make that test, and XLA:CPU, recomputing the input in another
+    fusion with other rounding, then dropped gradients under `jit` (seen with jax 0.10.2 on the
+    CNN's first block: jitted and eager gradients differed by 0.13 for values of 0.28).
+    """
+    ho, wo = x.shape[1] // size, x.shape[2] // size
+    win = jnp.stack([x[:, i:ho * size:size, j:wo * size:size]
+                     for i in range(size) for j in range(size)], axis=-1)  # [N, Ho, Wo, C, s*s]
+    hit = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(win), axis=-1), size * size,
+                         dtype=x.dtype)
+    return jnp.sum(win * hit, axis=-1)
 
 
 def batch_stats(x: Array) -> BNStats:
@@ -164,3 +174,128 @@ def cnn_output_dim(params: PyTree, image_shape: Sequence[int]) -> int:
     out = jax.eval_shape(lambda p, x: cnn_apply(p, x), params,
                          jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
     return int(out.shape[-1])
+
+
+# ---------------------------------------------------------------- models
+
+
+class Model:
+    """A network as two pure functions over an explicit parameter pytree (the model contract).
+
+    `init(key, example_x) -> params` and `apply(params, x, stats=None) -> (out, stats)`, where
+    `stats` is whatever the forward pass computes from its batch (batch-norm statistics; None
+    for models without batch norm): computed from `x` unless given, so that a learner can take
+    them from the support set and reuse them for every query. Parameters are a dict whose last
+    layer sits under "head" (so that a learner can adapt or generate the head alone). Models
+    are frozen dataclasses: hashable and comparable by their settings.
+    """
+
+    def init(self, key: Array, example_x: Array) -> PyTree:
+        """Parameters for inputs shaped like `example_x` [N, ...]."""
+        raise NotImplementedError
+
+    def apply(self, params: PyTree, x: Array, stats: PyTree = None) -> tuple[Array, PyTree]:
+        """Outputs [N, out_dim] of inputs [N, ...] and the batch statistics used."""
+        raise NotImplementedError
+
+
+def init_dense(key: Array | None, d_in: int, d_out: int) -> dict:
+    """Dense layer {"w": [d_in, d_out], "b": [d_out]}: Glorot-uniform kernel (zeros if key is
+    None), zero bias."""
+    if key is None:
+        return {"w": jnp.zeros((d_in, d_out)), "b": jnp.zeros((d_out,))}
+    lim = math.sqrt(6.0 / (d_in + d_out))
+    return {"w": jax.random.uniform(key, (d_in, d_out), minval=-lim, maxval=lim),
+            "b": jnp.zeros((d_out,))}
+
+
+def dense(p: dict, x: Array) -> Array:
+    """x W + b on inputs flattened to [N, d_in]."""
+    return x.reshape(x.shape[0], -1) @ p["w"] + p["b"]
+
+
+def _check_out_dim(name: str, out_dim: int) -> None:
+    if out_dim < 1:
+        raise ValueError(f"{name}.out_dim must be >= 1 (outputs: classes or target width), "
+                         f"got {out_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Model):
+    """x -> x W + b on flattened inputs; zero-initialised by default (W_0 = 0, b_0 = 0)."""
+
+    out_dim: int = 1
+    zero_init: bool = True
+
+    def __post_init__(self) -> None:
+        _check_out_dim("Linear", self.out_dim)
+
+    def init(self, key: Array, example_x: Array) -> PyTree:
+        """{"head": {"w": [d, out_dim], "b": [out_dim]}} with d the flattened input size."""
+        d = int(math.prod(example_x.shape[1:]))
+        return {"head": init_dense(None if self.zero_init else key, d, self.out_dim)}
+
+    def apply(self, params: PyTree, x: Array, stats: PyTree = None) -> tuple[Array, None]:
+        """[N, out_dim]; no batch statistics."""
+        return dense(params["head"], x), None
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP(Model):
+    """Fully connected ReLU network on flattened inputs: hidden layers, then a linear head."""
+
+    hidden: tuple[int, ...] = (40, 40)
+    out_dim: int = 1
+
+    def __post_init__(self) -> None:
+        _check_out_dim("MLP", self.out_dim)
+        if any(int(h) < 1 for h in self.hidden):
+            raise ValueError(f"MLP.hidden must list positive layer widths, got {self.hidden}")
+
+    def init(self, key: Array, example_x: Array) -> PyTree:
+        """Glorot-uniform kernels, zero biases: {"layers": [...], "head": {...}}."""
+        sizes = [int(math.prod(example_x.shape[1:])), *map(int, self.hidden)]
+        keys = jax.random.split(key, len(sizes))
+        layers = [init_dense(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:],
+                                                          strict=False)]
+        return {"layers": layers, "head": init_dense(keys[-1], sizes[-1], self.out_dim)}
+
+    def apply(self, params: PyTree, x: Array, stats: PyTree = None) -> tuple[Array, None]:
+        """[N, out_dim]; no batch statistics."""
+        h = x.reshape(x.shape[0], -1)
+        for p in params["layers"]:
+            h = jax.nn.relu(dense(p, h))
+        return dense(params["head"], h), None
+
+
+@dataclasses.dataclass(frozen=True)
+class CNN(Model):
+    """The 4-block few-shot CNN (conv-BN-ReLU-pool) with a dense head of `out_dim` outputs
+    (`out_dim=0`: no head, the flattened features are the output, as ProtoNet embeds).
+    `stats` are the per-block batch-norm statistics (`cnn_forward`)."""
+
+    channels: int = 64
+    num_blocks: int = 4
+    out_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.num_blocks < 1 or self.out_dim < 0:
+            raise ValueError(f"CNN needs channels >= 1, num_blocks >= 1 and out_dim >= 0, got "
+                             f"channels={self.channels}, num_blocks={self.num_blocks}, "
+                             f"out_dim={self.out_dim}")
+
+    def init(self, key: Array, example_x: Array) -> PyTree:
+        """He-normal kernels, BN scale 1 / shift 0; Glorot-uniform head, zero bias."""
+        if example_x.ndim != 4:
+            raise ValueError(f"the CNN takes images [N, H, W, C], got shape {example_x.shape}")
+        params = init_cnn(key, example_x.shape[-1], (self.channels,) * self.num_blocks)
+        if self.out_dim:
+            d = cnn_output_dim(params, example_x.shape[1:])
+            params["head"] = init_dense(jax.random.fold_in(key, 1), d, self.out_dim)
+        return params
+
+    def apply(self, params: PyTree, x: Array,
+              stats: Sequence[BNStats] | None = None) -> tuple[Array, list[BNStats]]:
+        """Logits [N, out_dim] (features [N, D] without a head) and the BN statistics used."""
+        feats, used = cnn_forward(params, x, stats)
+        return (dense(params["head"], feats) if "head" in params else feats), used

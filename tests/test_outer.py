@@ -15,7 +15,8 @@ import pytest
 
 from metalearn.core import batch_loss
 from metalearn.evaluation import evaluate
-from metalearn.learners.inner_sgd import InnerSGD
+from metalearn.learners.maml import MAML
+from metalearn.nn import Linear
 from metalearn.outer.base import NonFiniteLossError, RunOptions
 from metalearn.outer.evolution import EvolutionOuterLoop
 from metalearn.outer.gradient import GradientOuterLoop
@@ -23,12 +24,17 @@ from metalearn.tasks.regression import LinearRegression
 from tests.helpers import ConstantSampler, QuadraticLearner
 
 QUIET = RunOptions(progress=False)
+
+
+def inner_sgd(steps: int = 3, lr: float = 0.1) -> MAML:
+    """MAML on a zero-initialised linear model with a learned scalar step size."""
+    return MAML(Linear(), inner_steps=steps, inner_lr=lr, lr_mode="scalar")
 TASKS = LinearRegression(dim=4, num_context=8, num_queries=8, input_range=1.0,
                          weight_mean=1.0, weight_scale=0.3)
 
 
 def test_gradient_loop_lowers_held_out_loss():
-    learner = InnerSGD(steps=2, init_lr=0.05)
+    learner = inner_sgd(2, 0.05)
     outer = GradientOuterLoop(learning_rate=1e-2, batch_size=16, steps_per_call=50)
     key = jax.random.PRNGKey(0)
     meta0 = learner.init(key, TASKS.example())
@@ -37,7 +43,7 @@ def test_gradient_loop_lowers_held_out_loss():
     after = evaluate(learner, res.meta, TASKS, jax.random.PRNGKey(9), 400)["loss"]
     assert after < 0.5 * before, (before, after)
     # the learned initialisation moves towards the tasks' mean weight (1.0)
-    assert float(jnp.mean(res.meta["w0"]["w"])) > 0.3
+    assert float(jnp.mean(res.meta["params"]["head"]["w"])) > 0.3
 
 
 @pytest.mark.parametrize("strategy", ["CMA_ES", "Open_ES", "Sep_CMA_ES"])
@@ -57,7 +63,7 @@ def test_evolution_solves_quadratic(strategy):
 
 
 def test_vmapped_population_equals_python_loop():
-    learner = InnerSGD(steps=2)
+    learner = inner_sgd(2)
     outer = EvolutionOuterLoop(strategy="Sep_CMA_ES", population_size=6, batch_size=4)
     key = jax.random.PRNGKey(3)
     meta = learner.init(key, TASKS.example())
@@ -71,7 +77,7 @@ def test_vmapped_population_equals_python_loop():
 
 
 def test_steps_per_call_does_not_change_numbers():
-    learner = InnerSGD(steps=2)
+    learner = inner_sgd(2)
     key = jax.random.PRNGKey(0)
     a = GradientOuterLoop(batch_size=8, steps_per_call=1).run(
         learner, TASKS, key, steps=6, options=QUIET)
@@ -83,7 +89,7 @@ def test_steps_per_call_does_not_change_numbers():
 
 @pytest.mark.parametrize("kind", ["gradient", "evolution"])
 def test_resume_continues_exactly(tmp_path, kind):
-    learner = InnerSGD(steps=2)
+    learner = inner_sgd(2)
     if kind == "gradient":
         make = lambda: GradientOuterLoop(batch_size=8, steps_per_call=3)
     else:
@@ -102,7 +108,7 @@ def test_resume_continues_exactly(tmp_path, kind):
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    learner = InnerSGD(steps=1)
+    learner = inner_sgd(1)
     outer = GradientOuterLoop(batch_size=4)
     outer.run(learner, TASKS, jax.random.PRNGKey(0), steps=3, run_dir=tmp_path, options=QUIET)
     with pytest.raises(FileExistsError, match="--resume"):
@@ -111,7 +117,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    learner = InnerSGD(steps=3, init_lr=0.05)
+    learner = inner_sgd(3, 0.05)
     outer = GradientOuterLoop(optimizer="sgd", learning_rate=1e4, batch_size=4,
                               steps_per_call=2)
     opts = RunOptions(progress=False, checkpoint_every=2)
@@ -137,7 +143,7 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="Sep_CMA_ES.*Open_ES"):
         EvolutionOuterLoop(strategy="CMA_ES").init(big, ConstantSampler(), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        GradientOuterLoop().run(InnerSGD(), TASKS, jax.random.PRNGKey(0), steps=0, options=QUIET)
+        GradientOuterLoop().run(inner_sgd(), TASKS, jax.random.PRNGKey(0), steps=0, options=QUIET)
 
 
 SHARD_SCRIPT = textwrap.dedent("""
@@ -146,14 +152,15 @@ SHARD_SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, {root!r})
     import jax, numpy as np
-    from metalearn.learners.inner_sgd import InnerSGD
+    from metalearn.learners.maml import MAML
+    from metalearn.nn import Linear
     from metalearn.outer.base import RunOptions, device_mesh
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
     from metalearn.tasks.regression import LinearRegression
     assert jax.device_count() == 4, jax.devices()
     tasks = LinearRegression(dim=4, num_context=8, num_queries=8, weight_mean=1.0)
-    learner = InnerSGD(steps=2)
+    learner = MAML(Linear(), inner_steps=2, lr_mode="scalar")
     mesh = device_mesh()
     assert mesh is not None and mesh.size == 4
     for outer in (GradientOuterLoop(batch_size=8), EvolutionOuterLoop(population_size=8,

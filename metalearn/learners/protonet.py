@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support
-from metalearn.nn import cnn_apply, cnn_forward, init_cnn
+from metalearn.nn import CNN
 
 MASKED_LOGIT = -1e30
 
@@ -76,7 +76,12 @@ class ProtoNet(InnerLearner):
                              f"shape {x.shape}")
         if not example.is_classification:
             raise ValueError("ProtoNet is a classifier: support_y must be integer class labels")
-        return {"cnn": init_cnn(key, x.shape[-1], (self.channels,) * self.num_blocks)}
+        return {"cnn": self.model.init(key, x)}
+
+    @property
+    def model(self) -> CNN:
+        """The embedding f_phi: the CNN without a head."""
+        return CNN(self.channels, self.num_blocks)
 
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
         """Class prototypes (refined with unlabeled samples) and the support's BN statistics."""
@@ -84,7 +89,7 @@ class ProtoNet(InnerLearner):
         k = self.num_classes or n_lab
         x = support.x if support.unlabeled_x is None else jnp.concatenate(
             [support.x, support.unlabeled_x.astype(support.x.dtype)], axis=0)
-        emb, stats = cnn_forward(meta["cnn"], x)
+        emb, stats = self.model.apply(meta["cnn"], x)
         protos, counts = class_prototypes(emb[:n_lab], support.y, k)
         if support.unlabeled_x is not None and support.unlabeled_x.shape[0] > 0 \
                 and self.refine_steps > 0:
@@ -94,5 +99,5 @@ class ProtoNet(InnerLearner):
 
     def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
         """Logits [Q, num_classes]: negative squared distance to each class prototype."""
-        emb = cnn_apply(meta["cnn"], query_x, state["bn"])
+        emb, _ = self.model.apply(meta["cnn"], query_x, state["bn"])
         return prototype_logits(emb, state["prototypes"], state["present"])
