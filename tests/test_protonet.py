@@ -173,9 +173,9 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
 
 @needs_omniglot
 def test_default_split_holds_out_greek_for_validation():
-    from metalearn.experiments import protonet_omniglot as exp
+    from metalearn.experiments import _omniglot, protonet_omniglot
 
-    data = exp._splits(exp.get_config(), None)
+    data = _omniglot._splits(protonet_omniglot.get_config(), None)
     groups = {k: set(v.groups) for k, v in data.items()}
     assert groups["validation"] == {"Greek"}
     assert groups["test"] == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
@@ -220,7 +220,8 @@ def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_p
 
 
 def test_report_settings_parse_with_unlabeled():
-    from metalearn.experiments.protonet_omniglot import get_config, parse_settings
+    from metalearn.experiments._omniglot import parse_settings
+    from metalearn.experiments.protonet_omniglot import get_config
 
     assert parse_settings("20x5x5, 5x1x15,20x1x5+5") == [(20, 5, 5, 0), (5, 1, 15, 0),
                                                          (20, 1, 5, 5)]

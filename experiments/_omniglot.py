@@ -1,0 +1,112 @@
+"""Omniglot by alphabet, shared by the few-shot image experiments (ProtoNet, MAML, ...).
+
+The same alphabet split, samplers, configuration fields and test report, so that the learners'
+results are comparable row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metalearn.core import MetaParams
+from metalearn.evaluation import evaluate
+from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
+from metalearn.runs import Run
+from metalearn.tasks.datasets import ImageDataset, load_omniglot
+from metalearn.tasks.fewshot import FewShotSampler
+from metalearn.tasks.splits import load_split, save_split, split_by_group
+
+SPLIT_FILE = "split.json"
+# background small 1 minus the validation alphabet trains; the alphabets that only background
+# small 2 has are the test set (Greek and Latin are in both zips and load once).
+TRAIN_ALPHABETS = ("Balinese", "Early_Aramaic", "Korean", "Latin")
+VALIDATION_ALPHABETS = ("Greek",)
+TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
+
+
+def base_omniglot_config(**overrides: Any) -> ConfigDict:
+    """Data, task, evaluation and report fields: 20-way 1-shot training with rotations."""
+    c = base_config(steps=2000, eval_every=500, eval_episodes=50, test_episodes=1000,
+                    checkpoint_every=500, log_every=1, eval_batch_size=25)
+    c.data = ConfigDict({"paths": "", "image_size": 28,
+                         "train_alphabets": ",".join(TRAIN_ALPHABETS),
+                         "validation_alphabets": ",".join(VALIDATION_ALPHABETS),
+                         "test_alphabets": ",".join(TEST_ALPHABETS)})
+    c.task = ConfigDict({"ways": 20, "shots": 1, "queries": 5, "unlabeled": 0,
+                         "rotations": True, "normalize": "invert", "eval_queries": 5})
+    # WAYSxSHOTSxQUERIES[+UNLABELED] per class, evaluated on test by `report` besides the
+    # trained setting; +U adds U unlabeled images per class (semi-supervised learners)
+    c.report_settings = "20x5x5,5x1x15"
+    c.report_episodes = 1000
+    c.outer = outer_config("gradient", learning_rate=1e-3, batch_size=2, steps_per_call=10)
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _splits(config: ConfigDict, run: Run | None) -> dict[str, ImageDataset]:
+    """Alphabet split of the Omniglot classes; kept in the run so evaluation reuses it."""
+    d = config.data
+    ds = load_omniglot(paths=_names(d.paths) or None, image_size=d.image_size)
+    path = run.path / SPLIT_FILE if run is not None else None
+    if path is not None and path.exists():
+        return load_split(path, ds)
+    parts = {"train": _names(d.train_alphabets), "validation": _names(d.validation_alphabets),
+             "test": _names(d.test_alphabets)}
+    splits = split_by_group(ds, {k: v for k, v in parts.items() if v})
+    if path is not None:
+        save_split(path, splits, {"by": "alphabet"})
+    return splits
+
+
+def samplers(config: ConfigDict, run: Run | None) -> dict[str, FewShotSampler]:
+    """Train sampler with rotations as classes; validation/test samplers without."""
+    t = config.task
+    data = _splits(config, run)
+    train = FewShotSampler(data["train"], t.ways, t.shots, t.queries, t.unlabeled,
+                           rotations=t.rotations, normalize=t.normalize)
+    splits = {"train": train}
+    for name in ("validation", "test"):
+        if name in data:
+            splits[name] = FewShotSampler(data[name], t.ways, t.shots, t.eval_queries,
+                                          t.unlabeled, rotations=False, normalize=t.normalize)
+    return splits
+
+
+def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
+    """'20x5x5,20x1x5+5' -> [(ways, shots, queries, unlabeled), ...] (unlabeled per class)."""
+    out = []
+    for part in _names(text):
+        head, plus, unl = part.partition("+")
+        nums = head.split("x") + ([unl] if plus else ["0"])
+        if len(nums) != 4 or not all(n.isdigit() for n in nums):
+            raise ValueError(f"report setting {part!r}: expected WAYSxSHOTSxQUERIES or "
+                             "WAYSxSHOTSxQUERIES+UNLABELED, e.g. 5x1x15 or 20x1x5+5")
+        out.append(tuple(int(n) for n in nums))
+    return out
+
+
+def report(exp: Experiment, meta: MetaParams, run: Run | None) -> dict:
+    """Test accuracy (95% CI) at the extra N-way K-shot settings of `config.report_settings`."""
+    import jax
+
+    config = ConfigDict(run.read_json("config.json")) if run is not None else base_omniglot_config()
+    test = exp.splits["test"]
+    out: dict = {"test_setting": f"{test.ways}-way {test.shots}-shot, {test.queries} queries "
+                                 "per class"}
+    lines = []
+    for i, (ways, shots, queries, unl) in enumerate(parse_settings(config.report_settings)):
+        sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries, unlabeled=unl)
+        res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(5_000_011 + i),
+                       config.report_episodes, batch_size=config.get("eval_batch_size", 25))
+        name, extra = f"{ways}way_{shots}shot", f" + {unl} unlabeled per class" if unl else ""
+        out[f"test_{name}" + (f"_{unl}unlabeled" if unl else "")] = res
+        lines.append(f"test {ways}-way {shots}-shot{extra}: accuracy "
+                     f"{100 * res['accuracy']:.2f} ± {100 * res['accuracy_ci95']:.2f} % "
+                     f"({res['episodes']} episodes)")
+    out["table"] = "\n".join(lines)
+    return out

@@ -1,0 +1,192 @@
+"""MAML: the inner loop and its meta-gradients against closed forms, options, errors, Omniglot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.core import Episode, Support
+from metalearn.learners.maml import MAML
+from metalearn.learners.protonet import MASKED_LOGIT
+from metalearn.nn import CNN, MLP, Linear
+from tests.test_learners import images
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
+
+
+def _regression(seed: int = 0, s: int = 7, q: int = 5, d: int = 3) -> Episode:
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return Episode(jax.random.normal(k[0], (s, d)), jax.random.normal(k[1], (s, 1)),
+                   jax.random.normal(k[2], (q, d)), jax.random.normal(k[3], (q, 1)))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_one_step_on_a_linear_model_matches_the_closed_form(first_order):
+    """theta' = theta - alpha X^T (X theta - y) / S; d L_Q / d theta = (I - alpha X^T X / S)
+    grad L_Q(theta') (second order) or grad L_Q(theta') (first order); d L_Q / d log alpha =
+    -alpha <grad L_S(theta), grad L_Q(theta')>."""
+    ep = _regression()
+    learner = MAML(Linear(), inner_steps=1, inner_lr=0.3, lr_mode="scalar",
+                   first_order=first_order)
+    meta = learner.init(jax.random.PRNGKey(0), ep)
+    meta["params"]["head"] = {"w": jnp.asarray([[0.5], [-1.0], [0.2]]), "b": jnp.asarray([0.1])}
+    aug = lambda x: np.concatenate([np.asarray(x, np.float64), np.ones((len(x), 1))], axis=1)
+    xs, ys, xq, yq = aug(ep.support_x), np.asarray(ep.support_y), aug(ep.query_x), \
+        np.asarray(ep.query_y)
+    theta, alpha = np.array([[0.5], [-1.0], [0.2], [0.1]]), 0.3
+    g_s = xs.T @ (xs @ theta - ys) / len(xs)
+    theta1 = theta - alpha * g_s
+    g_q = xq.T @ (xq @ theta1 - yq) / len(xq)
+    grad_theta = g_q if first_order else (np.eye(4) - alpha * xs.T @ xs / len(xs)) @ g_q
+    grad_log_alpha = -alpha * float(np.sum(g_s * g_q))
+
+    preds = learner.predict(meta, learner.adapt(meta, ep.support(), None), ep.query_x)
+    np.testing.assert_allclose(preds, xq @ theta1, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda m: learner.loss(m, ep, None)[0])(meta)
+    got = np.concatenate([grads["params"]["head"]["w"], grads["params"]["head"]["b"][:, None]])
+    np.testing.assert_allclose(got, grad_theta, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["log_lr"], grad_log_alpha, rtol=1e-4, atol=1e-7)
+
+
+def test_meta_sgd_steps_each_weight_by_its_own_rate():
+    ep = _regression(1)
+    learner = MAML(Linear(), inner_steps=1, lr_mode="per_param")
+    meta = learner.init(jax.random.PRNGKey(0), ep)
+    rates = jnp.asarray([[0.1], [0.0], [0.5]])
+    meta["log_lr"]["head"]["w"] = jnp.log(rates)
+    g = jax.grad(lambda p: learner.support_loss(p, ep.support(), None))(meta["params"])
+    state = learner.adapt(meta, ep.support(), None)
+    np.testing.assert_allclose(state["params"]["head"]["w"], -rates * g["head"]["w"], atol=1e-6)
+    assert state["params"]["head"]["w"][1, 0] == 0.0  # a zero rate leaves its weight alone
+
+
+@pytest.fixture(scope="module")
+def cnn_maml():
+    sampler = images()
+    ep = sampler.sample(jax.random.PRNGKey(5))
+    learner = MAML(CNN(channels=4, num_blocks=2, out_dim=5), inner_steps=3, inner_lr=0.2)
+    return learner, learner.init(jax.random.PRNGKey(0), ep), ep
+
+
+def test_inner_loop_lowers_the_support_loss_of_the_cnn(cnn_maml):
+    learner, meta, ep = cnn_maml
+    state = jax.jit(learner.adapt)(meta, ep.support(), None)
+    before = learner.support_loss(meta["params"], ep.support(), state["present"])
+    after = learner.support_loss(state["params"], ep.support(), state["present"])
+    assert float(after) < 0.8 * float(before), (before, after)
+
+
+def test_classes_without_support_examples_are_masked(cnn_maml):
+    learner, meta, ep = cnn_maml  # 3-way episodes, a 5-way head
+    logits = jax.jit(lambda m, s, q: learner.predict(m, learner.adapt(m, s, None), q))(
+        meta, ep.support(), ep.query_x)
+    assert logits.shape == (ep.query_x.shape[0], 5)
+    assert np.all(np.asarray(logits[:, 3:]) == MASKED_LOGIT)
+    assert np.all(np.asarray(logits[:, :3]) > MASKED_LOGIT / 2)
+
+
+def test_a_query_is_scored_alone(cnn_maml):
+    learner, meta, ep = cnn_maml
+    f = jax.jit(lambda q: learner.predict(meta, learner.adapt(meta, ep.support(), None), q))
+    together = f(ep.query_x)
+    np.testing.assert_allclose(f(ep.query_x[:1])[0], together[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(ep.query_x[::-1])[::-1], together, rtol=1e-5, atol=1e-5)
+
+
+def test_anil_adapts_the_head_only(cnn_maml):
+    learner, _, ep = cnn_maml
+    anil = MAML(learner.model, inner_steps=2, anil=True)
+    meta = anil.init(jax.random.PRNGKey(0), ep)
+    state = jax.jit(anil.adapt)(meta, ep.support(), None)
+    for a, b in zip(jax.tree.leaves(state["params"]["blocks"]),
+                    jax.tree.leaves(meta["params"]["blocks"]), strict=True):
+        assert np.array_equal(a, b)
+    assert not np.allclose(state["params"]["head"]["w"], meta["params"]["head"]["w"])
+
+
+def test_second_and_first_order_meta_gradients_differ_on_the_cnn(cnn_maml):
+    learner, meta, ep = cnn_maml
+    fo = MAML(learner.model, inner_steps=3, inner_lr=0.2, first_order=True)
+    g2 = jax.jit(jax.grad(lambda m: learner.loss(m, ep, None)[0]))(meta)
+    g1 = jax.jit(jax.grad(lambda m: fo.loss(m, ep, None)[0]))(meta)
+    w2, w1 = g2["params"]["blocks"][0]["w"], g1["params"]["blocks"][0]["w"]
+    assert np.all(np.isfinite(w2)) and np.all(np.isfinite(w1))
+    assert not np.allclose(w2, w1, rtol=1e-3, atol=1e-6)
+    # with no inner step both are the plain gradient of the query loss at theta
+    z2, z1 = (jax.jit(jax.grad(lambda m, lr=lr: lr.loss(m, ep, None)[0]))(meta)
+              for lr in (MAML(learner.model, inner_steps=0),
+                         MAML(learner.model, inner_steps=0, first_order=True)))
+    for a, b in zip(jax.tree.leaves(z2), jax.tree.leaves(z1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_evaluation_learner_takes_its_own_number_of_steps():
+    learner = MAML(Linear(), inner_steps=5, eval_inner_steps=10)
+    assert learner.for_evaluation().inner_steps == 10
+    assert MAML(Linear(), inner_steps=5).for_evaluation().inner_steps == 5
+
+
+def test_bad_settings_fail_with_clear_messages(cnn_maml):
+    _, _, ep = cnn_maml
+    with pytest.raises(ValueError, match=r"out_dim >= 3 \(the number of ways\)"):
+        MAML(CNN(4, 2, out_dim=2)).init(jax.random.PRNGKey(0), ep)
+    with pytest.raises(ValueError, match="has no head"):
+        MAML(CNN(4, 2), anil=True).init(jax.random.PRNGKey(0), ep)
+    with pytest.raises(ValueError, match="set the model's out_dim to 1"):
+        MAML(MLP((4,), out_dim=2)).init(jax.random.PRNGKey(0), _regression())
+    with pytest.raises(ValueError, match="lr_mode"):
+        MAML(Linear(), lr_mode="adam")
+    with pytest.raises(ValueError, match="inner_lr"):
+        MAML(Linear(), inner_lr=0.0)
+    with pytest.raises(TypeError, match="metalearn.nn.Model"):
+        MAML(lambda p, x: x)  # type: ignore[arg-type]
+
+
+def test_regression_state_has_no_class_mask_nor_statistics():
+    """A linear model on regression targets: no masked columns, no batch statistics."""
+    ep = _regression()
+    learner = MAML(Linear(), inner_steps=1)
+    meta = learner.init(jax.random.PRNGKey(0), ep)
+    state = learner.adapt(meta, Support(ep.support_x, ep.support_y), None)
+    assert state["present"] is None and state["stats"] is None
+
+
+# ---------------------------------------------------------------- real data, end to end
+
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background_small1.zip").exists(),
+    reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
+
+
+@needs_omniglot
+def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
+    from metalearn.cli import main
+    from metalearn.evaluation import evaluate_episodes
+    from metalearn.experiment import evaluate_manifest, load_trained, train
+
+    sets = ["steps=4", "eval_every=0", "eval_episodes=4", "checkpoint_every=0",
+            "test_episodes=4", "report_episodes=4", "report_settings=5x1x3",
+            "learner.channels=4", "learner.inner_steps=1", "learner.eval_inner_steps=2",
+            "learner.first_order=true",
+            "task.ways=5", "task.queries=2", "task.eval_queries=2", "outer.batch_size=2",
+            "outer.steps_per_call=4", "data.validation_alphabets="]
+    run, summary = train("maml_omniglot", sets, run_dir=tmp_path / "run", progress=False)
+    assert summary["test"]["episodes"] == 4 and "test_5way_1shot" in summary
+    assert len([r for r in run.metrics() if r["split"] == "train"]) == 4
+    _, exp, meta, step = load_trained(run.path)
+    assert step == 4 and exp.evaluator.inner_steps == 2 and exp.learner.inner_steps == 1
+    assert main(["evaluate", str(run.path), "--episodes", "4", "--ways", "3"]) == 0
+    assert "test ways=3" in capsys.readouterr().out
+    test = exp.splits["test"]
+    key = jax.random.PRNGKey(3)
+    manifest = test.export_manifest(tmp_path / "episodes.json", key, 3)
+    from_file = evaluate_manifest(run.path, manifest)
+    in_memory = evaluate_episodes(exp.evaluator, meta, test.sample_batch(key, 3),
+                                  jax.random.PRNGKey(4_000_037))
+    assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
+    assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4
