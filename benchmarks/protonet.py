@@ -1,10 +1,12 @@
-"""ProtoNet meta-training throughput and peak memory on the 4-block CNN.
+"""Meta-training throughput and peak memory of the few-shot CNN learners (ProtoNet, MAML).
 
 Setting: 20-way 1-shot, 15 queries per class (320 images per episode), 8 episodes per meta-step,
 Adam, Omniglot 28x28 with rotations (the minimal zips in ../shared/data/omniglot; random images
 of the same shape when they are absent), channel widths 8 and 64. Each width runs in its own
 process so that its peak resident memory (ru_maxrss) is its own; XLA's own estimate of the
-compiled step's buffers is printed too.
+compiled step's buffers is printed too. `--learners protonet maml fomaml` times second-order
+and first-order MAML (5 inner steps on the support set, a 20-way head) beside ProtoNet in the
+same run and prints each one's time per step as a ratio to ProtoNet's.
 
 `--sampling-share` also times each width's meta-step from a pool of pre-sampled, pre-normalised
 episodes on device (the cheapest possible sampler: one dynamic index per episode) against the
@@ -12,7 +14,7 @@ step with the FewShotSampler inside it, in interleaved rounds in one process, an
 of a meta-step sampling takes.
 
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--autodiff-conv]
-                                     [--sampling-share]
+                                     [--sampling-share] [--learners protonet maml fomaml]
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.core import Array, Episode, TaskSampler
+from metalearn.core import Array, Episode, InnerLearner, TaskSampler
+from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import ProtoNet
+from metalearn.nn import CNN
 from metalearn.outer.gradient import GradientOuterLoop
 
 
@@ -39,7 +43,7 @@ def _sampler(ways: int, shots: int, queries: int):
     from metalearn.tasks.fewshot import FewShotSampler
 
     try:
-        from metalearn.experiments.protonet_omniglot import TRAIN_ALPHABETS
+        from metalearn.experiments._omniglot import TRAIN_ALPHABETS
         from metalearn.tasks.datasets import load_omniglot
         from metalearn.tasks.splits import split_by_group
 
@@ -76,14 +80,26 @@ class EpisodePool(TaskSampler):
         return jax.tree.map(lambda a: a[i], self.episodes)
 
 
-def worker(width: int, batch: int, chunk: int, autodiff_conv: bool) -> dict:
-    """Steps/s and memory of one width (run in a fresh process)."""
+LEARNERS = ("protonet", "maml", "fomaml")
+
+
+def make_learner(name: str, width: int) -> InnerLearner:
+    """ProtoNet, or (first-order) MAML with 5 inner steps and a 20-way head, at one width."""
+    if name == "protonet":
+        return ProtoNet(channels=width)
+    return MAML(CNN(width, 4, out_dim=20), inner_steps=5, inner_lr=0.4,
+                first_order=name == "fomaml")
+
+
+def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
+           learner_name: str = "protonet") -> dict:
+    """Steps/s and memory of one learner at one width (run in a fresh process)."""
     if autodiff_conv:  # the plain lax convolution, to show what the hand-written VJP buys
         from metalearn import nn
 
         nn.conv2d = nn._conv_same
     sampler, source = _sampler(20, 1, 15)
-    learner = ProtoNet(channels=width)
+    learner = make_learner(learner_name, width)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
     state = outer.init(learner, sampler, jax.random.PRNGKey(0))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -100,7 +116,7 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool) -> dict:
         state, m = compiled(state)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return {"width": width, "steps_per_second": chunk / min(times),
+    return {"learner": learner_name, "width": width, "steps_per_second": chunk / min(times),
             "seconds_per_step": min(times) / chunk, "compile_s": compile_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_compile_mb": rss0 / 1024,
@@ -149,24 +165,35 @@ def main() -> None:
                     help="use JAX's automatic conv VJP instead of the hand-written one")
     ap.add_argument("--sampling-share", action="store_true",
                     help="also train from a pool of pre-sampled episodes; print sampling's share")
+    ap.add_argument("--learners", nargs="+", default=["protonet"], choices=LEARNERS,
+                    help="learners to time (ratios are to the first)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv)))
+        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
+                                args.learners[0])))
         return
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
           f"{args.batch} episodes per step, Adam"
           + (", automatic conv VJP" if args.autodiff_conv else ""))
     for w in args.widths:
-        cmd = [sys.executable, __file__, "--worker", str(w), "--batch", str(args.batch),
-               "--chunk", str(args.chunk)] + (["--autodiff-conv"] if args.autodiff_conv else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"width {w:>3}: {r['steps_per_second']:7.3f} meta-steps/s "
-              f"({r['seconds_per_step']:.3f} s/step, {r['images_per_step']} images/step), "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (before compile {r['rss_before_compile_mb']:.0f}"
-              f" MB), XLA temp buffers {r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s"
-              f"  [{r['source']}]")
+        base = None
+        for name in args.learners:
+            cmd = [sys.executable, __file__, "--worker", str(w), "--batch", str(args.batch),
+                   "--chunk", str(args.chunk), "--learners", name] + (
+                ["--autodiff-conv"] if args.autodiff_conv else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            base = base or r
+            ratio = (f", {r['seconds_per_step'] / base['seconds_per_step']:.2f}x the time and "
+                     f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x the peak RSS of "
+                     f"{base['learner']}" if r is not base else "")
+            print(f"{name:>8} width {w:>3}: {r['steps_per_second']:7.3f} meta-steps/s "
+                  f"({r['seconds_per_step']:.3f} s/step, {r['images_per_step']} images/step), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB (before compile "
+                  f"{r['rss_before_compile_mb']:.0f} MB), XLA temp buffers "
+                  f"{r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s{ratio}"
+                  f"  [{r['source']}]")
     for w in args.widths if args.sampling_share else []:
         r = sampling_share(w, args.batch, args.chunk)
         d = r["sampler"] - r["pool"]
