@@ -304,6 +304,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int = 1000,
                              f"({type(sampler).__name__}) has no ways/shots/queries/unlabeled "
                              "settings; they are for few-shot classification runs")
         sampler = sampler.with_ways_shots(**setting)
+        try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
+            exp.evaluator.init(jax.random.PRNGKey(0), sampler.example())
+        except ValueError as e:
+            raise ValueError(f"{config.experiment} cannot be evaluated at "
+                             f"{sampler.ways}-way {sampler.shots}-shot: {e}") from None
         tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
                + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else ""))
         name = f"eval_{split}_{tag}.json"

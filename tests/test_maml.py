@@ -190,3 +190,17 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
                                   jax.random.PRNGKey(4_000_037))
     assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4
+
+
+@needs_omniglot
+def test_evaluating_more_ways_than_the_head_has_is_refused(tmp_path):
+    from metalearn.experiment import evaluate_run, train
+
+    sets = ["steps=1", "eval_every=0", "checkpoint_every=0", "test_episodes=2",
+            "report_settings=", "learner.channels=4", "learner.inner_steps=1",
+            "learner.first_order=true", "task.ways=3", "task.queries=1", "task.eval_queries=1",
+            "outer.batch_size=1", "outer.steps_per_call=1", "data.validation_alphabets="]
+    run, _ = train("maml_omniglot", sets, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"cannot be evaluated at 4-way 1-shot: .*out_dim >= 4"):
+        evaluate_run(run.path, episodes=2, ways=4)
+    assert not list(run.path.glob("eval_test_4way*"))
