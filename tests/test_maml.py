@@ -167,7 +167,7 @@ needs_omniglot = pytest.mark.skipif(
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     from metalearn.cli import main
     from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, load_trained, train
+    from metalearn.experiment import evaluate_manifest, evaluate_run, load_trained, train
 
     sets = ["steps=4", "eval_every=0", "eval_episodes=4", "checkpoint_every=0",
             "test_episodes=4", "report_episodes=4", "report_settings=5x1x3",
@@ -182,6 +182,10 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     assert step == 4 and exp.evaluator.inner_steps == 2 and exp.learner.inner_steps == 1
     assert main(["evaluate", str(run.path), "--episodes", "4", "--ways", "3"]) == 0
     assert "test ways=3" in capsys.readouterr().out
+    # more ways than the 5-way head has: refused, nothing written
+    with pytest.raises(ValueError, match=r"cannot be evaluated at 6-way 1-shot: .*out_dim >= 6"):
+        evaluate_run(run.path, episodes=2, ways=6)
+    assert not list(run.path.glob("eval_test_6way*"))
     test = exp.splits["test"]
     key = jax.random.PRNGKey(3)
     manifest = test.export_manifest(tmp_path / "episodes.json", key, 3)
@@ -191,16 +195,3 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4
 
-
-@needs_omniglot
-def test_evaluating_more_ways_than_the_head_has_is_refused(tmp_path):
-    from metalearn.experiment import evaluate_run, train
-
-    sets = ["steps=1", "eval_every=0", "checkpoint_every=0", "test_episodes=2",
-            "report_settings=", "learner.channels=4", "learner.inner_steps=1",
-            "learner.first_order=true", "task.ways=3", "task.queries=1", "task.eval_queries=1",
-            "outer.batch_size=1", "outer.steps_per_call=1", "data.validation_alphabets="]
-    run, _ = train("maml_omniglot", sets, run_dir=tmp_path / "run", progress=False)
-    with pytest.raises(ValueError, match=r"cannot be evaluated at 4-way 1-shot: .*out_dim >= 4"):
-        evaluate_run(run.path, episodes=2, ways=4)
-    assert not list(run.path.glob("eval_test_4way*"))
