@@ -106,10 +106,11 @@ def max_pool(x: Array, size: int = 2) -> Array:
 
     The maximum is read through a one-hot mask of each window's argmax, so its gradient (of any
     order) is that mask times the incoming gradient: no scatter (reduce_window's gradient, which
-    an earlier version found far slower on CPU) and no equality test between the input and the maximum. `jnp.max`'s and
-    `jnp.maximum`'s gradients make that test, and XLA:CPU, recomputing the input in another
-    fusion with other rounding, then dropped gradients under `jit` (seen with jax 0.10.2 on the
-    CNN's first block: jitted and eager gradients differed by 0.13 for values of 0.28).
+    an earlier version found far slower on CPU) and no equality test between the input and the
+    maximum. `jnp.max`'s and `jnp.maximum`'s gradients make that test, and XLA:CPU, recomputing
+    the input in another fusion with other rounding, then dropped gradients under `jit` (seen
+    with jax 0.10.2 on the CNN's first block: jitted and eager gradients differed by 0.13 for
+    values of 0.28).
     """
     ho, wo = x.shape[1] // size, x.shape[2] // size
     win = jnp.stack([x[:, i:ho * size:size, j:wo * size:size]
