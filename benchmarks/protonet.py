@@ -44,7 +44,7 @@ def _sampler(ways: int, shots: int, queries: int):
 
     try:
         from metalearn.experiments._omniglot import TRAIN_ALPHABETS
-        from metalearn.tasks.datasets import load_omniglot
+        from metalearn.tasks.folders import load_omniglot
         from metalearn.tasks.splits import split_by_group
 
         ds = split_by_group(load_omniglot(), {"train": list(TRAIN_ALPHABETS)})["train"]

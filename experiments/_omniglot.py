@@ -12,8 +12,9 @@ from metalearn.core import MetaParams
 from metalearn.evaluation import evaluate
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
 from metalearn.runs import Run
-from metalearn.tasks.datasets import ImageDataset, load_omniglot
+from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.fewshot import FewShotSampler
+from metalearn.tasks.folders import load_omniglot
 from metalearn.tasks.splits import load_split, save_split, split_by_group
 
 SPLIT_FILE = "split.json"

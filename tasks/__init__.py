@@ -15,18 +15,11 @@ Samplers are pure functions of a PRNG key (`sample`, `sample_batch`), so they al
 a jitted training step. In-context regression: `LinearRegression`, `SparseLinearRegression`,
 `TeacherNetwork`, `Sinusoid`, their `.ood(...)` variants and `TaskPool` (a finite task pool).
 """
-from metalearn.tasks.datasets import (
-    ImageDataset,
-    concat,
-    from_numpy,
-    load_idx,
-    load_image_folder,
-    load_omniglot,
-    load_tfds,
-    read_idx,
-    write_idx,
-)
-from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs, read_manifest
+from metalearn.tasks.datasets import ImageDataset, concat, from_numpy
+from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs
+from metalearn.tasks.folders import load_image_folder, load_omniglot
+from metalearn.tasks.formats import load_idx, load_tfds, read_idx, write_idx
+from metalearn.tasks.manifest import read_manifest
 from metalearn.tasks.plotting import plot_episode
 from metalearn.tasks.regression import (
     LinearRegression,

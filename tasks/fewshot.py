@@ -10,16 +10,15 @@ once; a batch of episodes is a `vmap` over keys.
 
 Fixed evaluation episodes: `export_manifest` writes sampled episodes as JSON or CSV (class,
 example index, rotation, image path and label of every image) and `episodes_from_manifest`
-reads them back - or a user's own manifest of image files - with the training preprocessing.
+reads them back - or a user's own manifest of image files - with the training preprocessing;
+the file format is in `metalearn.tasks.manifest`.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,11 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, TaskSampler
-from metalearn.tasks.datasets import ImageDataset, read_image_ref
+from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.images import read_image_ref
+from metalearn.tasks.manifest import (
+    SETS,
+    manifest_entry,
+    manifest_kind,
+    read_manifest,
+    write_manifest,
+)
 
 NORMALIZE = ("unit", "centered", "standard", "invert", "none")
-MANIFEST_FORMAT = "metalearn-episodes/1"
-_SETS = ("support", "query", "unlabeled")
 
 
 class ImageRefs(NamedTuple):
@@ -277,19 +282,20 @@ class FewShotSampler(TaskSampler):
     # ----- fixed episodes
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
         """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
-        _manifest_kind(Path(path))
+        manifest_kind(Path(path))
         idx = jax.device_get(self.batch_indices(jax.random.split(key, num_episodes)))
         episodes = []
         ds = self.dataset
         for e in range(num_episodes):
             ep: dict[str, Any] = {}
-            for s in _SETS:
+            for s in SETS:
                 r = getattr(idx, s)
                 if r is None:
                     continue
-                ep[s] = [_entry(ds, int(r.cls[e, i]), int(r.example[e, i]),
-                                int(r.rotation[e, i]), int(r.label[e, i]) if s != "unlabeled"
-                                else None) for i in range(r.cls.shape[1])]
+                ep[s] = [manifest_entry(ds, int(r.cls[e, i]), int(r.example[e, i]),
+                                        int(r.rotation[e, i]),
+                                        int(r.label[e, i]) if s != "unlabeled" else None)
+                         for i in range(r.cls.shape[1])]
             episodes.append(ep)
         return write_manifest(path, episodes, {"sampler": self.describe()})
 
@@ -300,7 +306,7 @@ class FewShotSampler(TaskSampler):
         episodes = read_manifest(path)
         if not episodes:
             raise ValueError(f"manifest {path} lists no episodes")
-        sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in _SETS}
+        sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in SETS}
         for s in ("support", "query"):
             if 0 in sizes[s]:
                 raise ValueError(f"manifest {path}: an episode has no {s} images")
@@ -452,67 +458,3 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
                          f"per class: {int(ds.counts.min())} to {int(ds.counts.max())}); lower "
                          "shots/queries or drop small classes with "
                          f"dataset.filter_min_examples({per_class})")
-
-
-def _entry(ds: ImageDataset, c: int, j: int, rot: int, label: int | None) -> dict:
-    e = {"class": ds.class_names[c], "example": j, "rotation": 90 * rot,
-         "path": ds.paths[c][j] if ds.paths else ""}
-    if label is not None:
-        e["label"] = label
-    return e
-
-
-_CSV_FIELDS = ("episode", "set", "label", "class", "example", "rotation", "path")
-
-
-def _manifest_kind(path: Path) -> str:
-    kind = path.suffix.lower().lstrip(".")
-    if kind not in ("json", "csv"):
-        raise ValueError(f"manifest {path}: use a .json or .csv file name")
-    return kind
-
-
-def write_manifest(path: str | Path, episodes: Sequence[dict], meta: dict | None = None) -> Path:
-    """Write episodes (dicts of support/query/unlabeled entry lists) as .json or .csv."""
-    path = Path(path)
-    kind = _manifest_kind(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "csv":
-        with open(path, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-            wr.writeheader()
-            for e, ep in enumerate(episodes):
-                for s in _SETS:
-                    for it in ep.get(s, []):
-                        wr.writerow({"episode": e, "set": s, **{k: it.get(k, "")
-                                                                  for k in _CSV_FIELDS[2:]}})
-    else:
-        doc = {"format": MANIFEST_FORMAT, **(meta or {}), "episodes": list(episodes)}
-        path.write_text(json.dumps(doc, indent=1))
-    return path
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Episodes of a .json or .csv manifest, as dicts of support/query/unlabeled entry lists."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    if _manifest_kind(path) == "json":
-        doc = json.loads(path.read_text())
-        eps = doc["episodes"] if isinstance(doc, dict) else doc
-        return [dict(ep) for ep in eps]
-    episodes: dict[str, dict[str, list]] = {}
-    with open(path, newline="") as f:
-        rd = csv.DictReader(f)
-        missing = {"episode", "set"} - set(rd.fieldnames or ())
-        if missing:
-            raise ValueError(f"manifest {path} lacks the CSV columns {sorted(missing)}; "
-                             f"columns: {', '.join(_CSV_FIELDS)}")
-        for row in rd:
-            s = row["set"].strip().lower()
-            if s not in _SETS:
-                raise ValueError(f"manifest {path}: set {row['set']!r} is not one of {_SETS}")
-            it = {k: v for k, v in row.items() if k not in ("episode", "set") and v not in
-                  (None, "")}
-            episodes.setdefault(row["episode"], {}).setdefault(s, []).append(it)
-    return list(episodes.values())

@@ -186,7 +186,7 @@ def test_default_split_holds_out_greek_for_validation():
 def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
     from metalearn.evaluation import evaluate_episodes
     from metalearn.experiment import evaluate_manifest, load_trained
-    from metalearn.tasks.datasets import ZIP_SEP
+    from metalearn.tasks.images import ZIP_SEP
 
     run, _ = trained_run
     _, exp, meta, _ = load_trained(run.path)

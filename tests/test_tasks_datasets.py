@@ -17,10 +17,13 @@ from metalearn.tasks import (
     load_idx,
     load_image_folder,
     load_omniglot,
+    load_tfds,
     read_idx,
     write_idx,
 )
-from metalearn.tasks import datasets as D
+from metalearn.tasks.cache import load_npz
+from metalearn.tasks.folders import OMNIGLOT_ENV
+from metalearn.tasks.images import resize_array
 from metalearn.tasks.testing import synthetic_dataset, write_image_tree
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
@@ -62,7 +65,7 @@ def test_resize_at_load_time_is_antialiased(tmp_path):
     imgs = write_image_tree(tmp_path / "d", {"A/c1": 2, "A/c2": 2}, size=16)
     ds = load_image_folder(tmp_path / "d", image_size=8, cache=False)
     assert ds.image_shape == (8, 8, 1)
-    want = D.resize_array(imgs["A/c1"][0][..., None], 8)
+    want = resize_array(imgs["A/c1"][0][..., None], 8)
     np.testing.assert_array_equal(ds.images[0, 0], want)
     # antialiased: close to 2x2 box means of the original, unlike nearest-neighbour
     box = imgs["A/c1"][0].reshape(8, 2, 8, 2).mean((1, 3))
@@ -89,7 +92,7 @@ def test_empty_and_missing_folders(tmp_path):
 
 
 def test_missing_omniglot_message(tmp_path, monkeypatch):
-    monkeypatch.setenv(D.OMNIGLOT_ENV, str(tmp_path / "no_omniglot"))
+    monkeypatch.setenv(OMNIGLOT_ENV, str(tmp_path / "no_omniglot"))
     with pytest.raises(FileNotFoundError, match=re.escape(
             f"Omniglot not found at {tmp_path / 'no_omniglot'}. Download images_background.zip")
             + ".*set METALEARN_OMNIGLOT="):
@@ -110,15 +113,15 @@ def test_cache_reuse_and_corrupt_cache_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="corrupt dataset cache .*; rebuilding it"):
         rebuilt = load_image_folder(tmp_path / "d", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(rebuilt.images, first.images)
-    D.load_npz(files[0])  # the rewritten cache is sound
+    load_npz(files[0])  # the rewritten cache is sound
     # a cache whose pixels changed (but is still a valid npz) fails its checksum
-    ds = D.load_npz(files[0])
+    ds = load_npz(files[0])
     ds.images[0, 0, 0, 0, 0] ^= 1
     with np.load(files[0]) as z:
         meta = z["meta"]
     np.savez(files[0], images=ds.images, counts=ds.counts, meta=meta)
     with pytest.raises(ValueError, match="checksum mismatch"):
-        D.load_npz(files[0])
+        load_npz(files[0])
 
 
 def test_from_numpy_groups_by_label():
@@ -173,8 +176,8 @@ def test_tfds_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with warnings.catch_warnings(), tfds.testing.mock_data(num_examples=40):
         warnings.simplefilter("ignore")
-        ds = D.load_tfds("mnist", split="train", cache_dir=tmp_path)
-        again = D.load_tfds("mnist", split="train", cache_dir=tmp_path)  # from the cache
+        ds = load_tfds("mnist", split="train", cache_dir=tmp_path)
+        again = load_tfds("mnist", split="train", cache_dir=tmp_path)  # from the cache
     assert ds.images.dtype == np.uint8 and ds.image_shape == (28, 28, 1)
     assert ds.num_examples == 40 and ds.num_classes <= 10
     assert set(ds.class_names) <= {str(i) for i in range(10)}

@@ -1,0 +1,216 @@
+"""Image datasets from folders and zips in the `class/*.png` or `group/class/*.png` layout,
+and Omniglot (`alphabet/character/*.png`, `$METALEARN_OMNIGLOT` or ../shared/data/omniglot).
+
+Classes met in several sources are kept once; decoded datasets are cached (`tasks.cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from metalearn.tasks.cache import cached
+from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.images import IMAGE_SUFFIXES, ZIP_SEP, decode_image
+
+OMNIGLOT_ENV = "METALEARN_OMNIGLOT"
+
+
+@dataclasses.dataclass
+class _ClassFiles:
+    name: str
+    group: str
+    source: str
+    refs: list[str]  # image references (paths or archive::member)
+    read: list[Callable[[], bytes]]
+
+
+def _folder_tree(root: Path, stack: contextlib.ExitStack
+                 ) -> tuple[list[tuple[tuple[str, ...], str, Callable[[], bytes]]], str]:
+    """(relative parts, reference, reader) of every image below a folder or in a zip (kept
+    open by `stack` until the images are decoded)."""
+    out = []
+    if root.is_dir():
+        for p in sorted(root.rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                out.append((p.relative_to(root).parts, str(p), p.read_bytes))
+        return out, root.name
+    if zipfile.is_zipfile(root):
+        z = stack.enter_context(zipfile.ZipFile(root))
+        for info in sorted(z.infolist(), key=lambda i: i.filename):
+            name = info.filename
+            if info.is_dir() or not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            if "__MACOSX" in name or Path(name).name.startswith("."):
+                continue
+            out.append((tuple(Path(name).parts), f"{root}{ZIP_SEP}{name}",
+                        lambda name=name, z=z: z.read(name)))
+        return out, root.stem
+    raise ValueError(f"{root} is neither a folder nor a zip file of images")
+
+
+def _scan_classes(root: Path, stack: contextlib.ExitStack,
+                  name: str | None = None) -> list[_ClassFiles]:
+    """Classes below `root`: `group/class/*.png` (Omniglot) or `class/*.png`."""
+    files, stem = _folder_tree(root, stack)
+    # a single top-level folder shared by every file (images_background/...) is not a level
+    while files and len({f[0][0] for f in files}) == 1 and min(len(f[0]) for f in files) > 2:
+        files = [(f[0][1:], f[1], f[2]) for f in files]
+    classes: dict[str, _ClassFiles] = {}
+    for parts, ref, read in files:
+        if len(parts) < 2:
+            raise ValueError(f"{root}: image {ref} is not inside a class folder; expected "
+                             "class/*.png or group/class/*.png")
+        cname = "/".join(parts[:-1])
+        group = parts[0] if len(parts) > 2 else (name or stem)
+        c = classes.setdefault(cname, _ClassFiles(cname, group, name or stem, [], []))
+        c.refs.append(ref)
+        c.read.append(read)
+    return [classes[k] for k in sorted(classes)]
+
+
+def _dedup(class_lists: Sequence[list[_ClassFiles]]) -> list[_ClassFiles]:
+    """Union of classes by name; a class met again (Greek in both minimal sets) is kept once."""
+    seen: dict[str, _ClassFiles] = {}
+    for classes in class_lists:
+        for c in classes:
+            if c.name not in seen:
+                seen[c.name] = c
+                continue
+            old = seen[c.name]
+            if sorted(Path(r).name for r in old.refs) != sorted(Path(r).name for r in c.refs):
+                warnings.warn(f"class {c.name!r} appears in {old.source} and {c.source} with "
+                              f"different files; keeping the one from {old.source}",
+                              stacklevel=3)
+    return [seen[k] for k in sorted(seen)]
+
+
+def _decode_classes(classes: list[_ClassFiles], image_size: int | tuple[int, int] | None,
+                    channels: int, name: str) -> ImageDataset:
+    m = max((len(c.refs) for c in classes), default=0)
+    imgs: list[np.ndarray] = []
+    for c in classes:
+        arrs = [decode_image(r(), image_size, channels) for r in c.read]
+        shapes = {a.shape for a in arrs}
+        if len(shapes) > 1:
+            raise ValueError(f"class {c.name!r} has images of different sizes {sorted(shapes)}; "
+                             "pass image_size=... to resize them at load time")
+        imgs.append(np.stack(arrs))
+    shapes = {a.shape[1:] for a in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"{name}: classes have images of different sizes {sorted(shapes)[:3]}; "
+                         "pass image_size=... to resize them at load time")
+    shape = shapes.pop() if shapes else (1, 1, channels)
+    out = np.zeros((len(classes), m, *shape), np.uint8)
+    for i, a in enumerate(imgs):
+        out[i, :len(a)] = a
+    return ImageDataset(out, [len(c.refs) for c in classes], [c.name for c in classes],
+                        [c.group for c in classes], [c.source for c in classes],
+                        [list(c.refs) for c in classes], name=name)
+
+
+def load_image_folder(path: str | Path | Sequence[str | Path],
+                      image_size: int | tuple[int, int] | None = None, channels: int = 1,
+                      name: str | None = None, cache_dir: str | Path | None = None,
+                      cache: bool = True) -> ImageDataset:
+    """Images in `class/*.png` or `group/class/*.png` folders (or zips of them); classes with the
+    same name in several sources are kept once. `image_size` resizes (antialiased) at load time."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"image folder or zip {p} does not exist")
+    name = name or "+".join(p.stem for p in paths)
+
+    def build() -> ImageDataset:
+        with contextlib.ExitStack() as stack:
+            lists = [_scan_classes(p, stack, name if len(paths) == 1 and p.is_dir() else None)
+                     for p in paths]
+            classes = _dedup(lists)
+            if not classes:
+                raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
+                                 f"{', '.join(map(str, paths))}")
+            return _decode_classes(classes, image_size, channels, name)
+
+    if not cache:
+        return build()
+    key = {"kind": "folder", "sources": [_stat(p) for p in paths], "image_size": image_size,
+           "channels": channels, "name": name}
+    return cached(key, build, cache_dir, name)
+
+
+def _stat(p: Path) -> list:
+    p = p.resolve()
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file())
+        h = hashlib.sha1()
+        for q in files:
+            st = q.stat()
+            h.update(f"{q.relative_to(p)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return [str(p), h.hexdigest()]
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+# ---------------------------------------------------------------- Omniglot
+
+
+def repo_root() -> Path:
+    """The repository (or installed tree) holding `tasks/`."""
+    return Path(__file__).resolve().parents[1]
+
+
+def default_omniglot_paths() -> list[Path]:
+    """$METALEARN_OMNIGLOT (paths separated by os.pathsep) or ../shared/data/omniglot/."""
+    env = os.environ.get(OMNIGLOT_ENV)
+    if env:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    return [repo_root().parent / "shared" / "data" / "omniglot"]
+
+
+def _omniglot_sources(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(
+                f"Omniglot not found at {p}. Download images_background.zip and "
+                "images_evaluation.zip (or the minimal images_background_small1/2.zip) from "
+                "https://github.com/brendenlake/omniglot/tree/master/python and pass "
+                f"load_omniglot(paths=[...]) or set {OMNIGLOT_ENV}=/path/to/folder_or_zip")
+        if p.is_dir():
+            zips = sorted(q for q in p.glob("images_*.zip"))
+            subs = sorted(q for q in p.iterdir() if q.is_dir() and q.name.startswith("images_"))
+            found = zips + [s for s in subs if s.with_suffix(".zip") not in zips]
+            out.extend(found or [p])
+        else:
+            out.append(p)
+    return out
+
+
+def load_omniglot(paths: str | Path | Sequence[str | Path] | None = None,
+                  cache_dir: str | Path | None = None, image_size: int | None = 28,
+                  cache: bool = True) -> ImageDataset:
+    """Omniglot (folders or zips, alphabet/character/*.png): classes "Alphabet/characterNN",
+    groups = alphabets, ink black on white as stored; alphabets met twice are loaded once."""
+    if paths is None:
+        paths = default_omniglot_paths()
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    sources = _omniglot_sources([Path(p).expanduser() for p in paths])
+    ds = load_image_folder(sources, image_size=image_size, channels=1, name="omniglot",
+                           cache_dir=cache_dir, cache=cache)
+    return dataclasses.replace(ds, sources=[_source_of(refs) for refs in ds.paths])
+
+
+def _source_of(refs: list[str]) -> str:
+    """'omniglot/images_background_small1' from an example's reference."""
+    ref = refs[0] if refs else ""
+    root = ref.split(ZIP_SEP)[0] if ZIP_SEP in ref else str(Path(ref).parents[2])
+    return f"omniglot/{Path(root).stem}"
