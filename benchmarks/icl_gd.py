@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from metalearn.evaluation import TEST_SEED, sample_episodes
 from metalearn.experiment import apply_overrides, build_outer
 from metalearn.experiments import icl_gd
 
@@ -63,8 +64,8 @@ def main() -> None:
     chunk = outer.steps_per_call
     fn = outer.compiled_steps(lsa, exp.train)
 
-    test = jax.jit(exp.train.sample_batch, static_argnums=1)(jax.random.PRNGKey(4_000_037),
-                                                            args.test_tasks)
+    test = sample_episodes(exp.train, jax.random.PRNGKey(TEST_SEED), args.test_tasks,
+                           config.eval_batch_size)  # the report's test tasks
 
     def mean_loss(learner):
         return jax.jit(lambda meta: jnp.mean(jax.vmap(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from metalearn.core import MetaParams
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import REPORT_SEED, evaluate
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
 from metalearn.runs import Run
 from metalearn.tasks.datasets import ImageDataset
@@ -39,10 +39,30 @@ def base_omniglot_config(**overrides: Any) -> ConfigDict:
     # trained setting; +U adds U unlabeled images per class (semi-supervised learners)
     c.report_settings = "20x5x5,5x1x15"
     c.report_episodes = 1000
-    c.outer = outer_config("gradient", learning_rate=1e-3, batch_size=2, steps_per_call=10)
+    c.outer = outer_config("gradient", gradient={"learning_rate": 1e-3}, batch_size=2,
+                           steps_per_call=10)
     for k, v in overrides.items():
         c[k] = v
     return c
+
+
+DOCS = {
+    "data.paths": "Omniglot zips or folders, comma-separated (empty: ../shared/data/omniglot "
+                  "or $METALEARN_OMNIGLOT)",
+    "data.image_size": "images are resized to this many pixels a side",
+    "data.train_alphabets": "alphabets to meta-train on, comma-separated",
+    "data.validation_alphabets": "alphabets of the periodic evaluations (empty: none)",
+    "data.test_alphabets": "held-out alphabets of the final test (empty: none)",
+    "task.ways": "classes per episode (N)",
+    "task.shots": "labelled support images per class (K)",
+    "task.queries": "query images per class in training episodes",
+    "task.unlabeled": "unlabeled images per class (semi-supervised learners)",
+    "task.rotations": "training: the 4 rotations of a character are 4 classes",
+    "task.normalize": "pixel scaling: unit, centered, standard, invert or none",
+    "task.eval_queries": "query images per class in validation and test episodes",
+    "report_settings": "extra test settings WAYSxSHOTSxQUERIES[+UNLABELED], comma-separated",
+    "report_episodes": "test episodes per report setting",
+}
 
 
 def _names(text: str) -> list[str]:
@@ -91,20 +111,23 @@ def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def report(exp: Experiment, meta: MetaParams, run: Run | None) -> dict:
+def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
+           progress: bool = False) -> dict:
     """Test accuracy (95% CI) at the extra N-way K-shot settings of `config.report_settings`."""
     import jax
 
-    config = ConfigDict(run.read_json("config.json")) if run is not None else base_omniglot_config()
+    if "test" not in exp.splits:
+        return {}
     test = exp.splits["test"]
     out: dict = {"test_setting": f"{test.ways}-way {test.shots}-shot, {test.queries} queries "
                                  "per class"}
     lines = []
     for i, (ways, shots, queries, unl) in enumerate(parse_settings(config.report_settings)):
         sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries, unlabeled=unl)
-        res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(5_000_011 + i),
-                       config.report_episodes, batch_size=config.get("eval_batch_size", 25))
         name, extra = f"{ways}way_{shots}shot", f" + {unl} unlabeled per class" if unl else ""
+        res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(REPORT_SEED + i),
+                       config.report_episodes, batch_size=config.eval_batch_size,
+                       progress=f"test {ways}-way {shots}-shot{extra}" if progress else None)
         out[f"test_{name}" + (f"_{unl}unlabeled" if unl else "")] = res
         lines.append(f"test {ways}-way {shots}-shot{extra}: accuracy "
                      f"{100 * res['accuracy']:.2f} ± {100 * res['accuracy_ci95']:.2f} % "

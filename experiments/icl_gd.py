@@ -16,7 +16,6 @@ the comparison metrics, while training steps run the plain LSA and pay nothing f
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
-from metalearn.evaluation import evaluate_episodes
-from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
+from metalearn.evaluation import (
+    TEST_SEED,
+    episode_metrics,
+    evaluate_episodes,
+    format_value,
+    sample_episodes,
+)
+from metalearn.experiment import (
+    ConfigDict,
+    Experiment,
+    base_config,
+    cached_json,
+    evaluate_split,
+    outer_config,
+)
 from metalearn.learners.gd import GradientDescent, LeastSquares, fit_step_sizes
 from metalearn.learners.lsa import (
     LSA,
@@ -68,12 +80,33 @@ def get_config() -> ConfigDict:
                          "num_queries": 1})
     c.model = ConfigDict({"num_layers": 1, "recurrent": True, "num_heads": 1, "key_size": 0,
                           "softmax": False, "layer_norm": False, "init_scale": 0.002})
-    c.analysis = ConfigDict({"search_tasks": 10_000, "test_tasks": 10_000, "ood_tasks": 1000,
-                             "gd_plus_plus": True})
-    c.outer = outer_config("gradient", optimizer="adamw", learning_rate=1e-3, b1=0.9, b2=0.98,
-                           clip_norm=0.001, batch_size=2048, steps_per_call=100,
-                           strategy="Sep_CMA_ES", population_size=64, std_init=0.05)
+    c.analysis = ConfigDict({"search_tasks": 10_000, "ood_tasks": 1000, "gd_plus_plus": True})
+    c.outer = outer_config("gradient",
+                           gradient={"optimizer": "adamw", "learning_rate": 1e-3, "b1": 0.9,
+                                     "b2": 0.98, "clip_norm": 0.001},
+                           evolution={"strategy": "Sep_CMA_ES", "population_size": 64,
+                                      "std_init": 0.05},
+                           batch_size=2048, steps_per_call=100)
     return c
+
+
+DOCS = {
+    "task.dim": "input dimension d",
+    "task.num_context": "context points (x_i, y_i) per task, N",
+    "task.input_range": "inputs x ~ U(-r, r)^d",
+    "task.weight_scale": "teacher weights W ~ N(0, s^2 I)",
+    "task.num_queries": "query points per task",
+    "model.num_layers": "self-attention layers",
+    "model.recurrent": "one layer's weights shared by every layer",
+    "model.num_heads": "attention heads",
+    "model.key_size": "key/query size per head (0: the token size)",
+    "model.softmax": "softmax attention instead of linear",
+    "model.layer_norm": "layer norm before attention",
+    "model.init_scale": "standard deviation of the initial weights",
+    "analysis.search_tasks": "training tasks the GD / GD++ step sizes are line-searched on",
+    "analysis.ood_tasks": "test tasks of the out-of-distribution curves",
+    "analysis.gd_plus_plus": "also compare with GD++ when there are several layers",
+}
 
 
 # ---------------------------------------------------------------- comparison with baselines
@@ -170,15 +203,28 @@ def make_lsa(config: ConfigDict) -> LSA:
     return LSA(**config.model.to_dict())
 
 
-def linear_baselines(config: ConfigDict, task: TaskSampler, steps: int) -> tuple[Baseline, ...]:
-    """GD (line-searched lr), GD++ with `steps` steps (when steps > 1) and least squares."""
-    key = jax.random.PRNGKey(config.seed + 7)
-    n = config.analysis.search_tasks
-    gd = GradientDescent(steps=steps)
-    out = [Baseline("gd", gd, fit_step_sizes(gd, task, key, n)[0])]
-    if steps > 1 and config.analysis.gd_plus_plus:
-        gdpp = GradientDescent(steps=steps, plus_plus=True)
-        out.append(Baseline("gdpp", gdpp, fit_step_sizes(gdpp, task, key, n)[0]))
+BASELINES_FILE = "baselines_gd.json"
+
+
+def linear_baselines(config: ConfigDict, task: TaskSampler, steps: int,
+                     run: Run | None = None) -> tuple[Baseline, ...]:
+    """GD (line-searched lr), GD++ with `steps` steps (when steps > 1) and least squares.
+
+    The step sizes are fitted once per run and kept in its directory (`BASELINES_FILE`)."""
+    gd, gdpp = GradientDescent(steps=steps), GradientDescent(steps=steps, plus_plus=True)
+    use_gdpp = steps > 1 and config.analysis.gd_plus_plus
+
+    def fit() -> dict:
+        key, n = jax.random.PRNGKey(config.seed + 7), config.analysis.search_tasks
+        fitted = {"gd": fit_step_sizes(gd, task, key, n)[0]}
+        if use_gdpp:
+            fitted["gdpp"] = fit_step_sizes(gdpp, task, key, n)[0]
+        return jax.tree.map(lambda v: np.asarray(v).tolist(), fitted)
+
+    sizes = cached_json(run, BASELINES_FILE, fit)
+    out = [Baseline("gd", gd, sizes["gd"])]
+    if use_gdpp:
+        out.append(Baseline("gdpp", gdpp, sizes["gdpp"]))
     out.append(Baseline("lstsq", LeastSquares(), {}, align=False))
     return tuple(out)
 
@@ -187,21 +233,12 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """LSA learner compared with line-searched GD (GD++ too with several layers), and samplers."""
     task = make_task(config)
     lsa = make_lsa(config)
-    compared = Compared(lsa, linear_baselines(config, task, lsa.num_layers))
+    compared = Compared(lsa, linear_baselines(config, task, lsa.num_layers, run))
     return Experiment(learner=lsa, splits={"train": task, "test": task},
-                      eval_learner=compared, report=functools.partial(report, config=config))
+                      eval_learner=compared, report=report)
 
 
 # ---------------------------------------------------------------- report
-
-
-def _episodes_loss(learner: InnerLearner):
-    @jax.jit
-    def f(meta: MetaParams, episodes: Episode, key: Array) -> Array:
-        keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
-        return jax.vmap(lambda e, k: learner.loss(meta, e, k)[0])(episodes, keys)
-
-    return f
 
 
 def ood_curves(learners: dict[str, tuple[InnerLearner, MetaParams]],
@@ -218,11 +255,11 @@ def ood_curves(learners: dict[str, tuple[InnerLearner, MetaParams]],
     out: dict[str, dict[str, list[float]]] = {"input_scale": {"scale": list(INPUT_SCALES)},
                                                "weight_scale": {"scale": list(WEIGHT_SCALES)}}
     for name, (lrn, meta) in learners.items():
-        f = _episodes_loss(lrn)
-        out["input_scale"][name] = [float(jnp.mean(f(meta, scaled(a, a), k)))
-                                    for a in INPUT_SCALES]
-        out["weight_scale"][name] = [float(jnp.mean(f(meta, scaled(1.0, b), k)))
-                                     for b in WEIGHT_SCALES]
+        def loss(e: Episode, lrn=lrn, meta=meta) -> float:
+            return float(np.mean(episode_metrics(lrn, meta, e, k)["loss"]))
+
+        out["input_scale"][name] = [loss(scaled(a, a)) for a in INPUT_SCALES]
+        out["weight_scale"][name] = [loss(scaled(1.0, b)) for b in WEIGHT_SCALES]
     return out
 
 
@@ -253,15 +290,6 @@ def construction_metrics(lsa: LSA, meta: MetaParams, gd: Baseline,
     return out
 
 
-def _fmt(x: Any, ci: Any = None) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, tuple | list):
-        return " / ".join(_fmt(v) for v in x)
-    s = f"{x:.4f}" if abs(x) < 100 else f"{x:.4g}"
-    return s + (f" ± {ci:.4f}" if ci is not None else "")
-
-
 def comparison_table(s: dict, ref: dict, baselines: tuple[Baseline, ...], steps: int) -> str:
     """Markdown table: this run's figures next to the official code's (when known)."""
     names = {b.name: b for b in baselines}
@@ -289,7 +317,8 @@ def comparison_table(s: dict, ref: dict, baselines: tuple[Baseline, ...], steps:
     lines = ["| quantity | this run | official code |", "|---|---|---|"]
     for label, k in rows:
         if k in s:
-            lines.append(f"| {label} | {_fmt(s[k], s.get(k + '_ci95'))} | {_fmt(ref.get(k))} |")
+            lines.append(f"| {label} | {format_value(s[k], s.get(k + '_ci95'))} | "
+                         f"{format_value(ref.get(k))} |")
     return "\n".join(lines)
 
 
@@ -344,26 +373,23 @@ def plot_run(run: Run, baselines: Sequence[str], curves: dict | None = None,
     return path
 
 
-def test_episodes(task: TaskSampler, num_tasks: int) -> Episode:
-    """The fixed test tasks of the report (a key no training or evaluation step uses)."""
-    return jax.jit(task.sample_batch, static_argnums=1)(jax.random.PRNGKey(4_000_037), num_tasks)
-
-
-def test_comparison(learner: Compared, meta: MetaParams, eps: Episode) -> dict[str, Any]:
-    """Means (and 95% CIs) of the comparison metrics on `eps`; the model's loss is loss_model."""
-    res = evaluate_episodes(learner, meta, eps, jax.random.PRNGKey(0), 1000)
+def report_comparison(config: ConfigDict, exp: Experiment, meta: MetaParams,
+                      progress: bool = False) -> tuple[dict[str, Any], Episode]:
+    """The comparison metrics on the run's test episodes (those of its `test` figures, so the
+    model's loss, renamed loss_model, is the test loss) and those episodes."""
+    res = evaluate_split(config, exp, meta, progress="report" if progress else None)
+    eps = sample_episodes(exp.splits["test"], jax.random.PRNGKey(TEST_SEED),
+                          config.test_episodes, config.eval_batch_size)
     rename = {"loss": "loss_model", "loss_ci95": "loss_model_ci95"}
-    return {rename.get(k, k): v for k, v in res.items()}
+    return {rename.get(k, k): v for k, v in res.items()}, eps
 
 
-def report(exp: Experiment, meta: MetaParams, run: Run | None,
-           config: ConfigDict | None = None) -> dict:
-    """Headline comparison on fresh test tasks, OOD curves, the table and the plot."""
-    config = config if config is not None else get_config()
+def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
+           progress: bool = False) -> dict:
+    """Headline comparison on the test tasks, OOD curves, the table and the plot."""
     learner: Compared = exp.eval_learner  # type: ignore[assignment]
-    lsa, task, a = learner.learner, exp.train, config.analysis
-    eps = test_episodes(task, a.test_tasks)
-    s = test_comparison(learner, meta, eps)
+    lsa, a = learner.learner, config.analysis
+    s, eps = report_comparison(config, exp, meta, progress)
     base = {b.name: b for b in learner.baselines}
     if isinstance(lsa, LSA) and "gd" in base:
         s.update(construction_metrics(lsa, meta, base.get("gdpp", base["gd"]), eps))

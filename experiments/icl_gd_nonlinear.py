@@ -14,16 +14,15 @@ the cosine of their sensitivity curves d y_hat / d x_q over the queries.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import MetaParams
-from metalearn.experiment import ConfigDict, Experiment, build_outer
+from metalearn.evaluation import batch_sampler, format_value
+from metalearn.experiment import ConfigDict, Experiment, build_outer, cached_json
 from metalearn.experiments import icl_gd
 from metalearn.learners.lsa import LSA
 from metalearn.outer.base import RunOptions
@@ -48,32 +47,44 @@ def get_config() -> ConfigDict:
                          "phase_min": -math.pi, "phase_max": 0.0})
     c.model.embed_size = 40
     c.model.mlp_widening = 4
-    c.analysis = ConfigDict({"baseline_steps": 4000, "test_tasks": 2048, "test_queries": 10})
+    c.test_episodes = 2048
+    c.analysis = ConfigDict({"baseline_steps": 4000, "test_queries": 10})
     c.outer.batch_size = 512
-    c.outer.clip_norm = 100.0
+    c.outer.gradient.clip_norm = 100.0
     c.outer.steps_per_call = 50
     return c
 
 
-def _to_json(tree: Any) -> Any:
-    return jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
+DOCS = {
+    "task.num_context": "context points (x_i, y_i) per task, N",
+    "task.num_queries": "query points per training task",
+    "task.input_range": "inputs x ~ U(-r, r)",
+    "task.amplitude_min": "amplitude a ~ U(min, max)",
+    "task.amplitude_max": "amplitude a ~ U(min, max)",
+    "task.phase_min": "phase phi ~ U(min, max)",
+    "task.phase_max": "phase phi ~ U(min, max)",
+    "model.embed_size": "width of the MLP embedding of x",
+    "model.mlp_widening": "hidden width of the embedding MLP / embed_size",
+    "analysis.baseline_steps": "meta-steps of the MLP + GD baseline (trained once per run)",
+    "analysis.test_queries": "query points per test task (the sensitivity curves' points)",
+}
+DOCS = {**icl_gd.DOCS, **DOCS}
 
 
 def train_baseline(config: ConfigDict, learner: LSA, task: Sinusoid,
                    run: Run | None = None) -> MetaParams:
-    """Meta-train "MLP + GD" (or read it from the run directory when it was trained before)."""
-    if run is not None and (run.path / BASELINE_FILE).exists():
-        saved = run.read_json(BASELINE_FILE)
-        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), saved["meta"])
-    steps = config.analysis.baseline_steps
-    outer = build_outer(config.outer, steps)
-    res = outer.run(learner, task, jax.random.PRNGKey(config.seed + 11), steps=steps,
-                    options=RunOptions(progress=False))
-    if run is not None:
+    """Meta-train "MLP + GD" once per run (kept in the run directory as BASELINE_FILE)."""
+    def fit() -> dict:
+        steps = config.analysis.baseline_steps
+        res = build_outer(config.outer, steps).run(
+            learner, task, jax.random.PRNGKey(config.seed + 11), steps=steps,
+            options=RunOptions(progress=False))
         losses = [r["loss"] for r in res.history if r.get("split") == "train"]
-        run.write_json(BASELINE_FILE, {"steps": steps, "meta": _to_json(res.meta),
-                                       "final_train_loss": float(np.mean(losses[-50:]))})
-    return res.meta
+        return {"steps": steps, "meta": jax.tree.map(lambda a: np.asarray(a).tolist(), res.meta),
+                "final_train_loss": float(np.mean(losses[-50:]))}
+
+    saved = cached_json(run, BASELINE_FILE, fit)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), saved["meta"])
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:
@@ -85,7 +96,7 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     test = dataclasses.replace(task, num_queries=config.analysis.test_queries)
     return Experiment(learner=lsa, splits={"train": task, "test": test},
                       eval_learner=icl_gd.Compared(lsa, (baseline,)),
-                      report=functools.partial(report, config=config))
+                      report=report)
 
 
 def _fits(exp: Experiment, meta: MetaParams, key: jax.Array, tasks: int = 3):
@@ -93,7 +104,7 @@ def _fits(exp: Experiment, meta: MetaParams, key: jax.Array, tasks: int = 3):
     learner: icl_gd.Compared = exp.eval_learner  # type: ignore[assignment]
     base = learner.baselines[0]
     grid = jnp.linspace(-5, 5, 200)[:, None]
-    eps = jax.jit(exp.splits["test"].sample_batch, static_argnums=1)(key, tasks)
+    eps = batch_sampler(exp.splits["test"], tasks)(key)
 
     def draw(ax) -> None:
         for i in range(tasks):
@@ -109,12 +120,10 @@ def _fits(exp: Experiment, meta: MetaParams, key: jax.Array, tasks: int = 3):
     return draw
 
 
-def report(exp: Experiment, meta: MetaParams, run: Run | None,
-           config: ConfigDict | None = None) -> dict:
+def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
+           progress: bool = False) -> dict:
     """Losses, prediction distance and sensitivity cosine against MLP + GD; table and plot."""
-    config = config if config is not None else get_config()
-    eps = icl_gd.test_episodes(exp.splits["test"], config.analysis.test_tasks)
-    s = icl_gd.test_comparison(exp.eval_learner, meta, eps)
+    s, eps = icl_gd.report_comparison(config, exp, meta, progress)
     s["loss_zero"] = float(0.5 * jnp.mean(eps.query_y ** 2))
     rows = [("loss, trained model (MLP + 1 LSA layer)", "loss_model"),
             ("loss, MLP + GD", "loss_mlp_gd"), ("loss, zero predictor", "loss_zero"),
@@ -124,8 +133,8 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None,
     lines = ["| quantity | this run | official code |", "|---|---|---|"]
     for label, k in rows:
         if k in s:
-            ref = icl_gd._fmt(REFERENCE.get(k))
-            lines.append(f"| {label} | {icl_gd._fmt(s[k], s.get(k + '_ci95'))} | {ref} |")
+            lines.append(f"| {label} | {format_value(s[k], s.get(k + '_ci95'))} | "
+                         f"{format_value(REFERENCE.get(k))} |")
     s["table"] = "\n".join(lines)
     if run is not None:
         extra = _fits(exp, meta, jax.random.PRNGKey(3))

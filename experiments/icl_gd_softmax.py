@@ -11,6 +11,7 @@ from metalearn.experiment import ConfigDict
 from metalearn.experiments import icl_gd
 
 build = icl_gd.build
+DOCS = icl_gd.DOCS
 
 
 def get_config() -> ConfigDict:

@@ -18,9 +18,25 @@ def get_config() -> ConfigDict:
     # MAML on a zero-initialised linear model; lr_mode: fixed | scalar | per_param (Meta-SGD)
     c.learner = ConfigDict({"inner_steps": 3, "inner_lr": 0.05, "lr_mode": "scalar",
                             "first_order": False})
-    c.outer = outer_config("gradient", learning_rate=3e-3, batch_size=32, steps_per_call=25,
-                           population_size=16, std_init=0.05)
+    c.outer = outer_config("gradient", gradient={"learning_rate": 3e-3},
+                           evolution={"population_size": 16, "std_init": 0.05},
+                           batch_size=32, steps_per_call=25)
     return c
+
+
+DOCS = {
+    "task.dim": "input dimension d",
+    "task.num_context": "support (context) points per task",
+    "task.num_queries": "query points per task",
+    "task.input_range": "inputs x ~ U(-r, r)^d",
+    "task.weight_scale": "teacher weights w ~ N(weight_mean, weight_scale^2)",
+    "task.weight_mean": "mean of the teacher weights",
+    "task.noise_std": "Gaussian noise on the targets",
+    "learner.inner_steps": "inner SGD steps on the support set",
+    "learner.inner_lr": "inner step size (its initial value when learned)",
+    "learner.lr_mode": "inner step size: fixed, scalar (learned) or per_param (Meta-SGD)",
+    "learner.first_order": "first-order MAML: no second derivatives through the inner loop",
+}
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

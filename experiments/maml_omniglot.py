@@ -22,8 +22,19 @@ def get_config() -> ConfigDict:
     c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "inner_steps": 5,
                             "eval_inner_steps": None, "inner_lr": 0.4, "lr_mode": "scalar",
                             "first_order": False, "anil": False})
-    c.outer.learning_rate = 3e-3
+    c.outer.gradient.learning_rate = 3e-3
     return c
+
+
+DOCS = {**_omniglot.DOCS,
+        "learner.channels": "channels of every conv block of the CNN",
+        "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
+        "learner.inner_steps": "inner SGD steps on the support set (T)",
+        "learner.eval_inner_steps": "inner steps at evaluation (None: inner_steps)",
+        "learner.inner_lr": "inner step size alpha (its initial value when learned)",
+        "learner.lr_mode": "inner step size: fixed, scalar (learned) or per_param (Meta-SGD)",
+        "learner.first_order": "first-order MAML: no second derivatives through the inner loop",
+        "learner.anil": "adapt the head only in the inner loop (ANIL)"}
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

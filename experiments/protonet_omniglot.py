@@ -1,4 +1,4 @@
-"""Prototypical networks on the 4-block CNN, minimal Omniglot: train on background small 1."""
+"""Prototypical networks on the 4-block CNN, minimal Omniglot, held-out alphabets."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ def get_config() -> ConfigDict:
     c = _omniglot.base_omniglot_config(report_settings="20x5x5,5x1x15,20x1x5+5")
     c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "refine_steps": 1})
     return c
+
+
+DOCS = {**_omniglot.DOCS,
+        "learner.channels": "channels of every conv block of the CNN",
+        "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
+        "learner.refine_steps": "soft k-means refinements of the prototypes with unlabeled "
+                                "images (0: none)"}
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

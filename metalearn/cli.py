@@ -1,4 +1,4 @@
-"""The `metalearn` command line: list, train, evaluate."""
+"""The `metalearn` command line: list, config, train, evaluate, compare."""
 
 from __future__ import annotations
 
@@ -6,12 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-
-
-def _fmt_metrics(res: dict) -> str:
-    keys = [k for k in res if isinstance(res[k], int | float) and not k.endswith("_ci95")
-            and k not in ("episodes", "step")]
-    return "  ".join(f"{k}={res[k]:.4f} ± {res.get(k + '_ci95', float('nan')):.4f}" for k in keys)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -24,6 +18,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from metalearn.experiment import (
+        apply_overrides,
+        describe_config,
+        field_docs,
+        load_module,
+    )
+
+    mod = load_module(args.experiment)
+    config = mod.get_config()
+    config.experiment = args.experiment
+    apply_overrides(config, args.set or [])
+    rows = describe_config(config, field_docs(mod))
+    name_w = max(len(n) for n, _, _ in rows)
+    val_w = min(24, max(len(repr(v)) for _, v, _ in rows))
+    print(f"{args.experiment}: {(mod.__doc__ or '').strip().splitlines()[0]}")
+    print("override any field with --set NAME=VALUE; outer.kind picks outer.gradient.* or "
+          "outer.evolution.*\n")
+    for name, value, doc in rows:
+        print(f"{name:<{name_w}}  {value!r:<{val_w}}  {doc}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from metalearn.experiment import train
 
@@ -32,12 +49,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize()  # coordinator/process ids from the cluster environment
 
+    from metalearn.evaluation import format_metrics
+
     run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
                          resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run.path}")
     for split in ("validation", "test"):
         if isinstance(summary.get(split), dict):
-            print(f"{split:>10}: {_fmt_metrics(summary[split])}  "
+            print(f"{split:>10}: {format_metrics(summary[split])}  "
                   f"({summary[split].get('episodes')} episodes)")
     if "table" in summary:
         print(summary["table"])
@@ -47,17 +66,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from metalearn import experiment
+    from metalearn.evaluation import format_metrics
 
     if args.manifest:
         res = experiment.evaluate_manifest(args.run_dir, args.manifest)
     else:
         res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                       ways=args.ways, shots=args.shots, queries=args.queries,
-                                      unlabeled=args.unlabeled)
+                                      unlabeled=args.unlabeled, progress=not args.no_progress)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items())
-    print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes): "
-          f"{_fmt_metrics(res)}")
+    seed = f", seed {res['seed']}" if "seed" in res else ""
+    print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}): "
+          f"{format_metrics(res)}")
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -71,16 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments, one line each").set_defaults(
         fn=_cmd_list)
+    c = sub.add_parser("config", help="every config field of an experiment: value and meaning")
+    c.add_argument("experiment", help="experiment name (see `metalearn list`)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="show the config with these overrides applied")
+    c.set_defaults(fn=_cmd_config)
     t = sub.add_parser("train", help="meta-train an experiment")
     t.add_argument("experiment", nargs="?", default="",
                    help="experiment name (see `metalearn list`); optional with --resume")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set steps=500 --set outer.batch_size=64")
+                   help="override a config field, e.g. --set steps=500 --set outer.batch_size=64 "
+                        "(`metalearn config EXPERIMENT` lists them)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: config.seed)")
     t.add_argument("--run-dir", default=None, help="run directory (default: runs/NAME-sSEED-TIME)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="quiet: no progress bars or status lines")
     t.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (run the same "
                         "command on every host)")
@@ -88,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes")
     e.add_argument("run_dir", help="a run directory made by `metalearn train`")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    e.add_argument("--episodes", type=int, default=1000, help="number of episodes (default 1000)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation episodes")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="number of episodes (default: the run's test_episodes)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of the evaluation episodes (default 0: the test episodes "
+                        "`metalearn train` reported on)")
     e.add_argument("--manifest", default=None,
                    help="evaluate on the fixed episodes listed in this manifest file")
     for flag, what in (("ways", "classes per episode (N)"), ("shots", "labelled images per "
@@ -98,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(f"--{flag}", type=int, default=None,
                        help=f"few-shot runs: {what}; default: the run's")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_evaluate)
+    from metalearn.compare import add_parser
+
+    add_parser(sub)
     return p
 
 

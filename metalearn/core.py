@@ -1,4 +1,5 @@
-"""The three seams: `Episode` data, `TaskSampler`, `InnerLearner` (see DESIGN.md).
+"""`Episode` data and two of the three seams, `TaskSampler` and `InnerLearner` (the third, the
+outer loop, is `metalearn.outer`).
 
 Every episode is a pytree of arrays, every sampler is a pure function of a PRNG key and every
 learner is a set of pure functions of explicit meta-parameters, so that a whole meta-training
@@ -113,7 +114,7 @@ class TaskSampler:
         return self.sample(jax.random.PRNGKey(0))
 
     def describe(self) -> dict:
-        """A JSON-able description of the task distribution (saved with runs)."""
+        """A JSON-able description of the task distribution (saved as a run's tasks.json)."""
         return {"sampler": type(self).__name__}
 
 
@@ -163,10 +164,16 @@ def query_loss(preds: Array, targets: Array) -> tuple[Array, dict]:
     return loss, {"loss": loss}
 
 
+def episode_losses(learner: InnerLearner, meta: MetaParams, episodes: Episode,
+                   key: Array) -> tuple[Array, dict]:
+    """Per-episode losses [B] and metrics of a batch of episodes (leading axis), `vmap`ped;
+    episode i gets the learner key split(key, B)[i]."""
+    keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
+    return jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
+
+
 def batch_loss(learner: InnerLearner, meta: MetaParams, episodes: Episode,
                key: Array) -> tuple[Array, dict]:
-    """Mean query loss over a batch of episodes (leading axis), `vmap`ped; metrics averaged."""
-    n = jax.tree.leaves(episodes)[0].shape[0]
-    keys = jax.random.split(key, n)
-    losses, metrics = jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
+    """Mean query loss over a batch of episodes (leading axis); metrics averaged."""
+    losses, metrics = episode_losses(learner, meta, episodes, key)
     return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)

@@ -6,10 +6,16 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, episode_losses
+
+# The seeds of the evaluation episodes, one per purpose, so that no two purposes share episodes
+# and every figure in a run directory can be reproduced from its config.
+EVAL_SEED = 1_000_003  # periodic evaluations during training (the validation split)
+TEST_SEED = 2_000_003  # the final test evaluation of `metalearn train` and `metalearn evaluate`
+REPORT_SEED = 5_000_011  # an experiment's report (seed + i for its i-th extra setting)
+MANIFEST_SEED = 4_000_037  # the learner's keys on a manifest's fixed episodes
 
 
 def summarize(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
@@ -26,12 +32,7 @@ def summarize(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _episode_metrics_fn(learner: InnerLearner):
-    def f(meta: MetaParams, episodes: Episode, key: Array) -> dict:
-        keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
-        _, m = jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
-        return m
-
-    return jax.jit(f)
+    return jax.jit(lambda meta, episodes, key: episode_losses(learner, meta, episodes, key)[1])
 
 
 _CACHE: dict[Any, Any] = {}
@@ -65,26 +66,51 @@ def batch_sampler(sampler: TaskSampler, batch_size: int):
     return fn
 
 
+def _chunks(key: Array, episodes: int, batch_size: int):
+    """(size, sampling key, learner key) of each chunk of an evaluation."""
+    for i, start in enumerate(range(0, episodes, batch_size)):
+        k_s, k_l = jax.random.split(jax.random.fold_in(key, i))
+        yield min(batch_size, episodes - start), k_s, k_l
+
+
 def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key: Array,
-             episodes: int = 1000, batch_size: int = 100) -> dict[str, float]:
-    """Mean query loss/accuracy over `episodes` sampled episodes, with 95% CIs."""
+             episodes: int = 1000, batch_size: int = 100,
+             progress: str | None = None) -> dict[str, float]:
+    """Mean query loss/accuracy over `episodes` sampled episodes, with 95% CIs.
+
+    Chunk i of `batch_size` episodes is drawn with key fold_in(key, i) (split into sampling and
+    learner keys), so the episodes depend on `key`, `episodes` and `batch_size` only
+    (`sample_episodes` returns them). `progress`: a label to show a progress bar under.
+    """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     batch_size = min(batch_size, episodes)
     sample = batch_sampler(sampler, batch_size)
     chunks: list[dict[str, np.ndarray]] = []
-    done = 0
-    i = 0
-    while done < episodes:
-        n = min(batch_size, episodes - done)
-        k_s, k_l = jax.random.split(jax.random.fold_in(key, i))
-        eps = sample(k_s)
-        m = episode_metrics(learner, meta, eps, k_l)
+    bar = _bar(episodes, progress)
+    for n, k_s, k_l in _chunks(key, episodes, batch_size):
+        m = episode_metrics(learner, meta, sample(k_s), k_l)
         chunks.append({k: v[:n] for k, v in m.items()})
-        done += n
-        i += 1
-    per = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    return summarize(per)
+        bar.update(n)
+    bar.close()
+    return summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+
+
+def sample_episodes(sampler: TaskSampler, key: Array, episodes: int,
+                    batch_size: int = 100) -> Episode:
+    """The episodes that `evaluate(..., sampler, key, episodes, batch_size)` scores, stacked."""
+    batch_size = min(batch_size, episodes)
+    sample = batch_sampler(sampler, batch_size)
+    parts = [jax.tree.map(lambda a, n=n: a[:n], sample(k_s))
+             for n, k_s, _ in _chunks(key, episodes, batch_size)]
+    return jax.tree.map(lambda *a: np.concatenate(a), *parts)
+
+
+def _bar(total: int, label: str | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="episode", disable=label is None,
+                dynamic_ncols=True, leave=False)
 
 
 def evaluate_episodes(learner: InnerLearner, meta: MetaParams, episodes: Episode, key: Array,
@@ -98,6 +124,21 @@ def evaluate_episodes(learner: InnerLearner, meta: MetaParams, episodes: Episode
     return summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
 
 
-def finite(x: Any) -> bool:
-    """True when every entry of x is finite."""
-    return bool(jnp.all(jnp.isfinite(jnp.asarray(x))))
+def format_value(x: Any, ci: Any = None, digits: int = 4) -> str:
+    """One figure as text: `0.1234 ± 0.0056` (a CI when given); tuples as `a / b`."""
+    if x is None:
+        return ""
+    if isinstance(x, tuple | list):
+        return " / ".join(format_value(v, digits=digits) for v in x)
+    if not isinstance(x, int | float):
+        return str(x)
+    big = len(str(int(abs(x)))) if abs(x) < 1e15 else 0  # digits before the point
+    s = f"{x:.{digits}f}" if abs(x) < 100 else f"{x:.{max(digits, big)}g}"
+    return s + (f" ± {ci:.{digits}f}" if isinstance(ci, int | float) else "")
+
+
+def format_metrics(res: dict, digits: int = 4) -> str:
+    """`loss=0.1234 ± 0.0056  accuracy=...`: every numeric metric of a result with its CI."""
+    keys = [k for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            and not k.endswith("_ci95") and k not in ("episodes", "step", "seed")]
+    return "  ".join(f"{k}={format_value(res[k], res.get(k + '_ci95'), digits)}" for k in keys)

@@ -24,21 +24,19 @@ from jax.sharding import PartitionSpec as P
 
 from metalearn.checkpoint import Checkpointer
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, check_episode
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import EVAL_SEED, evaluate, format_metrics
 from metalearn.runs import Run
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped at that step."""
 
-    def __init__(self, step: int, value: float, last_checkpoint: int | None, where: str = ""):
+    def __init__(self, step: int, value: float, last_checkpoint: int | None, where: str = "",
+                 remedy: str = "lower the outer loop's step size"):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
         ck = (f"the last good checkpoint (step {last_checkpoint}{where}) is kept; "
               if last_checkpoint is not None else "no checkpoint had been written; ")
-        super().__init__(
-            f"training loss became {value} at step {step}: stopped. {ck}lower the learning rate "
-            "(--set outer.learning_rate=...), enable gradient clipping (--set outer.clip_norm=1.0)"
-            " or reduce the evolution step size (--set outer.std_init=...)")
+        super().__init__(f"training loss became {value} at step {step}: stopped. {ck}{remedy}")
 
 
 class OuterState(NamedTuple):
@@ -76,6 +74,11 @@ def shard_leading(tree: PyTree, mesh: Mesh | None) -> PyTree:
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), tree)
 
 
+def option(default: Any, doc: str) -> Any:
+    """A dataclass field with a one-line description (shown by `metalearn config`)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclasses.dataclass
 class RunOptions:
     """Host-side options of `OuterLoop.run` (none of them changes the numbers)."""
@@ -94,6 +97,7 @@ class OuterLoop:
 
     steps_per_call: int = 10
     shard: bool | None = None
+    remedy = "lower the outer loop's step size"  # what to try after a non-finite loss
 
     # ----- the pure functions a subclass provides -----
     def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
@@ -108,11 +112,6 @@ class OuterLoop:
     def meta_params(self, state: OuterState) -> MetaParams:
         """The meta-parameters to deploy (gradient: the params; evolution: the mean)."""
         raise NotImplementedError
-
-    def config(self) -> dict:
-        """JSON-able settings of this outer loop."""
-        return {"outer": type(self).__name__,
-                **{k: v for k, v in dataclasses.asdict(self).items()}}  # type: ignore[arg-type]
 
     # ----- compiled steps -----
     def _multi_step(self, learner, sampler, mesh, state: OuterState, n: int):
@@ -138,98 +137,133 @@ class OuterLoop:
         `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
         same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
         """
-        opts = options or RunOptions()
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         check_episode(train_sampler.example(), name="the train sampler's episode")
-        mesh = device_mesh(self.shard)
-        state = self.init(learner, train_sampler, key)
-        run = Run(run_dir) if run_dir is not None else None
-        ckpt = Checkpointer(run.checkpoint_dir, opts.max_to_keep) if run else None
-        if resume:
-            if ckpt is None:
-                raise ValueError("resume=True needs the run_dir of the run to continue")
-            done, state = ckpt.restore(state)
-            state = jax.tree.map(jnp.asarray, state)
-            run.truncate_metrics(done)
-        elif run is not None and ckpt.latest_step() is not None:
-            raise FileExistsError(
-                f"{run.path} already holds checkpoints (up to step {ckpt.latest_step()}); "
-                "continue it with --resume, or choose a new --run-dir")
-        if mesh is not None:  # replicated on every device (a global array across hosts)
-            state = jax.device_put(jax.device_get(state), NamedSharding(mesh, P()))
-        history = run.metrics() if run else []
-        fn = self.compiled_steps(learner, train_sampler, mesh)
-        eval_key = jax.random.PRNGKey(1_000_003)
-        last_ckpt = ckpt.latest_step() if ckpt else None
-
-        def do_eval(step: int) -> dict:
-            res = evaluate(eval_learner or learner, self.meta_params(state), eval_sampler, eval_key,
-                           opts.eval_episodes, opts.eval_batch_size)
-            rec = {"step": step, "split": "eval", **res}
-            history.append(rec)
-            if run:
-                run.log([rec])
-            return res
-
-        def save(step: int) -> None:
-            nonlocal last_ckpt
-            if ckpt is not None:
-                ckpt.save(step, state, config)
-                last_ckpt = step
-
-        step = int(state.step)
-        if step >= steps:
-            raise ValueError(f"the run is already at step {step} >= steps={steps}; "
-                             "raise --set steps=... to train further")
-        bar = _progress(steps, step, opts.progress)
-        t0, step0, final_eval = time.perf_counter(), step, None
+        s = _Session(self, learner, eval_learner or learner, eval_sampler,
+                     options or RunOptions(), Run(run_dir) if run_dir is not None else None,
+                     config)
+        s.start(train_sampler, key, resume, steps)
+        fn = self.compiled_steps(learner, train_sampler, s.mesh)
+        bar = _progress(steps, s.step, s.opts.progress)
+        t0, step0 = time.perf_counter(), s.step
         try:
-            while step < steps:
-                n = min(self.steps_per_call, steps - step)
-                for every in (opts.eval_every if eval_sampler is not None else 0,
-                              opts.checkpoint_every if ckpt else 0):
-                    if every > 0:
-                        n = min(n, every - step % every)
-                state, metrics = fn(state, n)
-                metrics = jax.device_get(metrics)
-                recs = [{"step": step + i + 1, "split": "train",
-                         **{k: float(np.asarray(v)[i]) for k, v in metrics.items()}}
-                        for i in range(n)]
-                bad = next((r for r in recs if not np.isfinite(r["loss"])), None)
-                logged = [r for r in recs if r["step"] % opts.log_every == 0 or r is recs[-1]]
-                if bad is not None:
-                    logged = [r for r in recs if r["step"] <= bad["step"]]
-                history.extend(logged)
-                if run:
-                    run.log(logged)
-                if bad is not None:
-                    where = f" in {ckpt.directory}" if ckpt else ""
-                    raise NonFiniteLossError(bad["step"], bad["loss"], last_ckpt, where)
-                step += n
+            while s.step < steps:
+                n = s.chunk(steps)
+                s.state, metrics = fn(s.state, n)
+                loss = s.record(jax.device_get(metrics), n)
                 bar.update(n)
-                bar.set_postfix(loss=f"{recs[-1]['loss']:.4g}", refresh=False)
-                if eval_sampler is not None and opts.eval_every and step % opts.eval_every == 0 \
-                        and step < steps:
-                    res = do_eval(step)
-                    bar.write(f"step {step}: eval " + _fmt(res))
-                if ckpt and opts.checkpoint_every and step % opts.checkpoint_every == 0:
-                    save(step)
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                if s.due(s.opts.eval_every if eval_sampler is not None else 0) \
+                        and s.step < steps:
+                    bar.write(f"step {s.step}: eval " + format_metrics(s.evaluate()))
+                if s.due(s.opts.checkpoint_every):
+                    s.save()
         finally:
             bar.close()
         dt = time.perf_counter() - t0
-        sps = (step - step0) / dt if dt > 0 else float("nan")
-        save(step)
-        if eval_sampler is not None:
-            final_eval = do_eval(step)
-        if run:
-            run.plot_curves()
-        return TrainResult(self.meta_params(state), state, history, final_eval, sps)
+        sps = (s.step - step0) / dt if dt > 0 else float("nan")
+        s.save()
+        final_eval = s.evaluate(final=True) if eval_sampler is not None else None
+        if s.run:
+            s.run.plot_curves()
+        return TrainResult(self.meta_params(s.state), s.state, s.history, final_eval, sps)
 
 
-def _fmt(res: dict) -> str:
-    keys = [k for k in res if not k.endswith("_ci95") and k != "episodes"]
-    return " ".join(f"{k}={res[k]:.4g}±{res.get(k + '_ci95', 0):.2g}" for k in keys)
+class _Session:
+    """The host side of one `OuterLoop.run` call: state, history, checkpoints, evaluations."""
+
+    def __init__(self, outer: OuterLoop, learner: InnerLearner, eval_learner: InnerLearner,
+                 eval_sampler: TaskSampler | None, opts: RunOptions, run: Run | None,
+                 config: dict | None):
+        self.outer, self.learner, self.eval_learner = outer, learner, eval_learner
+        self.eval_sampler, self.opts, self.run, self.config = eval_sampler, opts, run, config
+        self.ckpt = Checkpointer(run.checkpoint_dir, opts.max_to_keep) if run else None
+        self.mesh = device_mesh(outer.shard)
+        self.history: list[dict] = []
+        self.last_ckpt: int | None = None
+        self.state: OuterState | None = None
+        self.step = 0
+
+    def say(self, text: str) -> None:
+        """A status line, when progress output is on."""
+        if self.opts.progress:
+            print(text, flush=True)
+
+    def start(self, sampler: TaskSampler, key: Array, resume: bool, steps: int) -> None:
+        """Initial state, or the latest checkpoint's on resume; replicated over the mesh."""
+        state = self.outer.init(self.learner, sampler, key)
+        if resume:
+            if self.ckpt is None:
+                raise ValueError("resume=True needs the run_dir of the run to continue")
+            done, state = self.ckpt.restore(state)
+            state = jax.tree.map(jnp.asarray, state)
+            self.run.truncate_metrics(done)
+            self.say(f"resuming from step {done} of {steps} ({self.ckpt.directory})")
+        elif self.ckpt is not None and self.ckpt.latest_step() is not None:
+            raise FileExistsError(
+                f"{self.run.path} already holds checkpoints (up to step "
+                f"{self.ckpt.latest_step()}); continue it with --resume, or choose a new "
+                "--run-dir")
+        if self.mesh is not None:  # replicated on every device (a global array across hosts)
+            state = jax.device_put(jax.device_get(state), NamedSharding(self.mesh, P()))
+        self.state, self.step = state, int(state.step)
+        self.history = self.run.metrics() if self.run else []
+        self.last_ckpt = self.ckpt.latest_step() if self.ckpt else None
+        if self.step >= steps:
+            raise ValueError(f"the run is already at step {self.step} >= steps={steps}; "
+                             "raise --set steps=... to train further")
+
+    def chunk(self, steps: int) -> int:
+        """Steps in the next compiled call: up to the next evaluation, checkpoint or the end."""
+        n = min(self.outer.steps_per_call, steps - self.step)
+        for every in (self.opts.eval_every if self.eval_sampler is not None else 0,
+                      self.opts.checkpoint_every if self.ckpt else 0):
+            if every > 0:
+                n = min(n, every - self.step % every)
+        return n
+
+    def due(self, every: int) -> bool:
+        """True when the current step is a multiple of `every` (> 0)."""
+        return every > 0 and self.step % every == 0
+
+    def record(self, metrics: dict, n: int) -> float:
+        """Log the metrics of `n` steps; stop on a non-finite loss. Returns the last loss."""
+        recs = [{"step": self.step + i + 1, "split": "train",
+                 **{k: float(np.asarray(v)[i]) for k, v in metrics.items()}} for i in range(n)]
+        bad = next((r for r in recs if not np.isfinite(r["loss"])), None)
+        if bad is not None:
+            logged = [r for r in recs if r["step"] <= bad["step"]]
+        else:
+            logged = [r for r in recs if r["step"] % self.opts.log_every == 0 or r is recs[-1]]
+        self.log(logged)
+        if bad is not None:
+            where = f" in {self.ckpt.directory}" if self.ckpt else ""
+            raise NonFiniteLossError(bad["step"], bad["loss"], self.last_ckpt, where,
+                                     self.outer.remedy)
+        self.step += n
+        return recs[-1]["loss"]
+
+    def log(self, records: list[dict]) -> None:
+        """Add records to the history and the run's metrics file."""
+        self.history.extend(records)
+        if self.run:
+            self.run.log(records)
+
+    def evaluate(self, final: bool = False) -> dict:
+        """Evaluate the current meta-parameters on the evaluation sampler; log the result."""
+        res = evaluate(self.eval_learner, self.outer.meta_params(self.state), self.eval_sampler,
+                       jax.random.PRNGKey(EVAL_SEED), self.opts.eval_episodes,
+                       self.opts.eval_batch_size,
+                       progress="final evaluation" if final and self.opts.progress else None)
+        self.log([{"step": self.step, "split": "eval", **res}])
+        return res
+
+    def save(self) -> None:
+        """Checkpoint the state at the current step (when there is a run directory)."""
+        if self.ckpt is not None:
+            self.ckpt.save(self.step, self.state, self.config)
+            self.last_ckpt = self.step
 
 
 class _NoBar:

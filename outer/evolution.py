@@ -8,6 +8,7 @@ sharded across devices when there are several), never in a Python loop.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,15 @@ import optax
 from jax.sharding import Mesh
 
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, batch_loss
-from metalearn.outer.base import OuterLoop, OuterState, shard_leading
+from metalearn.outer.base import OuterLoop, OuterState, option, shard_leading
 
 # Strategies whose memory grows as d x d (full covariance / rotation matrices).
 FULL_COVARIANCE = ("CMA_ES", "iAMaLGaM_Full", "xNES", "MA_ES", "Rm_ES", "CMAAnchoredLES")
+# Strategies that follow a gradient estimate and step their mean with Adam(`learning_rate`),
+# their noise held at `std_init` (where the strategy takes a schedule for it).
+ADAM_STRATEGIES = ("Open_ES", "PGPE", "ARS", "ASEBO", "GuidedES", "ESMC", "PersistentES",
+                   "NoiseReuseES")
+DEFAULT_ES_LEARNING_RATE = 0.01
 
 
 def strategy_names() -> list[str]:
@@ -32,14 +38,21 @@ def strategy_names() -> list[str]:
 class EvolutionOuterLoop(OuterLoop):
     """An evosax distribution-based strategy on the batch-mean query loss as fitness."""
 
-    strategy: str = "Sep_CMA_ES"
-    population_size: int = 32
-    std_init: float = 0.1
-    learning_rate: float = 0.01  # for gradient-estimate strategies (Open_ES, PGPE, ...)
+    strategy: str = option("Sep_CMA_ES", "evosax distribution-based strategy, e.g. Sep_CMA_ES, "
+                           "CMA_ES, Open_ES, SNES, PGPE (see metalearn.outer.evolution)")
+    population_size: int = option(32, "candidates per generation")
+    std_init: float = option(0.1, "initial search standard deviation (held fixed for "
+                             "Adam-stepped strategies)")
+    learning_rate: float | None = option(
+        None, "Adam rate of the mean for Open_ES, PGPE, ARS, ASEBO, GuidedES, ESMC, "
+        "PersistentES, NoiseReuseES (None: 0.01); refused for the others")
+    max_full_covariance_dim: int = option(5000, "refuse full-covariance strategies above this "
+                                          "many meta-parameters")
     batch_size: int = 32  # episodes per generation, shared by all members
     steps_per_call: int = 10
-    max_full_covariance_dim: int = 5000
     shard: bool | None = None
+    remedy = ("reduce the search's step size (--set outer.evolution.std_init=...) or, for "
+              "Adam-stepped strategies, its learning rate (outer.evolution.learning_rate)")
 
     def __post_init__(self) -> None:
         names = strategy_names()
@@ -53,6 +66,13 @@ class EvolutionOuterLoop(OuterLoop):
                              f"got {self.population_size}")
         if self.std_init <= 0:
             raise ValueError(f"std_init must be > 0, got {self.std_init}")
+        if self.learning_rate is not None and self.strategy not in ADAM_STRATEGIES:
+            raise ValueError(
+                f"learning_rate={self.learning_rate} is for strategies that step their mean with "
+                f"Adam ({', '.join(ADAM_STRATEGIES)}); {self.strategy} has no learning rate: "
+                "leave it unset (None), or tune std_init / population_size instead")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
     def es(self, solution: PyTree):
         """The evosax strategy object for meta-parameters shaped like `solution`."""
@@ -69,14 +89,12 @@ class EvolutionOuterLoop(OuterLoop):
                 "outer.max_full_covariance_dim if you have the memory")
         cls = getattr(algorithms, self.strategy)
         kw = {}
-        if self.strategy in ("Open_ES", "PGPE", "ARS", "ASEBO", "GuidedES", "ESMC",
-                             "PersistentES", "NoiseReuseES"):
-            kw = {"optimizer": optax.adam(self.learning_rate),
-                  "std_schedule": optax.constant_schedule(self.std_init)}
-        try:
-            return cls(population_size=self.population_size, solution=solution, **kw)
-        except TypeError:  # strategies without optimizer/std_schedule arguments
-            return cls(population_size=self.population_size, solution=solution)
+        if self.strategy in ADAM_STRATEGIES:
+            accepted = inspect.signature(cls.__init__).parameters
+            kw = {k: v for k, v in (
+                ("optimizer", optax.adam(self.learning_rate or DEFAULT_ES_LEARNING_RATE)),
+                ("std_schedule", optax.constant_schedule(self.std_init))) if k in accepted}
+        return cls(population_size=self.population_size, solution=solution, **kw)
 
     def es_params(self, es):
         """Strategy hyper-parameters, with `std_init` applied where the strategy has one."""

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
-from metalearn.outer.base import OuterLoop, OuterState, shard_leading
+from metalearn.outer.base import OuterLoop, OuterState, option, shard_leading
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")
@@ -20,21 +20,23 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")
 class GradientOuterLoop(OuterLoop):
     """optax optimizer (with schedule and clipping) on the batch-mean query loss."""
 
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    decay_steps: int = 0  # cosine/linear/exponential horizon; 0 means the run's `steps`
-    end_lr_factor: float = 0.0  # final lr = learning_rate * end_lr_factor (cosine, linear)
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    clip_norm: float | None = None  # clip_by_global_norm threshold
+    optimizer: str = option("adam", f"optax optimizer: {', '.join(OPTIMIZERS)}")
+    learning_rate: float = option(1e-3, "peak learning rate of the optimizer")
+    schedule: str = option("constant", f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    warmup_steps: int = option(0, "linear warm-up from 0 over this many steps (0: none)")
+    decay_steps: int = option(0, "horizon of cosine/linear/exponential decay (0: the run's steps)")
+    end_lr_factor: float = option(0.0, "final rate / learning_rate (cosine, linear schedules)")
+    b1: float = option(0.9, "first-moment decay (adam, adamw, lamb, lion)")
+    b2: float = option(0.999, "second-moment decay (adam, adamw, lamb, lion)")
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw, lamb, lion)")
+    momentum: float = option(0.9, "momentum of optimizer=momentum")
+    clip_norm: float | None = option(None, "clip gradients to this global norm (None: no clip)")
     batch_size: int = 32  # episodes per meta-step
     steps_per_call: int = 10
     total_steps: int = 0  # set by the experiment runner, used by schedules
     shard: bool | None = None
+    remedy = ("lower the learning rate (--set outer.gradient.learning_rate=...) or clip the "
+              "gradients (--set outer.gradient.clip_norm=1.0)")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

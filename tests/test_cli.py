@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from metalearn.cli import main
@@ -39,17 +40,27 @@ def test_train_resume_evaluate(tmp_path, capsys):
     recs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, 31))
     capsys.readouterr()
-    assert main(["evaluate", str(rd), "--episodes", "40"]) == 0
+    assert main(["evaluate", str(rd), "--episodes", "40", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "test (step 30, 40 episodes)" in out and "loss=" in out
+    assert "test (step 30, 40 episodes, seed 0)" in out and "loss=" in out
     assert json.loads((rd / "eval_test.json").read_text())["episodes"] == 40
+    # by default `evaluate` repeats the test figures of the run's summary exactly
+    assert main(["evaluate", str(rd), "--no-progress"]) == 0
+    summary = json.loads((rd / "summary.json").read_text())
+    assert json.loads((rd / "eval_test.json").read_text())["loss"] == summary["test"]["loss"]
     assert main(["evaluate", str(rd), "--ways", "5"]) == 2  # not a few-shot run
     assert "has no ways/shots/queries/unlabeled settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["train", "nope"], "unknown experiment 'nope'"),
-    (["train", "linreg_sgd", "--set", "outer.optimizer=adamx"], "unknown optimizer"),
+    (["train", "linreg_sgd", "--set", "outer.gradient.optimizer=adamx"], "unknown optimizer"),
+    (["train", "linreg_sgd", "--set", "outer.optimizer=adam"],
+     "did you mean outer.gradient.optimizer?"),
+    (["train", "linreg_sgd", "--set", "outer.kind=evolution", "--set",
+      "outer.gradient.learning_rate=0.1"], "outer.kind=evolution, which reads outer.evolution.*"),
+    (["train", "linreg_sgd", "--set", "outer.kind=evolution", "--set",
+      "outer.evolution.learning_rate=0.1"], "Sep_CMA_ES has no learning rate"),
     (["train", "linreg_sgd", "--set", "stepz=1"], "no field 'stepz'"),
     (["evaluate", "/nonexistent/run"], "not a metalearn run directory"),
     (["train", "--resume"], "--resume needs --run-dir"),
@@ -59,3 +70,43 @@ def test_cli_errors_are_clear(argv, msg, capsys, tmp_path):
         argv = [*argv, "--run-dir", str(tmp_path / "r"), "--no-progress"]
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_train_says_where_it_writes_and_where_it_resumes(tmp_path, capsys):
+    rd = tmp_path / "run"
+    sets = ["--set", "steps=4", "--set", "test_episodes=20", "--set", "checkpoint_every=2"]
+    assert main(["train", "linreg_sgd", "--run-dir", str(rd), *sets]) == 0
+    assert f"run directory: {rd}" in capsys.readouterr().out
+    config = json.loads((rd / "config.json").read_text())
+    assert "evolution" not in config["outer"]  # a run's config holds what it uses
+    assert main(["train", "--run-dir", str(rd), "--resume", "--set", "steps=6"]) == 0
+    assert "resuming from step 4 of 6" in capsys.readouterr().out
+
+
+def test_config_lists_and_describes_every_field(capsys):
+    from metalearn.experiment import describe_config, field_docs, list_experiments, load_module
+
+    for name, _ in list_experiments():
+        mod = load_module(name)
+        missing = [n for n, _, doc in describe_config(mod.get_config(), field_docs(mod))
+                   if not doc]
+        assert not missing, f"{name}: config fields without a description: {missing}"
+    assert main(["config", "maml_omniglot", "--set", "learner.inner_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "learner.inner_steps" in out and "inner SGD steps" in out
+    line = next(x for x in out.splitlines() if x.startswith("learner.inner_steps "))
+    assert line.split()[1] == "3"
+    assert "outer.gradient.learning_rate" in out and "outer.evolution.strategy" in out
+
+
+def test_a_run_made_from_python_is_refused_with_a_reason(tmp_path, capsys):
+    from metalearn.learners.gd import GradientDescent
+    from metalearn.outer.base import RunOptions
+    from metalearn.outer.gradient import GradientOuterLoop
+    from metalearn.tasks.regression import LinearRegression
+
+    GradientOuterLoop(batch_size=2).run(GradientDescent(), LinearRegression(dim=2, num_context=4),
+                                        jax.random.PRNGKey(0), steps=2, run_dir=tmp_path,
+                                        options=RunOptions(progress=False))
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "made from Python with OuterLoop.run" in capsys.readouterr().err

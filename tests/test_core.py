@@ -94,10 +94,10 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
 
 def test_overrides_parse_and_reject():
     c = base_config()
-    apply_overrides(c, ["steps=20", "outer.learning_rate=1e-2", "outer.clip_norm=1",
-                        "outer.kind=evolution", "eval_every=5"])
-    assert c.steps == 20 and c.outer.learning_rate == 0.01 and c.outer.kind == "evolution"
-    assert c.outer.clip_norm == 1
+    apply_overrides(c, ["steps=20", "outer.gradient.learning_rate=1e-2",
+                        "outer.gradient.clip_norm=1", "outer.kind=evolution", "eval_every=5"])
+    assert c.steps == 20 and c.outer.gradient.learning_rate == 0.01
+    assert c.outer.kind == "evolution" and c.outer.gradient.clip_norm == 1
     with pytest.raises(KeyError, match="no field 'stepz'"):
         apply_overrides(c, ["stepz=3"])
     with pytest.raises(KeyError, match="'nope' is not a config section"):
@@ -106,3 +106,62 @@ def test_overrides_parse_and_reject():
         apply_overrides(c, ["steps=abc"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(c, ["steps"])
+
+
+def test_outer_config_has_one_section_per_loop_kind():
+    from metalearn.experiment import build_outer, check_outer_sets, outer_config, used_outer
+    from metalearn.outer.evolution import EvolutionOuterLoop
+    from metalearn.outer.gradient import GradientOuterLoop
+
+    c = outer_config("gradient", gradient={"learning_rate": 3e-3},
+                     evolution={"population_size": 8}, batch_size=4)
+    assert set(c.gradient) >= {"optimizer", "learning_rate", "clip_norm"}
+    assert set(c.evolution) >= {"strategy", "population_size", "std_init", "learning_rate"}
+    assert not set(c.gradient) & set(c.evolution) - {"learning_rate"}
+    g = build_outer(c)
+    assert isinstance(g, GradientOuterLoop) and (g.learning_rate, g.batch_size) == (3e-3, 4)
+    c.kind = "evolution"
+    e = build_outer(c)
+    assert isinstance(e, EvolutionOuterLoop) and (e.population_size, e.batch_size) == (8, 4)
+    assert set(used_outer(c)) == {"kind", "batch_size", "steps_per_call", "shard", "evolution"}
+    # a field of the other loop's section is refused, naming the section that is read
+    with pytest.raises(ValueError, match=r"outer.kind=evolution.*reads outer.evolution.\*"):
+        check_outer_sets(c, ["outer.gradient.clip_norm=1"])
+    check_outer_sets(c, ["outer.evolution.std_init=0.2", "steps=3"])
+    with pytest.raises(KeyError, match=r"did you mean outer.gradient.clip_norm\?"):
+        apply_overrides(base_config(), ["outer.clip_norm=1"])
+    with pytest.raises(KeyError, match="outer.gradient has no field 'strategy'"):
+        outer_config("gradient", gradient={"strategy": "CMA_ES"})
+
+
+def test_evolution_learning_rate_is_refused_where_it_means_nothing():
+    from metalearn.outer.evolution import EvolutionOuterLoop
+
+    with pytest.raises(ValueError, match="CMA_ES has no learning rate"):
+        EvolutionOuterLoop(strategy="CMA_ES", learning_rate=0.1)
+    assert EvolutionOuterLoop(strategy="Open_ES", learning_rate=0.1).learning_rate == 0.1
+
+
+def test_runs_of_the_flat_outer_config_are_upgraded():
+    from metalearn.experiment import upgrade_outer
+
+    old = {"kind": "evolution", "optimizer": "adamw", "learning_rate": 0.01, "clip_norm": None,
+           "strategy": "Sep_CMA_ES", "population_size": 16, "std_init": 0.05, "batch_size": 8,
+           "steps_per_call": 10, "max_full_covariance_dim": 5000, "shard": "auto"}
+    new = upgrade_outer(old)
+    assert new["kind"] == "evolution" and new["batch_size"] == 8
+    assert new["evolution"]["population_size"] == 16
+    assert new["evolution"]["learning_rate"] is None  # Sep-CMA-ES never read it
+    assert new["gradient"]["optimizer"] == "adamw" and new["gradient"]["learning_rate"] == 0.01
+    assert upgrade_outer(new) == new
+
+
+def test_top_level_exports_resolve():
+    import metalearn
+
+    for name in metalearn.__all__:
+        assert getattr(metalearn, name) is not None, name
+    assert metalearn.Episode is Episode and metalearn.GradientOuterLoop.__name__ == \
+        "GradientOuterLoop"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        metalearn.Nope  # noqa: B018

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metalearn.core import Episode
-from metalearn.experiment import apply_overrides, load_module, train
+from metalearn.experiment import apply_overrides, evaluate_run, load_module, train
 from metalearn.experiments import icl_gd
 from metalearn.learners.gd import GradientDescent
 from metalearn.learners.lsa import LSA, gd_construction
@@ -16,7 +16,7 @@ from metalearn.runs import Run
 from metalearn.tasks.regression import LinearRegression
 
 SMALL = ["task.dim=4", "task.num_context=6", "analysis.search_tasks=500",
-         "analysis.test_tasks=200", "analysis.ood_tasks=100", "eval_episodes=200",
+         "test_episodes=200", "analysis.ood_tasks=100", "eval_episodes=200",
          "outer.batch_size=64", "outer.steps_per_call=10", "checkpoint_every=0"]
 
 
@@ -83,8 +83,19 @@ def _train_and_check(tmp_path, name: str) -> dict:
     return summary
 
 
-def test_train_end_to_end(tmp_path):
-    _train_and_check(tmp_path, "icl_gd")
+def test_train_end_to_end(tmp_path, monkeypatch):
+    summary = _train_and_check(tmp_path, "icl_gd")
+    # one test figure: the table's model loss is the test split's loss, which `evaluate` repeats
+    assert summary["loss_model"] == summary["test"]["loss"]
+    assert (tmp_path / "run" / icl_gd.BASELINES_FILE).exists()
+
+    def refit(*args, **kw):
+        raise AssertionError("evaluate must reuse the run's fitted baselines")
+
+    monkeypatch.setattr(icl_gd, "fit_step_sizes", refit)
+    res = evaluate_run(tmp_path / "run")
+    assert res["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-6)
+    assert res["loss_gd"] == pytest.approx(summary["test"]["loss_gd"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -104,16 +115,15 @@ def test_build_trains_the_plain_learner_and_evaluates_the_comparison():
 
 
 def test_evolution_starts_where_the_gradient_run_starts():
-    from metalearn.experiments import icl_gd_es
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
 
     task = LinearRegression(dim=3, num_context=5)
-    lsa = LSA(init_key=icl_gd_es.gradient_init_key(3))
     key = jax.random.PRNGKey(3)
     g = GradientOuterLoop(batch_size=4).init(LSA(), task, key)
-    e = EvolutionOuterLoop(population_size=4, batch_size=4).init(lsa, task, key)
-    np.testing.assert_array_equal(g.params["attn"]["query"], e.params["attn"]["query"])
+    e = EvolutionOuterLoop(population_size=4, batch_size=4)
+    np.testing.assert_array_equal(g.params["attn"]["query"],
+                                  e.meta_params(e.init(LSA(), task, key))["attn"]["query"])
 
 
 def test_sibling_experiments():
@@ -124,7 +134,7 @@ def test_sibling_experiments():
         mod = load_module(name)
         section, leaf = field.split(".")
         assert mod.get_config()[section][leaf] == value
-        assert mod.build is icl_gd.build or name in ("icl_gd_nonlinear", "icl_gd_es")
+        assert mod.build is icl_gd.build or name == "icl_gd_nonlinear"
 
 
 @pytest.mark.slow

@@ -190,16 +190,6 @@ def test_init_scale_and_shapes():
                                                        query_y=jnp.zeros(1, jnp.int32)))
 
 
-def test_init_key_fixes_the_initialisation():
-    ep = _task(3, 4)
-    key = jax.random.PRNGKey(5)
-    a = LSA(init_key=tuple(int(v) for v in key)).init(jax.random.PRNGKey(0), ep)
-    b = LSA().init(key, ep)
-    c = LSA().init(jax.random.PRNGKey(1), ep)
-    np.testing.assert_array_equal(a["attn"]["query"], b["attn"]["query"])
-    assert not np.allclose(a["attn"]["query"], c["attn"]["query"])
-
-
 def test_effective_step_and_interpolation_of_the_construction():
     ep = _task(6, 10)
     cons = gd_construction(6, 1, 4.0, 10, gamma=0.5)

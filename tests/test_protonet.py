@@ -133,8 +133,8 @@ def trained_run(tmp_path_factory):
     # no validation split and no extra report settings: fewer evaluations to compile
     sets = ["steps=40", "eval_every=0", "eval_episodes=8", "checkpoint_every=0",
             "learner.channels=8", "task.ways=5", "task.queries=3", "outer.batch_size=4",
-            "outer.learning_rate=0.003", "outer.steps_per_call=40", "data.validation_alphabets=",
-            "report_settings="]
+            "outer.gradient.learning_rate=0.003", "outer.steps_per_call=40",
+            "data.validation_alphabets=", "report_settings=", "test_episodes=8"]
     run, summary = train("protonet_omniglot", sets, run_dir=run_dir, progress=False)
     return run, summary
 
@@ -164,7 +164,7 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
     assert main(["evaluate", str(run.path), "--episodes", "6", "--ways", "3", "--shots", "1",
                  "--queries", "2", "--unlabeled", "2"]) == 0
     out = capsys.readouterr().out
-    assert "test ways=3 shots=1 queries=2 unlabeled=2 (step 40, 6 episodes)" in out
+    assert "test ways=3 shots=1 queries=2 unlabeled=2 (step 40, 6 episodes, seed 0)" in out
     res = json.loads((run.path / "eval_test_3way_1shot_2query_2unlabeled.json").read_text())
     assert res["setting"] == {"ways": 3, "shots": 1, "queries": 2, "unlabeled": 2}
     assert 0 <= res["accuracy"] <= 1 and res["episodes"] == 6

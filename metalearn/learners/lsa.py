@@ -97,9 +97,7 @@ class LSA(InnerLearner):
     MLP embedding phi of x (for non-linear regression); init_scale: VarianceScaling scale, divided
     by num_layers as in the paper's code. gd_attention: the attention is fixed to the GD
     construction and only its learning rate (meta["eta"]) and the embedding are learned, i.e.
-    gradient descent on learned features (the paper's "MLP + GD" baseline). init_key: raw PRNG
-    key data used by `init` instead of the key the outer loop passes (empty: that key), so that
-    different outer loops can start from the same weights.
+    gradient descent on learned features (the paper's "MLP + GD" baseline).
     """
 
     num_layers: int = 1
@@ -112,7 +110,6 @@ class LSA(InnerLearner):
     mlp_widening: int = 4
     init_scale: float = 0.002
     gd_attention: bool = False
-    init_key: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_heads"):
@@ -131,8 +128,6 @@ class LSA(InnerLearner):
     def init(self, key: Array, example: Episode) -> MetaParams:
         """Attention weights ~ VarianceScaling(init_scale / num_layers) (+ LayerNorm, embedding)."""
         d, dy, dd = _dims(example, self.embed_size)
-        if self.init_key:
-            key = jnp.asarray(self.init_key, jnp.uint32)
         kk, hh = self.key_size or dd, self.num_heads
         vs = jax.nn.initializers.variance_scaling(self.init_scale / self.num_layers, "fan_in",
                                                   "truncated_normal")
