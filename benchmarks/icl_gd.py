@@ -23,9 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from metalearn.evaluation import TEST_SEED, sample_episodes
+from metalearn.evaluation import sample_episodes
 from metalearn.experiment import apply_overrides, build_outer
 from metalearn.experiments import icl_gd
+from metalearn.seeds import TEST_SEED
 
 # The paper's code (google-research/self-organising-systems, transformers_learn_icl_by_gd),
 # notebook settings, on a 2-core CPU: 5000 steps of the 1-layer model in about 42 s; its loss

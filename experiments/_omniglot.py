@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from metalearn.core import MetaParams
-from metalearn.evaluation import REPORT_SEED, evaluate
+from metalearn.evaluation import evaluate
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
 from metalearn.runs import Run
+from metalearn.seeds import REPORT_SEED
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.folders import load_omniglot

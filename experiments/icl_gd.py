@@ -26,7 +26,6 @@ import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
 from metalearn.evaluation import (
-    TEST_SEED,
     episode_metrics,
     evaluate_episodes,
     format_value,
@@ -48,6 +47,7 @@ from metalearn.learners.lsa import (
     interpolate_with_construction,
 )
 from metalearn.runs import Run
+from metalearn.seeds import GD_SEARCH_OFFSET, TEST_SEED
 from metalearn.tasks.regression import LinearRegression
 
 # Figures of the paper's official code re-run on a 2-core CPU (x ~ U(-0.5, 0.5)^10, N = 10,
@@ -215,7 +215,7 @@ def linear_baselines(config: ConfigDict, task: TaskSampler, steps: int,
     use_gdpp = steps > 1 and config.analysis.gd_plus_plus
 
     def fit() -> dict:
-        key, n = jax.random.PRNGKey(config.seed + 7), config.analysis.search_tasks
+        key, n = jax.random.PRNGKey(config.seed + GD_SEARCH_OFFSET), config.analysis.search_tasks
         fitted = {"gd": fit_step_sizes(gd, task, key, n)[0]}
         if use_gdpp:
             fitted["gdpp"] = fit_step_sizes(gdpp, task, key, n)[0]

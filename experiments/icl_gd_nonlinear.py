@@ -27,6 +27,7 @@ from metalearn.experiments import icl_gd
 from metalearn.learners.lsa import LSA
 from metalearn.outer.base import RunOptions
 from metalearn.runs import Run
+from metalearn.seeds import BASELINE_OFFSET
 from metalearn.tasks.regression import Sinusoid
 
 BASELINE_FILE = "baseline_mlp_gd.json"
@@ -77,7 +78,7 @@ def train_baseline(config: ConfigDict, learner: LSA, task: Sinusoid,
     def fit() -> dict:
         steps = config.analysis.baseline_steps
         res = build_outer(config.outer, steps).run(
-            learner, task, jax.random.PRNGKey(config.seed + 11), steps=steps,
+            learner, task, jax.random.PRNGKey(config.seed + BASELINE_OFFSET), steps=steps,
             options=RunOptions(progress=False))
         losses = [r["loss"] for r in res.history if r.get("split") == "train"]
         return {"steps": steps, "meta": jax.tree.map(lambda a: np.asarray(a).tolist(), res.meta),

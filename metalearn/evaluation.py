@@ -10,13 +10,6 @@ import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, episode_losses
 
-# The seeds of the evaluation episodes, one per purpose, so that no two purposes share episodes
-# and every figure in a run directory can be reproduced from its config.
-EVAL_SEED = 1_000_003  # periodic evaluations during training (the validation split)
-TEST_SEED = 2_000_003  # the final test evaluation of `metalearn train` and `metalearn evaluate`
-REPORT_SEED = 5_000_011  # an experiment's report (seed + i for its i-th extra setting)
-MANIFEST_SEED = 4_000_037  # the learner's keys on a manifest's fixed episodes
-
 
 def summarize(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean and 95% normal-approximation confidence half-width (1.96 s / sqrt(n)) per metric."""

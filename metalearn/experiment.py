@@ -30,8 +30,9 @@ import numpy as np
 
 from metalearn.checkpoint import Checkpointer, CheckpointError
 from metalearn.core import InnerLearner, MetaParams, TaskSampler
-from metalearn.evaluation import MANIFEST_SEED, TEST_SEED, evaluate
+from metalearn.evaluation import evaluate
 from metalearn.runs import Run
+from metalearn.seeds import MANIFEST_SEED, TEST_SEED
 
 ConfigDict = ml_collections.ConfigDict
 

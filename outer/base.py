@@ -24,8 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 from metalearn.checkpoint import Checkpointer
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, check_episode
-from metalearn.evaluation import EVAL_SEED, evaluate, format_metrics
+from metalearn.evaluation import evaluate, format_metrics
 from metalearn.runs import Run
+from metalearn.seeds import EVAL_SEED
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -156,7 +157,8 @@ class OuterLoop:
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 if s.due(s.opts.eval_every if eval_sampler is not None else 0) \
                         and s.step < steps:
-                    bar.write(f"step {s.step}: eval " + format_metrics(s.evaluate()))
+                    bar.write(f"step {s.step}: evaluation on {s.opts.eval_episodes} "
+                              f"episodes: {format_metrics(s.evaluate())}")
                 if s.due(s.opts.checkpoint_every):
                     s.save()
         finally:

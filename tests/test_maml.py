@@ -14,6 +14,7 @@ from metalearn.core import Episode, Support
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
+from metalearn.seeds import MANIFEST_SEED
 from tests.test_learners import images
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
@@ -191,7 +192,7 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     manifest = test.export_manifest(tmp_path / "episodes.json", key, 3)
     from_file = evaluate_manifest(run.path, manifest)
     in_memory = evaluate_episodes(exp.evaluator, meta, test.sample_batch(key, 3),
-                                  jax.random.PRNGKey(4_000_037))
+                                  jax.random.PRNGKey(MANIFEST_SEED))
     assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4
 

@@ -14,6 +14,7 @@ import pytest
 from metalearn import nn
 from metalearn.core import Episode, Support
 from metalearn.learners.protonet import MASKED_LOGIT, ProtoNet
+from metalearn.seeds import MANIFEST_SEED
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
 WAYS, SHOTS, QUERIES = 4, 2, 3
@@ -213,7 +214,7 @@ def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_p
     manifest.write_text(json.dumps({"episodes": doc["episodes"]}))
     from_files = evaluate_manifest(run.path, manifest)
     in_memory = evaluate_episodes(exp.evaluator, meta, test.sample_batch(key, n),
-                                  jax.random.PRNGKey(4_000_037))
+                                  jax.random.PRNGKey(MANIFEST_SEED))
     assert from_files["episodes"] == n
     assert from_files["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert from_files["loss"] == pytest.approx(in_memory["loss"], rel=1e-5)

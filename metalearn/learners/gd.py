@@ -25,6 +25,7 @@ from metalearn.core import (
     batch_loss,
     query_loss,
 )
+from metalearn.evaluation import batch_sampler
 
 
 def _xy(support: Support) -> tuple[Array, Array]:
@@ -149,7 +150,7 @@ def fit_step_sizes(learner: GradientDescent, sampler: TaskSampler, key: Array,
     (GD++: [0, 3/m] x gamma in [0, 1/m]), m = mean E[x_k^2] of the context inputs. GD++'s
     2-D search runs on the first 2000 tasks, then is refined on all of them within +-10%.
     """
-    episodes = jax.jit(sampler.sample_batch, static_argnums=1)(key, num_tasks)
+    episodes = batch_sampler(sampler, num_tasks)(key)
     m = float(jnp.mean(episodes.support_x.reshape(num_tasks, -1) ** 2))
     k0 = jax.random.PRNGKey(0)
 
