@@ -85,7 +85,8 @@ def train_baseline(config: ConfigDict, learner: LSA, task: Sinusoid,
                 "final_train_loss": float(np.mean(losses[-50:]))}
 
     saved = cached_json(run, BASELINE_FILE, fit)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), saved["meta"])
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), saved["meta"],
+                        is_leaf=lambda x: isinstance(x, list))  # a JSON list is one array
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

@@ -137,7 +137,6 @@ def test_sibling_experiments():
         assert mod.build is icl_gd.build or name == "icl_gd_nonlinear"
 
 
-@pytest.mark.slow
 def test_nonlinear_baseline_is_trained_once(tmp_path):
     mod = load_module("icl_gd_nonlinear")
     c = mod.get_config()
@@ -150,3 +149,6 @@ def test_nonlinear_baseline_is_trained_once(tmp_path):
     assert (tmp_path / mod.BASELINE_FILE).exists()
     again = mod.build(c, run).eval_learner.baselines[0]
     np.testing.assert_allclose(again.meta["embed"]["w1"], first.meta["embed"]["w1"], rtol=1e-6)
+    for meta in (first.meta, again.meta):  # arrays, as the learner needs them, both times
+        w1 = meta["embed"]["w1"]
+        assert isinstance(w1, jax.Array) and w1.ndim == 2 and w1.dtype == jnp.float32
