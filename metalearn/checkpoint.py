@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -34,19 +35,62 @@ def _to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
 
 
-class Checkpointer:
-    """Saves and restores training states under `directory/<step>/`."""
+REJECTED_DIR = "rejected_checkpoints"  # beside checkpoints/: set aside, never deleted
 
-    def __init__(self, directory: str | Path, max_to_keep: int | None = 3):
+
+class Checkpointer:
+    """Saves and restores training states under `directory/<step>/`.
+
+    With `create=False` (read-only use) a missing directory is not created: it simply holds no
+    checkpoint.
+    """
+
+    def __init__(self, directory: str | Path, max_to_keep: int | None = 3, create: bool = True):
         ocp = _ocp()
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._mngr = None
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.is_dir():
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                   enable_async_checkpointing=False)
+            self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def close(self) -> None:
+        """Release orbax's resources (its background threads) now rather than at exit."""
+        if self._mngr is not None:
+            self._mngr.close()
+            self._mngr = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_aside(self, steps: list[int], why: str) -> Path | None:
+        """Move the checkpoints of `steps` to ../rejected_checkpoints/ (kept, never deleted),
+        with a note saying why; returns that folder (None when nothing was moved)."""
+        moved = [s for s in steps if (self.directory / str(s)).exists()]
+        if not moved:
+            return None
+        dest = self.directory.parent / REJECTED_DIR
+        dest.mkdir(exist_ok=True)
+        for s in moved:
+            target = dest / str(s)
+            n = 1
+            while target.exists():  # an earlier rejection of the same step
+                target, n = dest / f"{s}.{n}", n + 1
+            shutil.move(str(self.directory / str(s)), str(target))
+            (dest / f"{target.name}.why.txt").write_text(why + "\n")
+        if self._mngr is not None:
+            self._mngr.reload()
+        return dest
 
     def steps(self) -> list[int]:
         """Steps with a finished checkpoint, ascending."""
+        if self._mngr is None:
+            return []
         self._mngr.reload()
         return sorted(self._mngr.all_steps())
 
@@ -92,8 +136,9 @@ class Checkpointer:
             state = out["state"]
         except Exception as e:  # orbax raises many types for truncated/corrupt files
             older = [s for s in steps if s < step]
-            hint = (f" Older checkpoints are intact: steps {older}; restore one with "
-                    f"step={older[-1]} or delete {self.directory / str(step)}."
+            hint = (f" Older checkpoints are intact: steps {older}; continue from one with "
+                    f"`metalearn train --run-dir {self.directory.parent} --resume --from-step "
+                    f"{older[-1]}` (Python: restore(target, step={older[-1]}))."
                     if older else "")
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} could not be read "

@@ -52,7 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from metalearn.evaluation import format_metrics
 
     run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
-                         resume=args.resume, progress=not args.no_progress)
+                         resume=args.resume, progress=not args.no_progress,
+                         from_step=args.from_step)
     print(f"run directory: {run.path}")
     for split in ("validation", "test"):
         if isinstance(summary.get(split), dict):
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="metalearn",
         description="Meta-learning in JAX: train and evaluate the experiments in experiments/.")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback (`metalearn --debug train ...`)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments, one line each").set_defaults(
         fn=_cmd_list)
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="run directory (default: runs/NAME-sSEED-TIME)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
+    t.add_argument("--from-step", type=int, default=None, metavar="N",
+                   help="with --resume: continue from the checkpoint of step N instead (later "
+                        "checkpoints are set aside in rejected_checkpoints/)")
     t.add_argument("--no-progress", action="store_true",
                    help="quiet: no progress bars or status lines")
     t.add_argument("--distributed", action="store_true",
@@ -144,11 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
             FloatingPointError, RuntimeError) as e:
-        if "--debug" in (argv or sys.argv):
+        if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"metalearn: error: {msg}", file=sys.stderr)
+        print(f"metalearn: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: Exception) -> str:
+    """An exception as one line for the user: our messages as they are; a bare KeyError or an
+    empty message (a bug, not bad input) says so and where to look."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, KeyError) and (not isinstance(msg, str) or " " not in msg) or not msg:
+        return (f"internal error: {type(e).__name__}({msg!r}); please report it with the "
+                "traceback that `metalearn --debug ...` prints")
+    return str(msg)
 
 
 if __name__ == "__main__":

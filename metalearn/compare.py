@@ -74,7 +74,7 @@ def read_run(path: str | Path) -> RunRecord:
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} is not a metalearn run directory: {p / 'config.json'} "
                                 f"is missing ({made_by})")
-    run = Run(p)
+    run = Run(p, create=False)
     summary = run.read_json("summary.json") if (p / "summary.json").exists() else None
     return RunRecord(p, p.name, run.read_json("config.json"), summary, run.metrics())
 

@@ -298,7 +298,10 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
         if isinstance(cur, ConfigDict):
             raise KeyError(f"--set {key}: {key!r} is a section; set one of its fields: "
                            f"{sorted(cur.keys())}")
-        val = _parse_value(text, cur)
+        try:
+            val = _parse_value(text, cur)
+        except ValueError as e:
+            raise ValueError(f"--set {key}={text}: {e}") from None
         if cur is not None and val is not None and not isinstance(val, type(cur)) and not (
                 isinstance(cur, float) and isinstance(val, int)):
             raise TypeError(f"--set {key}={text}: expected a {type(cur).__name__} "
@@ -363,7 +366,7 @@ def run_config(name: str, sets: Sequence[str] = (), seed: int | None = None,
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"cannot resume: {path / 'config.json'} does not exist; "
                                     "is this a run directory made by `metalearn train`?")
-        config = read_config(Run(path))
+        config = read_config(Run(path, create=False))
         if name and name != config.experiment:
             raise ValueError(f"{path} is a run of {config.experiment!r}, not {name!r}")
     else:
@@ -381,9 +384,20 @@ def run_config(name: str, sets: Sequence[str] = (), seed: int | None = None,
 
 def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
           run_dir: str | Path | None = None, resume: bool = False,
-          progress: bool = True) -> tuple[Run, dict]:
-    """Train experiment `name` (or resume the run in `run_dir`); returns (run, summary)."""
+          progress: bool = True, from_step: int | None = None) -> tuple[Run, dict]:
+    """Train experiment `name` (or resume the run in `run_dir`); returns (run, summary).
+
+    A resume continues from the latest checkpoint, or from `from_step`'s. It changes nothing
+    in the run directory before training starts, and config.json only once it has finished.
+    A new run refuses a directory where another run has trained."""
+    if from_step is not None and not resume:
+        raise ValueError("--from-step goes with --resume: it picks the checkpoint to resume from")
     path, config = run_config(name, sets, seed, run_dir, resume)
+    if not resume and path.is_dir() and Run(path, create=False).holds_a_run():
+        raise FileExistsError(
+            f"{path} already holds a run (metrics.jsonl or checkpoints/); continue it with "
+            f"`metalearn train --run-dir {path} --resume`, or choose a new --run-dir (or "
+            "delete that one)")
     run = Run(path)
     if progress:
         print(f"run directory: {run.path}", flush=True)
@@ -391,7 +405,7 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
     if not resume:  # a resume rewrites config.json only once it has trained (below)
         run.write_json("config.json", config.to_dict())
     run.write_json("tasks.json", {k: s.describe() for k, s in exp.splits.items()})
-    result = meta_train(config, exp, run, resume, progress)
+    result = meta_train(config, exp, run, resume, progress, from_step)
     if resume:
         run.write_json("config.json", config.to_dict())
     summary = summarize_run(config, exp, run, result, progress)
@@ -400,7 +414,7 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
 
 
 def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = False,
-               progress: bool = True):
+               progress: bool = True, from_step: int | None = None):
     """Run the config's outer loop on the experiment; returns its `TrainResult`."""
     from metalearn.outer.base import RunOptions
 
@@ -408,7 +422,7 @@ def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = Fal
     return build_outer(config.outer, config.steps).run(
         exp.learner, exp.train, jax.random.PRNGKey(config.seed), steps=config.steps,
         eval_sampler=exp.splits.get(split) if split else None, run_dir=run.path,
-        config=config.to_dict(), resume=resume,
+        config=config.to_dict(), resume=resume, resume_step=from_step,
         options=RunOptions(eval_every=config.eval_every, eval_episodes=config.eval_episodes,
                            eval_batch_size=config.eval_batch_size,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
@@ -450,15 +464,16 @@ def evaluate_split(config: ConfigDict, exp: Experiment, meta: MetaParams, seed: 
 def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, Experiment,
                                                                         MetaParams, int]:
     """(config, experiment, meta-parameters, step) of a trained run, from its checkpoint."""
-    run = Run(run_dir)
+    run = Run(run_dir, create=False)
     config = read_config(run)
     exp = build_experiment(config, run)
     outer = build_outer(config.outer, config.steps)
     template = outer.init(exp.learner, exp.train, jax.random.PRNGKey(config.seed))
-    ckpt = Checkpointer(run.checkpoint_dir, max_to_keep=None)
-    if ckpt.latest_step() is None:
-        raise CheckpointError(f"no checkpoint in {run.checkpoint_dir}; was the run trained?")
-    done, state = ckpt.restore(template, step)
+    with Checkpointer(run.checkpoint_dir, max_to_keep=None, create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise CheckpointError(f"no checkpoint in {run.checkpoint_dir}: the run stopped "
+                                  "before its first checkpoint (or was never trained)")
+        done, state = ckpt.restore(template, step)
     state = jax.tree.map(jax.numpy.asarray, state)
     return config, exp, outer.meta_params(state), done
 
@@ -501,7 +516,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int | None 
     if setting:
         res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
                                                             "unlabeled")}
-    Run(run_dir).write_json(name, res)
+    Run(run_dir, create=False).write_json(name, res)
     return res
 
 
@@ -524,5 +539,5 @@ def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "t
     episodes = sampler.episodes_from_manifest(manifest)
     res = evaluate_episodes(exp.evaluator, meta, episodes, jax.random.PRNGKey(MANIFEST_SEED))
     res = {"split": f"manifest:{manifest.name}", "step": step, **res}
-    Run(run_dir).write_json(f"eval_manifest_{manifest.stem}.json", res)
+    Run(run_dir, create=False).write_json(f"eval_manifest_{manifest.stem}.json", res)
     return res

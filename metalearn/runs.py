@@ -29,10 +29,21 @@ def _jsonable(x: Any) -> Any:
 class Run:
     """A run directory; everything a run writes goes through this object."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
+        if not create:  # read-only use (evaluate, compare, resume): never make a directory
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"{self.path} does not exist or is not a directory; "
+                                        "pass the --run-dir of a `metalearn train` run")
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "plots").mkdir(exist_ok=True)
+
+    def holds_a_run(self) -> bool:
+        """True when a run has trained here (metrics logged or checkpoints written)."""
+        ck = self.checkpoint_dir
+        return bool(self.metrics()) or (ck.is_dir() and any(p.name.isdigit()
+                                                           for p in ck.iterdir()))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -94,6 +105,7 @@ class Run:
         if fig is None:
             return None
         p = self.path / "plots" / name
+        p.parent.mkdir(exist_ok=True)
         save_figure(fig, p)
         return p
 

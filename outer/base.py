@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metalearn.checkpoint import Checkpointer
+from metalearn.checkpoint import REJECTED_DIR, Checkpointer
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, check_episode
 from metalearn.evaluation import evaluate, format_metrics
 from metalearn.runs import Run
@@ -33,11 +33,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped at that step."""
 
     def __init__(self, step: int, value: float, last_checkpoint: int | None, where: str = "",
-                 remedy: str = "lower the outer loop's step size"):
+                 remedy: str = "a smaller step size", set_aside: str = ""):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
-        ck = (f"the last good checkpoint (step {last_checkpoint}{where}) is kept; "
-              if last_checkpoint is not None else "no checkpoint had been written; ")
-        super().__init__(f"training loss became {value} at step {step}: stopped. {ck}{remedy}")
+        ck = (f"The last good checkpoint is step {last_checkpoint}{where} (its loss was finite): "
+              f"resume from it (--resume) with {remedy}."
+              if last_checkpoint is not None else
+              f"There is no good checkpoint to resume from: train again in a new --run-dir "
+              f"with {remedy}.")
+        super().__init__(f"training loss became {value} at step {step}: stopped. {set_aside}"
+                         f"{ck}")
 
 
 class OuterState(NamedTuple):
@@ -98,7 +102,6 @@ class OuterLoop:
 
     steps_per_call: int = 10
     shard: bool | None = None
-    remedy = "lower the outer loop's step size"  # what to try after a non-finite loss
 
     # ----- the pure functions a subclass provides -----
     def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
@@ -113,6 +116,10 @@ class OuterLoop:
     def meta_params(self, state: OuterState) -> MetaParams:
         """The meta-parameters to deploy (gradient: the params; evolution: the mean)."""
         raise NotImplementedError
+
+    def remedy(self) -> str:
+        """The change to try after a non-finite loss, as CLI flags (`with ...`)."""
+        return "a smaller step size"
 
     # ----- compiled steps -----
     def _multi_step(self, learner, sampler, mesh, state: OuterState, n: int):
@@ -130,11 +137,13 @@ class OuterLoop:
     # ----- the driver -----
     def run(self, learner: InnerLearner, train_sampler: TaskSampler, key: Array, *, steps: int,
             eval_sampler: TaskSampler | None = None, run_dir: str | Path | None = None,
-            config: dict | None = None, resume: bool = False,
+            config: dict | None = None, resume: bool = False, resume_step: int | None = None,
             options: RunOptions | None = None,
             eval_learner: InnerLearner | None = None) -> TrainResult:
         """Meta-train for `steps` meta-steps (in total, counting steps done before a resume).
 
+        `resume` continues the run in `run_dir` from its latest checkpoint, or from the one of
+        `resume_step` (later checkpoints are then set aside in rejected_checkpoints/).
         `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
         same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
         """
@@ -144,7 +153,15 @@ class OuterLoop:
         s = _Session(self, learner, eval_learner or learner, eval_sampler,
                      options or RunOptions(), Run(run_dir) if run_dir is not None else None,
                      config)
-        s.start(train_sampler, key, resume, steps)
+        try:
+            return self._drive(s, learner, train_sampler, key, steps, resume, resume_step)
+        finally:
+            if s.ckpt is not None:
+                s.ckpt.close()
+
+    def _drive(self, s: _Session, learner: InnerLearner, train_sampler: TaskSampler, key: Array,
+               steps: int, resume: bool, resume_step: int | None) -> TrainResult:
+        s.start(train_sampler, key, resume, steps, resume_step)
         fn = self.compiled_steps(learner, train_sampler, s.mesh)
         bar = _progress(steps, s.step, s.opts.progress)
         t0, step0 = time.perf_counter(), s.step
@@ -155,7 +172,7 @@ class OuterLoop:
                 loss = s.record(jax.device_get(metrics), n)
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-                if s.due(s.opts.eval_every if eval_sampler is not None else 0) \
+                if s.due(s.opts.eval_every if s.eval_sampler is not None else 0) \
                         and s.step < steps:
                     bar.write(f"step {s.step}: evaluation on {s.opts.eval_episodes} "
                               f"episodes: {format_metrics(s.evaluate())}")
@@ -166,7 +183,7 @@ class OuterLoop:
         dt = time.perf_counter() - t0
         sps = (s.step - step0) / dt if dt > 0 else float("nan")
         s.save()
-        final_eval = s.evaluate(final=True) if eval_sampler is not None else None
+        final_eval = s.evaluate(final=True) if s.eval_sampler is not None else None
         if s.run:
             s.run.plot_curves()
         return TrainResult(self.meta_params(s.state), s.state, s.history, final_eval, sps)
@@ -192,21 +209,34 @@ class _Session:
         if self.opts.progress:
             print(text, flush=True)
 
-    def start(self, sampler: TaskSampler, key: Array, resume: bool, steps: int) -> None:
-        """Initial state, or the latest checkpoint's on resume; replicated over the mesh."""
+    def start(self, sampler: TaskSampler, key: Array, resume: bool, steps: int,
+              resume_step: int | None = None) -> None:
+        """Initial state, or a checkpoint's on resume; replicated over the mesh.
+
+        Nothing in the run directory changes before the resume is known to be possible."""
         state = self.outer.init(self.learner, sampler, key)
         if resume:
             if self.ckpt is None:
                 raise ValueError("resume=True needs the run_dir of the run to continue")
-            done, state = self.ckpt.restore(state)
+            done, state = self.ckpt.restore(state, resume_step)
+            if done >= steps:
+                raise ValueError(f"the run is already at step {done} >= steps={steps}; "
+                                 "raise --set steps=... to train further")
+            later = [s for s in self.ckpt.steps() if s > done]
+            if later:
+                self.ckpt.set_aside(later, f"superseded: the run was resumed from step {done}")
+                self.say(f"checkpoints {later} set aside in {self.run.path / REJECTED_DIR}")
             state = jax.tree.map(jnp.asarray, state)
             self.run.truncate_metrics(done)
             self.say(f"resuming from step {done} of {steps} ({self.ckpt.directory})")
-        elif self.ckpt is not None and self.ckpt.latest_step() is not None:
+        elif self.run is not None and (self.ckpt.latest_step() is not None
+                                       or self.run.metrics()):
+            held = (f"checkpoints up to step {self.ckpt.latest_step()}"
+                    if self.ckpt.latest_step() is not None else
+                    "the metrics of an earlier run that stopped before its first checkpoint")
             raise FileExistsError(
-                f"{self.run.path} already holds checkpoints (up to step "
-                f"{self.ckpt.latest_step()}); continue it with --resume, or choose a new "
-                "--run-dir")
+                f"{self.run.path} already holds {held}; continue it with --resume (when it has "
+                "checkpoints), or choose a new --run-dir (or delete that one)")
         if self.mesh is not None:  # replicated on every device (a global array across hosts)
             state = jax.device_put(jax.device_get(state), NamedSharding(self.mesh, P()))
         self.state, self.step = state, int(state.step)
@@ -240,9 +270,20 @@ class _Session:
             logged = [r for r in recs if r["step"] % self.opts.log_every == 0 or r is recs[-1]]
         self.log(logged)
         if bad is not None:
-            where = f" in {self.ckpt.directory}" if self.ckpt else ""
+            where = note = ""
+            if self.ckpt is not None:
+                # the loss of step t is that of the parameters saved at step t - 1: those from
+                # step t - 1 on diverged, so the last good checkpoint is the one before them
+                diverged = [c for c in self.ckpt.steps() if c >= bad["step"] - 1]
+                aside = self.ckpt.set_aside(diverged, f"the loss became {bad['loss']} at step "
+                                            f"{bad['step']} with these parameters")
+                self.last_ckpt = self.ckpt.latest_step()
+                where = f" in {self.ckpt.directory}"
+                if aside is not None:
+                    note = (f"The checkpoints of steps {diverged} held the diverging parameters "
+                            f"and were moved to {aside}. ")
             raise NonFiniteLossError(bad["step"], bad["loss"], self.last_ckpt, where,
-                                     self.outer.remedy)
+                                     self.outer.remedy(), note)
         self.step += n
         return recs[-1]["loss"]
 

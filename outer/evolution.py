@@ -51,8 +51,6 @@ class EvolutionOuterLoop(OuterLoop):
     batch_size: int = 32  # episodes per generation, shared by all members
     steps_per_call: int = 10
     shard: bool | None = None
-    remedy = ("reduce the search's step size (--set outer.evolution.std_init=...) or, for "
-              "Adam-stepped strategies, its learning rate (outer.evolution.learning_rate)")
 
     def __post_init__(self) -> None:
         names = strategy_names()
@@ -73,6 +71,14 @@ class EvolutionOuterLoop(OuterLoop):
                 "leave it unset (None), or tune std_init / population_size instead")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def remedy(self) -> str:
+        """A smaller search step size (and Adam rate, for the strategies that have one)."""
+        out = f"a smaller search step (--set outer.evolution.std_init=..., now {self.std_init:g})"
+        if self.strategy in ADAM_STRATEGIES:
+            lr = self.learning_rate or DEFAULT_ES_LEARNING_RATE
+            out += f" or Adam rate (--set outer.evolution.learning_rate=..., now {lr:g})"
+        return out
 
     def es(self, solution: PyTree):
         """The evosax strategy object for meta-parameters shaped like `solution`."""

@@ -35,8 +35,6 @@ class GradientOuterLoop(OuterLoop):
     steps_per_call: int = 10
     total_steps: int = 0  # set by the experiment runner, used by schedules
     shard: bool | None = None
-    remedy = ("lower the learning rate (--set outer.gradient.learning_rate=...) or clip the "
-              "gradients (--set outer.gradient.clip_norm=1.0)")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -49,6 +47,14 @@ class GradientOuterLoop(OuterLoop):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+
+    def remedy(self) -> str:
+        """A lower learning rate, or (tighter) gradient clipping: never what is in force."""
+        clip = (f"tighter gradient clipping (--set outer.gradient.clip_norm=..., now "
+                f"{self.clip_norm:g})" if self.clip_norm else
+                "gradient clipping (--set outer.gradient.clip_norm=1.0)")
+        return (f"a lower learning rate (--set outer.gradient.learning_rate=..., now "
+                f"{self.learning_rate:g}) or {clip}")
 
     def lr_schedule(self) -> optax.Schedule:
         """The learning-rate schedule."""
