@@ -33,7 +33,7 @@ def base_omniglot_config(**overrides: Any) -> ConfigDict:
     c.data = ConfigDict({"paths": "", "image_size": 28,
                          "train_alphabets": ",".join(TRAIN_ALPHABETS),
                          "validation_alphabets": ",".join(VALIDATION_ALPHABETS),
-                         "test_alphabets": ",".join(TEST_ALPHABETS)})
+                         "test_alphabets": ",".join(TEST_ALPHABETS), "on_error": "raise"})
     c.task = ConfigDict({"ways": 20, "shots": 1, "queries": 5, "unlabeled": 0,
                          "rotations": True, "normalize": "invert", "eval_queries": 5})
     # WAYSxSHOTSxQUERIES[+UNLABELED] per class, evaluated on test by `report` besides the
@@ -54,6 +54,8 @@ DOCS = {
     "data.train_alphabets": "alphabets to meta-train on, comma-separated",
     "data.validation_alphabets": "alphabets of the periodic evaluations (empty: none)",
     "data.test_alphabets": "held-out alphabets of the final test (empty: none)",
+    "data.on_error": "a file that is not a readable image: raise (stop, naming it) or skip "
+                     "(leave it out, with a warning)",
     "task.ways": "classes per episode (N)",
     "task.shots": "labelled support images per class (K)",
     "task.queries": "query images per class in training episodes",
@@ -73,7 +75,8 @@ def _names(text: str) -> list[str]:
 def _splits(config: ConfigDict, run: Run | None) -> dict[str, ImageDataset]:
     """Alphabet split of the Omniglot classes; kept in the run so evaluation reuses it."""
     d = config.data
-    ds = load_omniglot(paths=_names(d.paths) or None, image_size=d.image_size)
+    ds = load_omniglot(paths=_names(d.paths) or None, image_size=d.image_size,
+                       on_error=d.get("on_error", "raise"))  # runs made before the field
     path = run.path / SPLIT_FILE if run is not None else None
     if path is not None and path.exists():
         return load_split(path, ds)

@@ -110,12 +110,11 @@ class ImageDataset:
         return dataclasses.replace(self, images=out.reshape(c, m, *hw, ch))
 
     def describe(self) -> dict:
-        """JSON-able summary: name, classes, groups, image shape, examples per class."""
+        """JSON-able summary: name, classes, groups, image shape, examples per class (min, max)."""
+        per_class = [int(self.counts.min()), int(self.counts.max())] if self.num_classes else [0, 0]
         return {"name": self.name, "classes": self.num_classes,
                 "groups": len(set(self.groups)), "image_shape": list(self.image_shape),
-                "examples": self.num_examples,
-                "examples_per_class": [int(self.counts.min(initial=0)),
-                                       int(self.counts.max(initial=0))],
+                "examples": self.num_examples, "examples_per_class": per_class,
                 "classes_sha1": hashlib.sha1("\n".join(self.class_names).encode()).hexdigest()}
 
 

@@ -152,7 +152,8 @@ class FewShotSampler(TaskSampler):
         h, w, _ = dataset.image_shape
         if self.rotations and h != w:
             raise ValueError(f"rotations=True needs square images, got {h}x{w}; resize the "
-                             "dataset (image_size=...) or use rotations=False")
+                             "dataset (image_size=...; CLI: --set data.image_size=28) or use "
+                             "rotations=False (--set task.rotations=false)")
         self._scale, self._shift = _normalizer(self.normalize, dataset)
         if _device is None:
             _device = (jnp.asarray(_rows(dataset.images, self.rotations)),
@@ -301,15 +302,13 @@ class FewShotSampler(TaskSampler):
 
     def episodes_from_manifest(self, path: str | Path) -> Episode:
         """Episodes listed in a manifest (batched: leading axis = episodes), preprocessed as in
-        training. Entries name a dataset class + example index, or an image file path."""
+        training. Entries name a dataset class + example index, or an image file path (also as
+        a `[path, label]` pair); malformed manifests raise errors naming the episode and entry."""
         path = Path(path)
         episodes = read_manifest(path)
         if not episodes:
             raise ValueError(f"manifest {path} lists no episodes")
         sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in SETS}
-        for s in ("support", "query"):
-            if 0 in sizes[s]:
-                raise ValueError(f"manifest {path}: an episode has no {s} images")
         for s, n in sizes.items():
             if len(n) > 1:
                 raise ValueError(f"manifest {path}: episodes have different numbers of {s} "
@@ -326,13 +325,8 @@ class FewShotSampler(TaskSampler):
                 for i, it in enumerate(ep[s]):
                     what = f"manifest {path}: episode {e} {s}[{i}]"
                     imgs.append(self._manifest_image(it, where, (h, w), ch, base, what))
-                    rot = int(float(it.get("rotation") or 0))
-                    if rot % 90:
-                        raise ValueError(f"{what}: rotation {rot} is not a multiple of 90")
-                    rots.append(rot // 90 % 4)
-                    if s != "unlabeled" and str(it.get("label", "")).strip() == "":
-                        raise ValueError(f"{what} has no label")
-                    labels.append(int(it["label"]) if s != "unlabeled" else 0)
+                    rots.append(it["rotation"] // 90 % 4)  # checked by read_manifest
+                    labels.append(it["label"] if s != "unlabeled" else 0)
             if any(rots) and h != w:
                 raise ValueError(f"manifest {path} rotates non-square images ({h}x{w})")
             x = self.normalize_images(np.stack([np.rot90(im, k) for im, k in
@@ -341,31 +335,29 @@ class FewShotSampler(TaskSampler):
             return x.reshape(n, -1, h, w, ch), jnp.asarray(labels, jnp.int32).reshape(n, -1)
 
         (sx, sy), (qx, qy) = load_set("support"), load_set("query")
-        for e, (ys, yq) in enumerate(zip(np.asarray(sy), np.asarray(qy), strict=True)):
-            missing = sorted(set(yq.tolist()) - set(ys.tolist()))
-            if missing or ys.min() < 0:
-                raise ValueError(f"manifest {path}: episode {e} has query labels {missing} "
-                                 "that no support image has (labels are 0..ways-1)")
         un = load_set("unlabeled")
         return Episode(sx, sy, qx, qy, un[0] if un is not None else None)
 
     def _manifest_image(self, it: dict, where: dict, hw: tuple[int, int], ch: int,
                         base: Path, what: str) -> np.ndarray:
-        cname, ex = it.get("class"), it.get("example")
-        if cname not in (None, "") and ex not in (None, ""):
-            if cname not in where:
-                if it.get("path"):
-                    return read_image_ref(str(it["path"]), hw, ch, base)
-                raise KeyError(f"{what}: class {cname!r} is not in the sampler's dataset "
-                               f"({self.dataset.num_classes} classes) and no image path is given")
-            c, j = where[cname], int(ex)
-            if not 0 <= j < self.dataset.counts[c]:
-                raise IndexError(f"{what}: class {cname!r} has {self.dataset.counts[c]} "
+        """The image of a manifest entry (checked by `read_manifest`): a dataset example, or the
+        file at its path; errors are prefixed with `what` (the file, episode and entry)."""
+        cname, j = it.get("class"), it.get("example")
+        if cname in where and j is not None:
+            c = where[cname]
+            if j >= self.dataset.counts[c]:
+                raise ValueError(f"{what}: class {cname!r} has {self.dataset.counts[c]} "
                                  f"examples, example {j} does not exist")
             return self.dataset.images[c, j]
-        if it.get("path"):
+        if "path" not in it:
+            raise KeyError(f"{what}: class {cname!r} is not in the sampler's dataset "
+                           f"({self.dataset.num_classes} classes) and no image path is given")
+        try:
             return read_image_ref(str(it["path"]), hw, ch, base)
-        raise ValueError(f"{what}: an entry needs 'class' and 'example', or 'path'")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{what}: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}; replace the file or remove the entry") from e
 
 
 CPU_SAMPLING_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -446,7 +438,9 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
     if ways > n:
         rot = f" ({ds.num_classes} x 4 rotations)" if rotations else ""
         raise ValueError(f"ways={ways} but dataset {ds.name!r} has only {n} classes{rot}; "
-                         f"use ways <= {n}" + ("" if rotations else " or rotations=True"))
+                         f"use ways <= {n} (CLI: --set task.ways={n})" + (
+                             "" if rotations else
+                             " or rotations as classes (--set task.rotations=true)"))
     small = int(np.argmin(ds.counts))
     have = int(ds.counts[small])
     if per_class > have:
@@ -456,5 +450,5 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
         raise ValueError(f"{parts} = {per_class} examples per class needed, but class "
                          f"{ds.class_names[small]!r} of {ds.name!r} has only {have} (examples "
                          f"per class: {int(ds.counts.min())} to {int(ds.counts.max())}); lower "
-                         "shots/queries or drop small classes with "
-                         f"dataset.filter_min_examples({per_class})")
+                         "shots/queries (CLI: --set task.shots=... / task.queries=...) or drop "
+                         f"small classes with dataset.filter_min_examples({per_class})")

@@ -2,6 +2,8 @@
 and Omniglot (`alphabet/character/*.png`, `$METALEARN_OMNIGLOT` or ../shared/data/omniglot).
 
 Classes met in several sources are kept once; decoded datasets are cached (`tasks.cache`).
+Files that are not readable images raise an error naming them, or with `on_error="skip"` are
+left out with a warning. Zip members with absolute paths or `..` are refused.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ import numpy as np
 
 from metalearn.tasks.cache import cached
 from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.images import IMAGE_SUFFIXES, ZIP_SEP, decode_image
+from metalearn.tasks.images import (
+    IMAGE_SUFFIXES,
+    ZIP_READ_ERRORS,
+    ZIP_SEP,
+    ImageDecodeError,
+    decode_image,
+)
 
 OMNIGLOT_ENV = "METALEARN_OMNIGLOT"
+ON_ERROR = ("raise", "skip")  # what loaders do with files that are not readable images
 
 
 @dataclasses.dataclass
@@ -51,6 +60,11 @@ def _folder_tree(root: Path, stack: contextlib.ExitStack
                 continue
             if "__MACOSX" in name or Path(name).name.startswith("."):
                 continue
+            if name[:1] in ("/", "\\") or name[1:2] == ":" or \
+                    ".." in name.replace("\\", "/").split("/"):
+                raise ValueError(f"zip {root}: member {name!r} has an absolute path or '..'; "
+                                 "refusing it. Members must be relative paths "
+                                 "(class/image.png or group/class/image.png)")
             out.append((tuple(Path(name).parts), f"{root}{ZIP_SEP}{name}",
                         lambda name=name, z=z: z.read(name)))
         return out, root.stem
@@ -93,12 +107,63 @@ def _dedup(class_lists: Sequence[list[_ClassFiles]]) -> list[_ClassFiles]:
     return [seen[k] for k in sorted(seen)]
 
 
+def _decode_file(ref: str, read: Callable[[], bytes], image_size: int | tuple[int, int] | None,
+                 channels: int) -> np.ndarray:
+    """The image file `ref` decoded; ImageDecodeError naming it when it is not readable."""
+    try:
+        data = read()
+    except ZIP_READ_ERRORS as e:
+        raise ImageDecodeError(f"{ref} cannot be read from the zip ({type(e).__name__}: {e})") \
+            from e
+    return decode_image(data, image_size, channels, ref)
+
+
+def _readable(classes: list[_ClassFiles], image_size: int | tuple[int, int] | None,
+              channels: int, name: str, on_error: str) -> list[tuple[_ClassFiles, list]]:
+    """Each class with its decoded images; with on_error="skip" files that are not readable
+    images, and classes left without any, are left out with a warning."""
+    out, skipped, dropped = [], [], []
+    for c in classes:
+        kept = dataclasses.replace(c, refs=[], read=[])
+        arrs = []
+        for ref, read in zip(c.refs, c.read, strict=True):
+            try:
+                arrs.append(_decode_file(ref, read, image_size, channels))
+            except ImageDecodeError as e:
+                if on_error != "skip":
+                    raise ImageDecodeError(f"dataset {name!r}: {e}; pass on_error=\"skip\" to "
+                                           "leave out files that are not readable images") from e
+                skipped.append(ref)
+                continue
+            kept.refs.append(ref)
+            kept.read.append(read)
+        if arrs:
+            out.append((kept, arrs))
+        else:
+            dropped.append(c.name)
+    if not out:
+        raise ValueError(f"dataset {name!r}: none of the {len(skipped)} image files is a "
+                         f"readable image: {_few(skipped)}")
+    if skipped:
+        gone = f"; dropped {len(dropped)} classes left without images: {_few(dropped)}" \
+            if dropped else ""
+        warnings.warn(f"dataset {name!r}: skipped {len(skipped)} files that are not readable "
+                      f"images: {_few(skipped)}{gone}", stacklevel=2)
+    return out
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    """The first `n` names, comma-separated, with ' ...' when there are more."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
 def _decode_classes(classes: list[_ClassFiles], image_size: int | tuple[int, int] | None,
-                    channels: int, name: str) -> ImageDataset:
+                    channels: int, name: str, on_error: str = "raise") -> ImageDataset:
+    decoded = _readable(classes, image_size, channels, name, on_error)
+    classes = [c for c, _ in decoded]
     m = max((len(c.refs) for c in classes), default=0)
     imgs: list[np.ndarray] = []
-    for c in classes:
-        arrs = [decode_image(r(), image_size, channels) for r in c.read]
+    for c, arrs in decoded:
         shapes = {a.shape for a in arrs}
         if len(shapes) > 1:
             raise ValueError(f"class {c.name!r} has images of different sizes {sorted(shapes)}; "
@@ -120,9 +185,13 @@ def _decode_classes(classes: list[_ClassFiles], image_size: int | tuple[int, int
 def load_image_folder(path: str | Path | Sequence[str | Path],
                       image_size: int | tuple[int, int] | None = None, channels: int = 1,
                       name: str | None = None, cache_dir: str | Path | None = None,
-                      cache: bool = True) -> ImageDataset:
+                      cache: bool = True, on_error: str = "raise") -> ImageDataset:
     """Images in `class/*.png` or `group/class/*.png` folders (or zips of them); classes with the
-    same name in several sources are kept once. `image_size` resizes (antialiased) at load time."""
+    same name in several sources are kept once. `image_size` resizes (antialiased) at load time.
+    Files that are not readable images raise an error (`on_error="raise"`) or are left out with a
+    warning (`on_error="skip"`), as are classes left without images."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     for p in paths:
         if not p.exists():
@@ -137,12 +206,14 @@ def load_image_folder(path: str | Path | Sequence[str | Path],
             if not classes:
                 raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
                                  f"{', '.join(map(str, paths))}")
-            return _decode_classes(classes, image_size, channels, name)
+            return _decode_classes(classes, image_size, channels, name, on_error)
 
     if not cache:
         return build()
     key = {"kind": "folder", "sources": [_stat(p) for p in paths], "image_size": image_size,
            "channels": channels, "name": name}
+    if on_error != "raise":  # skipping changes the result; "raise" keeps older cache keys valid
+        key["on_error"] = on_error
     return cached(key, build, cache_dir, name)
 
 
@@ -196,16 +267,17 @@ def _omniglot_sources(paths: Sequence[Path]) -> list[Path]:
 
 def load_omniglot(paths: str | Path | Sequence[str | Path] | None = None,
                   cache_dir: str | Path | None = None, image_size: int | None = 28,
-                  cache: bool = True) -> ImageDataset:
+                  cache: bool = True, on_error: str = "raise") -> ImageDataset:
     """Omniglot (folders or zips, alphabet/character/*.png): classes "Alphabet/characterNN",
-    groups = alphabets, ink black on white as stored; alphabets met twice are loaded once."""
+    groups = alphabets, ink black on white as stored; alphabets met twice are loaded once.
+    `on_error` as in `load_image_folder` ("skip" leaves out unreadable files with a warning)."""
     if paths is None:
         paths = default_omniglot_paths()
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     sources = _omniglot_sources([Path(p).expanduser() for p in paths])
     ds = load_image_folder(sources, image_size=image_size, channels=1, name="omniglot",
-                           cache_dir=cache_dir, cache=cache)
+                           cache_dir=cache_dir, cache=cache, on_error=on_error)
     return dataclasses.replace(ds, sources=[_source_of(refs) for refs in ds.paths])
 
 

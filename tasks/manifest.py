@@ -1,10 +1,16 @@
 """Episode manifests: fixed episodes as JSON or CSV files, one entry per image.
 
-An entry names a dataset class and example index (`class`, `example`), a `rotation` in degrees,
-an image file `path` (or `archive.zip::member`) and, outside the unlabeled set, its episode
-`label`. JSON files hold `{"format": MANIFEST_FORMAT, ..., "episodes": [...]}`; CSV files hold
-one row per image with the columns `episode, set, label, class, example, rotation, path`.
-`FewShotSampler.export_manifest` writes them and `episodes_from_manifest` reads them back.
+An entry names a dataset class and example index (`class`, `example`), a `rotation` in degrees (a
+multiple of 90, counter-clockwise), an image file `path` (or `archive.zip::member`; a relative path
+is taken from the working directory if it exists there, else from the manifest's folder) and,
+outside the unlabeled set, its episode `label`. JSON files hold `{"format": MANIFEST_FORMAT, ...,
+"episodes": [...]}` (or just the list of episodes), each episode `{"support": [...], "query":
+[...], "unlabeled": [...]}` (unlabeled optional); an entry is an object, or the shorthand `[path,
+label]` (`path` or `[path]` in the unlabeled set). CSV files hold one row per image with the
+columns `episode, set, label, class, example, rotation, path`. The labels of an episode's support
+are exactly 0..N-1 for its N classes and its query labels are among them. `read_manifest` checks
+all this and names the file, row or episode and entry of anything wrong.
+`FewShotSampler.export_manifest` writes manifests and `episodes_from_manifest` reads them back.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from metalearn.tasks.datasets import ImageDataset
 
@@ -30,6 +37,10 @@ def manifest_entry(ds: ImageDataset, c: int, j: int, rot: int, label: int | None
 
 
 _CSV_FIELDS = ("episode", "set", "label", "class", "example", "rotation", "path")
+_JSON_FORM = ('{"episodes": [{"support": [{"path": "a.png", "label": 0}, ...], '
+              '"query": [...]}, ...]}')
+_ENTRY_FORM = ('{"class": ..., "example": ..., "label": ...}, {"path": ..., "label": ...} or '
+               '[path, label]')
 
 
 def manifest_kind(path: Path) -> str:
@@ -61,26 +72,139 @@ def write_manifest(path: str | Path, episodes: Sequence[dict], meta: dict | None
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    """Episodes of a .json or .csv manifest, as dicts of support/query/unlabeled entry lists."""
+    """Episodes of a .json or .csv manifest, as dicts of support/query/unlabeled entry lists;
+    entries are dicts with int `label`, `example` and `rotation` (ValueError if malformed)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    if manifest_kind(path) == "json":
+    named = _read_json(path) if manifest_kind(path) == "json" else _read_csv(path)
+    for name, ep in named:
+        _check_labels(ep, f"manifest {path}: episode {name}")
+    return [ep for _, ep in named]
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    """(index, episode) of each episode of a JSON manifest, entries checked."""
+    try:
         doc = json.loads(path.read_text())
-        eps = doc["episodes"] if isinstance(doc, dict) else doc
-        return [dict(ep) for ep in eps]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"manifest {path} is not valid JSON ({e}); expected {_JSON_FORM}") \
+            from e
+    eps = doc.get("episodes") if isinstance(doc, dict) else doc
+    if not isinstance(eps, list):
+        found = f"keys {sorted(doc)}" if isinstance(doc, dict) else f"a {type(doc).__name__}"
+        raise ValueError(f'manifest {path} has no "episodes" list (found {found}); expected '
+                         f"{_JSON_FORM}")
+    out = []
+    for e, ep in enumerate(eps):
+        where = f"manifest {path}: episode {e}"
+        if not isinstance(ep, dict):
+            raise ValueError(f"{where} is a {type(ep).__name__}, not an object "
+                             '{"support": [...], "query": [...]}')
+        ep = dict(ep)
+        for s in SETS:
+            if not isinstance(ep.get(s, []), list):
+                raise ValueError(f"{where}: {s} is not a list of entries ({_ENTRY_FORM})")
+            if s in ep:
+                ep[s] = [_entry(it, s, f"{where} {s}[{i}]") for i, it in enumerate(ep[s])]
+        out.append((str(e), ep))
+    return out
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict]]:
+    """(episode column, episode) of each episode of a CSV manifest, rows checked."""
     episodes: dict[str, dict[str, list]] = {}
-    with open(path, newline="") as f:
-        rd = csv.DictReader(f)
-        missing = {"episode", "set"} - set(rd.fieldnames or ())
-        if missing:
-            raise ValueError(f"manifest {path} lacks the CSV columns {sorted(missing)}; "
-                             f"columns: {', '.join(_CSV_FIELDS)}")
-        for row in rd:
-            s = row["set"].strip().lower()
-            if s not in SETS:
-                raise ValueError(f"manifest {path}: set {row['set']!r} is not one of {SETS}")
-            it = {k: v for k, v in row.items() if k not in ("episode", "set") and v not in
-                  (None, "")}
-            episodes.setdefault(row["episode"], {}).setdefault(s, []).append(it)
-    return list(episodes.values())
+    try:
+        with open(path, newline="") as f:
+            rd = csv.DictReader(f)
+            missing = {"episode", "set"} - set(rd.fieldnames or ())
+            if missing:
+                raise ValueError(f"manifest {path} lacks the CSV columns {sorted(missing)}; "
+                                 f"columns: {', '.join(_CSV_FIELDS)}")
+            for row in rd:
+                where = f"manifest {path} row {rd.line_num}"
+                if None in row:
+                    raise ValueError(f"{where} has more fields than the header "
+                                     f"({', '.join(rd.fieldnames)})")
+                e, s = (row["episode"] or "").strip(), (row["set"] or "").strip().lower()
+                if s not in SETS:
+                    raise ValueError(f"{where}: set {row['set']!r} is not one of {SETS}")
+                if not e:
+                    raise ValueError(f"{where} has no episode")
+                items = episodes.setdefault(e, {}).setdefault(s, [])
+                raw = {k: v for k, v in row.items() if k not in ("episode", "set")}
+                items.append(_entry(raw, s, f"{where} (episode {e} {s}[{len(items)}])"))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"manifest {path} is not a readable CSV file ({e})") from e
+    return list(episodes.items())
+
+
+def _entry(raw: Any, s: str, where: str) -> dict:
+    """A manifest entry as a dict with int label/example/rotation; `[path, label]`, `[path]` and
+    `path` become {"path": path(, "label": label)}. `where` names it in errors."""
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, (list, tuple)) and len(raw) in (1, 2):
+        raw = dict(zip(("path", "label"), raw, strict=False))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: {raw!r} is not an entry; expected {_ENTRY_FORM}")
+    it = {k: v for k, v in raw.items() if v not in (None, "")}
+    if "path" not in it and ("class" not in it or "example" not in it):
+        raise ValueError(f"{where}: an entry needs 'class' and 'example', or 'path'; expected "
+                         f"{_ENTRY_FORM}")
+    if not isinstance(it.get("path", ""), str):
+        raise ValueError(f"{where}: path {it['path']!r} is not a string")
+    if "class" in it:
+        it["class"] = str(it["class"])
+    if "example" in it:
+        j = _as_int(it["example"])
+        if j is None or j < 0:
+            raise ValueError(f"{where}: example {it['example']!r} is not an integer >= 0 (the "
+                             "index of the image within its class)")
+        it["example"] = j
+    rot = _as_int(it.get("rotation", 0))
+    if rot is None or rot % 90:
+        raise ValueError(f"{where}: rotation {it['rotation']!r} is not a multiple of 90 "
+                         "(degrees counter-clockwise)")
+    it["rotation"] = rot
+    if s != "unlabeled":
+        if "label" not in it:
+            raise ValueError(f"{where} has no label; give each support and query entry its "
+                             "episode label 0..N-1")
+        y = _as_int(it["label"])
+        if y is None:
+            raise ValueError(f"{where}: label {it['label']!r} is not an integer; labels are "
+                             "0..N-1 for the N classes of the episode")
+        it["label"] = y
+    return it
+
+
+def _as_int(v: Any) -> int | None:
+    """`v` as an int when it is a whole number (3, 3.0, "3"), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() else None
+
+
+def _check_labels(ep: dict, where: str) -> None:
+    """Support and query sets present, support labels exactly 0..N-1, query labels among them."""
+    for s in ("support", "query"):
+        if not ep.get(s):
+            raise ValueError(f"{where} has no {s} images (keys: {', '.join(map(str, ep))}); "
+                             "every episode needs support and query entries")
+    ys = {it["label"] for it in ep["support"]}
+    n = len(ys)
+    if ys != set(range(n)):
+        missing = sorted(set(range(n)) - ys)
+        raise ValueError(f"{where}: the support labels {sorted(ys)} must be exactly "
+                         f"0..{n - 1} ({n} classes, one label each); missing {missing}")
+    extra = sorted({it["label"] for it in ep["query"]} - ys)
+    if extra:
+        raise ValueError(f"{where} has query labels {extra} that no support image has "
+                         f"(support labels are 0..{n - 1})")
