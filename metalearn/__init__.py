@@ -37,8 +37,9 @@ _EXPORTS = {
     "evaluate": "metalearn.evaluation", "evaluate_episodes": "metalearn.evaluation",
     "Run": "metalearn.runs", "Checkpointer": "metalearn.checkpoint",
     "train": "metalearn.experiment", "evaluate_run": "metalearn.experiment",
-    "load_trained": "metalearn.experiment", "compare": "metalearn.compare",
+    "load_trained": "metalearn.experiment",
 }
+# `metalearn.compare` is the module of `metalearn compare` (its function: metalearn.compare.compare)
 __all__ = sorted([*_EXPORTS, "tasks"])
 
 

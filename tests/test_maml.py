@@ -164,6 +164,7 @@ needs_omniglot = pytest.mark.skipif(
     reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
 
 
+@pytest.mark.slow  # 60 s; protonet_omniglot's end-to-end test covers the same CLI paths
 @needs_omniglot
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     from metalearn.cli import main
