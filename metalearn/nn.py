@@ -300,3 +300,60 @@ class CNN(Model):
         """Logits [N, out_dim] (features [N, D] without a head) and the BN statistics used."""
         feats, used = cnn_forward(params, x, stats)
         return (dense(params["head"], feats) if "head" in params else feats), used
+
+
+# ---------------------------------------------------------------- transformer
+
+
+def layer_norm(x: Array, scale: Array, offset: Array, eps: float = 1e-6) -> Array:
+    """(x - mean) / sqrt(var + eps) * scale + offset over the last axis."""
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + eps) * scale + offset
+
+
+def head_dims(width: int, fraction: float, heads: int) -> int:
+    """fraction * width rounded up to a multiple of `heads` (query/key, value or inner size)."""
+    return heads * math.ceil(fraction * width / heads)
+
+
+def init_transformer(key: Array, width: int, num_layers: int, heads: int,
+                     fraction: float = 1.0) -> list[dict]:
+    """Encoder layers (attention + feed-forward, post-LayerNorm) for tokens of `width`; the
+    query/key, value and inner feed-forward sizes are `fraction * width` (`head_dims`)."""
+    d = head_dims(width, fraction, heads)
+    layers = []
+    for k in jax.random.split(key, num_layers):
+        kq, kk, kv, ko, k1, k2 = jax.random.split(k, 6)
+        layers.append({
+            "query": init_dense(kq, width, d), "key": init_dense(kk, width, d),
+            "value": init_dense(kv, width, d), "out": init_dense(ko, d, width),
+            "ln1": {"scale": jnp.ones((width,)), "offset": jnp.zeros((width,))},
+            "ff1": init_dense(k1, width, d), "ff2": init_dense(k2, d, width),
+            "ln2": {"scale": jnp.ones((width,)), "offset": jnp.zeros((width,))}})
+    return layers
+
+
+def attention(p: dict, x: Array, heads: int, mask: Array | None = None) -> Array:
+    """Multi-head softmax self-attention of tokens x [T, D]; `mask` [T, T] (True: may attend)."""
+    t = x.shape[0]
+    q, k, v = (dense(p[n], x).reshape(t, heads, -1) for n in ("query", "key", "value"))
+    logits = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = jnp.where(mask[None], logits, -1e30)
+    out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(logits, axis=-1), v).reshape(t, -1)
+    return dense(p["out"], out)
+
+
+def transformer_layer(p: dict, x: Array, heads: int, mask: Array | None = None) -> Array:
+    """One post-LayerNorm encoder layer: LN(x + MHA(x)), then LN(h + FF(h)) with a ReLU FF."""
+    h = layer_norm(x + attention(p, x, heads, mask), **p["ln1"])
+    return layer_norm(h + dense(p["ff2"], jax.nn.relu(dense(p["ff1"], h))), **p["ln2"])
+
+
+def transformer(layers: Sequence[dict], x: Array, heads: int,
+                mask: Array | None = None) -> Array:
+    """An encoder without positional encodings: permuting the tokens permutes the outputs."""
+    for p in layers:
+        x = transformer_layer(p, x, heads, mask)
+    return x

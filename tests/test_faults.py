@@ -180,8 +180,7 @@ def test_error_paths_print_one_line_and_no_traceback(tmp_path):
     # error paths print one line, no traceback (no orbax "Event loop is closed" at exit)
     for bad in (["train", "--resume", "--run-dir", str(rd), "--set", "steps=1", *QUIET],
                 ["train", "linreg_sgd", "--run-dir", str(tmp_path / "nan"), *QUIET, *SMALL,
-                 *DIVERGE],
-                ["evaluate", str(tmp_path / "nope")]):
+                 *DIVERGE]):
         out = _cli(*bad)
         assert out.returncode == 2 and out.stderr.startswith("metalearn: error:"), out.stderr
         assert "Traceback" not in out.stderr and "Event loop" not in out.stderr

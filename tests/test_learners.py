@@ -26,6 +26,7 @@ import pytest
 
 from metalearn.core import InnerLearner, Support, TaskSampler, batch_loss
 from metalearn.learners.gd import GradientDescent, LeastSquares
+from metalearn.learners.hypertransformer import HyperTransformer
 from metalearn.learners.lsa import LSA
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import ProtoNet
@@ -76,6 +77,12 @@ LEARNERS = [
     Entry("maml_cnn", MAML(cnn(), inner_steps=2, inner_lr=0.1), images),
     Entry("fomaml_cnn_metasgd", MAML(cnn(), inner_steps=2, first_order=True,
                                      lr_mode="per_param"), images),
+    Entry("hypertransformer", HyperTransformer(ways=WAYS, channels=4, num_blocks=2, embed_dim=8,
+                                               shared_features=4, local_features=4,
+                                               num_layers=1), images),
+    Entry("ht_logits_only", HyperTransformer(ways=WAYS, channels=4, num_blocks=2,
+                                             trained_blocks=2, embed_dim=8, shared_features=0,
+                                             local_features=4, num_layers=1), images),
     Entry("maml_linear", MAML(Linear(), inner_steps=3, inner_lr=0.05, lr_mode="scalar"),
           regression),
     Entry("maml_mlp_metasgd", MAML(MLP((8,)), inner_steps=2, lr_mode="per_param"), regression),
@@ -85,9 +92,9 @@ LEARNERS = [
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
 TRAINABLE = [e for e in LEARNERS if e.trainable]
-# the second MAML-on-CNN entry compiles both loops for 18 s and adds no path the first one
-# lacks: its outer-loop check runs with `pytest -m slow`, to keep the default suite short
-SLOW_OUTER = {"fomaml_cnn_metasgd"}
+# second entries of a learner class compile both loops for 15-20 s and add no path the first
+# one lacks: their outer-loop check runs with `pytest -m slow`, to keep the default suite short
+SLOW_OUTER = {"fomaml_cnn_metasgd", "ht_logits_only"}
 KEY = jax.random.PRNGKey(0)
 
 

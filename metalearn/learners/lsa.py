@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from metalearn import nn
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support
 
 ROLES = ("query", "key", "value", "proj")
@@ -36,12 +37,6 @@ def _dims(example: Episode, embed_size: int) -> tuple[int, int, int]:
     d = int(math.prod(example.support_x.shape[1:]))
     dy = int(example.support_y.shape[-1]) if example.support_y.ndim > 1 else 1
     return d, dy, (embed_size or d) + dy
-
-
-def _layer_norm(h: Array, scale: Array, offset: Array, eps: float = 1e-6) -> Array:
-    mu = jnp.mean(h, axis=-1, keepdims=True)
-    var = jnp.var(h, axis=-1, keepdims=True)
-    return (h - mu) * jax.lax.rsqrt(var + eps) * scale + offset
 
 
 def attention_products(p: dict) -> tuple[Array, Array]:
@@ -62,7 +57,7 @@ def attention_layer(p: dict, h: Array, num_context: int, *, softmax: bool = Fals
     last layer, since the context never attends to the queries); with `last_cols` > 0 only
     their last `last_cols` channels (the y entries read by the prediction).
     """
-    hn = _layer_norm(h, p["ln_scale"], p["ln_offset"]) if layer_norm else h
+    hn = nn.layer_norm(h, p["ln_scale"], p["ln_offset"]) if layer_norm else h
     ctx = hn[:num_context]
     tgt = hn[num_context:] if queries_only else hn
     cols = slice(h.shape[-1] - last_cols if last_cols else 0, h.shape[-1])

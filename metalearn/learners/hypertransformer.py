@@ -1,0 +1,227 @@
+"""HyperTransformer (Zhmoginov, Sandler, Vladymyrov, ICML 2022): a transformer writes the CNN.
+
+The target model is the few-shot CNN of `metalearn.nn` (4 blocks of 3x3 conv -> batch norm ->
+ReLU -> 2x2 max-pool) with a flatten-and-dense logits layer of `ways` classes. Its weights
+theta are not meta-learned but *generated* from the support set, layer by layer:
+
+    theta_l = G_l({(x_i, c_i)}, z^l),   z^l_i = CNN_{theta_1..theta_{l-1}}(x_i),
+
+where z^l_i is support image i's input activation to layer l under the layers generated so far.
+G_l is an encoder-only transformer (post-LayerNorm, no positional encoding, `num_layers`
+layers of `heads` heads; query/key, value and feed-forward sizes `width_fraction` x the token
+width) over one token per support sample and one learned placeholder token mu_j per weight
+slice j:
+
+    sample token    [xi(c_i) ; h^l(z^l_i) ; s(x_i) ; 0...]     (c_i = `ways` if unlabeled)
+    placeholder     [mu_j ; 0...]
+
+xi: label embeddings (d = `embed_dim`; one extra for "unlabeled", xi-hat), h^l: a per-layer conv
+feature extractor of the activations (two 3x3 convs of `local_features` channels, the mean of
+each conv's output over space, concatenated; one conv for the logits layer), s: a shared image
+feature extractor (four 3x3 convs of `shared_features` channels, the first three with stride 2,
+ReLU, global mean), computed once per image. The outputs at the placeholders, past their first
+d entries, are the weight slices: one per output channel for a conv (its 3 x 3 x C_in kernel),
+one per class for the logits layer (its weight row and bias). Each slice is scaled by
+1/sqrt(fan-in) (He-style), so the generated layers start in the range an initialised CNN has;
+the transformer's LayerNorm-ed outputs are otherwise of unit scale whatever the width.
+
+Batch-norm scale and shift are meta-parameters, not generated (as in the paper). Batch-norm
+statistics are taken from the labelled support set, at every layer, and reused for the queries,
+as ProtoNet and MAML here do: a query's prediction depends on the support set and on that
+query alone. (The official code normalises every batch with its own statistics, queries
+included, which makes a query's prediction depend on the other queries.)
+
+Modes: `trained_blocks = k` keeps the first k conv blocks as ordinary meta-parameters and
+generates the rest (k = `num_blocks`: the paper's "logits only" mode for wide CNNs); the logits
+layer is always generated. Semi-supervised: unlabeled support images (`Support.unlabeled_x`)
+enter as tokens with the label embedding xi-hat; they shape the generated weights but not the
+batch statistics. Labels without a support image get masked logits (`MASKED_LOGIT`), so a model
+generated for 20 ways is evaluated 5-way on its first five classes.
+
+Everything is trained end to end by the outer loop on the query cross-entropy: there is no inner
+optimisation, and the generated weights do not depend on the order of the support samples.
+`adapt` returns the generated CNN in the parameter layout of `metalearn.nn.CNN`
+(`{"blocks": [{"w", "scale", "shift"}, ...], "head": {"w", "b"}}`) with the support statistics;
+`predict` runs that CNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from metalearn import nn
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Support
+from metalearn.learners.protonet import MASKED_LOGIT
+
+
+def _conv_features(convs: list[Array], x: Array, strides: tuple[int, ...]) -> Array:
+    """Means over space of each conv's output (pre-activation), ReLU between convs: [N, F]."""
+    out, h = [], x
+    for i, (w, s) in enumerate(zip(convs, strides, strict=True)):
+        h = nn.conv2d(h, w)[:, ::s, ::s]
+        out.append(jnp.mean(h, axis=(1, 2)))
+        if i + 1 < len(convs):
+            h = jax.nn.relu(h)
+    return jnp.concatenate(out, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperTransformer(InnerLearner):
+    """A transformer per CNN layer generates that layer's weights from the support set."""
+
+    ways: int = 20
+    channels: int = 8
+    num_blocks: int = 4
+    trained_blocks: int = 0  # first k conv blocks learned, not generated (num_blocks: logits only)
+    embed_dim: int = 32  # d: label and placeholder embeddings
+    shared_features: int = 32  # width of the shared image feature extractor (0: none)
+    local_features: int = 8  # width of each layer's activation feature extractor
+    num_layers: int = 3  # transformer layers per generated CNN layer
+    heads: int = 2
+    width_fraction: float = 1.0  # nu: query/key, value and inner sizes / token width
+
+    def __post_init__(self) -> None:
+        if self.ways < 1 or self.channels < 1 or self.num_blocks < 1:
+            raise ValueError(f"HyperTransformer needs ways, channels and num_blocks >= 1, got "
+                             f"{self.ways}, {self.channels}, {self.num_blocks}")
+        if not 0 <= self.trained_blocks <= self.num_blocks:
+            raise ValueError(f"HyperTransformer.trained_blocks must be in 0..num_blocks="
+                             f"{self.num_blocks} (num_blocks: logits only), got "
+                             f"{self.trained_blocks}")
+        if min(self.embed_dim, self.local_features, self.num_layers, self.heads) < 1 \
+                or self.shared_features < 0 or self.width_fraction <= 0:
+            raise ValueError("HyperTransformer needs embed_dim, local_features, num_layers, "
+                             "heads >= 1, shared_features >= 0 and width_fraction > 0")
+
+    @property
+    def cnn(self) -> nn.CNN:
+        """The target model: the few-shot CNN with a `ways`-class logits layer."""
+        return nn.CNN(self.channels, self.num_blocks, out_dim=self.ways)
+
+    # ----- shapes
+    def _layer_shapes(self, example_x: Array) -> list[tuple[int, int, int]]:
+        """(input channels, slices, slice size) of each generated layer, logits last."""
+        c_in, out = example_x.shape[-1], []
+        for i in range(self.num_blocks):
+            if i >= self.trained_blocks:
+                out.append((c_in, self.channels, 9 * c_in))
+            c_in = self.channels
+        feat = nn.cnn_output_dim(nn.init_cnn(jax.random.PRNGKey(0), example_x.shape[-1],
+                                             (self.channels,) * self.num_blocks),
+                                 example_x.shape[1:])
+        out.append((self.channels, self.ways, feat + 1))
+        return out
+
+    def _token_width(self, slice_size: int, local: int) -> int:
+        return self.embed_dim + max(slice_size, local + self.shared_features)
+
+    # ----- meta-parameters
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """CNN batch-norm (and trained blocks'), feature extractors, one generator per layer."""
+        x = jnp.asarray(example.support_x)
+        if x.ndim != 4:
+            raise ValueError(f"HyperTransformer generates a CNN for images [N, H, W, C]; the "
+                             f"support has shape {x.shape}")
+        y = jnp.asarray(example.support_y)
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError("HyperTransformer is a classifier: support_y must be integer "
+                             "labels")
+        if int(jnp.max(y)) >= self.ways:
+            raise ValueError(f"episodes have {int(jnp.max(y)) + 1} classes but the "
+                             f"HyperTransformer generates a {self.ways}-way logits layer; set "
+                             f"ways >= {int(jnp.max(y)) + 1} (CLI: --set learner.ways=...)")
+        k_cnn, k_shared, k_gen = jax.random.split(key, 3)
+        cnn = self.cnn.init(k_cnn, x)
+        blocks = [{"scale": b["scale"], "shift": b["shift"],
+                   **({"w": b["w"]} if i < self.trained_blocks else {})}
+                  for i, b in enumerate(cnn["blocks"])]
+        meta: dict = {"cnn": {"blocks": blocks}, "generators": []}
+        if self.shared_features:
+            ks = jax.random.split(k_shared, 4)
+            widths = [x.shape[-1]] + [self.shared_features] * 4
+            meta["shared"] = [nn.init_conv(k, a, b) for k, a, b in
+                              zip(ks, widths[:-1], widths[1:], strict=True)]
+        shapes = self._layer_shapes(x)
+        for i, (k, (c_in, slices, size)) in enumerate(zip(jax.random.split(k_gen, len(shapes)),
+                                                          shapes, strict=True)):
+            logits = i == len(shapes) - 1
+            n_conv = 1 if logits else 2
+            local = n_conv * self.local_features
+            width = self._token_width(size, local)
+            kf, kt, kl, kp = jax.random.split(k, 4)
+            fe_widths = [c_in] + [self.local_features] * n_conv
+            meta["generators"].append({
+                "features": [nn.init_conv(kk, a, b) for kk, a, b in zip(
+                    jax.random.split(kf, n_conv), fe_widths[:-1], fe_widths[1:], strict=True)],
+                "transformer": nn.init_transformer(kt, width, self.num_layers, self.heads,
+                                                   self.width_fraction),
+                "labels": jax.random.normal(kl, (self.ways + 1, self.embed_dim)),
+                "placeholders": jax.random.normal(kp, (slices, self.embed_dim))})
+        return meta
+
+    # ----- generation
+    def _shared(self, meta: MetaParams, x: Array) -> Array:
+        """s(x): four 3x3 convs (ReLU; stride 2 but the last), global mean: [N, shared]."""
+        if not self.shared_features:
+            return jnp.zeros((x.shape[0], 0), x.dtype)
+        h = x
+        for i, w in enumerate(meta["shared"]):
+            h = jax.nn.relu(nn.conv2d(h, w))
+            if i + 1 < len(meta["shared"]):
+                h = h[:, ::2, ::2]
+        return jnp.mean(h, axis=(1, 2))
+
+    def _generate(self, gen: dict, acts: Array, token_labels: Array, shared: Array,
+                  slices: int, size: int) -> Array:
+        """Weight slices [slices, size] from the tokens of the support samples."""
+        n_conv = len(gen["features"])
+        local = _conv_features(gen["features"], acts, (2, 1)[:n_conv])
+        feats = jnp.concatenate([gen["labels"][token_labels], local, shared], axis=-1)
+        width = self._token_width(size, local.shape[-1])
+        samples = jnp.pad(feats, ((0, 0), (0, width - feats.shape[-1])))
+        holders = jnp.pad(gen["placeholders"], ((0, 0), (0, width - self.embed_dim)))
+        out = nn.transformer(gen["transformer"], jnp.concatenate([holders, samples]),
+                             self.heads)
+        return out[:slices, self.embed_dim:self.embed_dim + size]
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
+        """Generate the CNN layer by layer; returns its parameters and the support statistics."""
+        n = support.x.shape[0]
+        x = support.x if support.unlabeled_x is None else jnp.concatenate(
+            [support.x, support.unlabeled_x])
+        labels = jnp.concatenate([support.y, jnp.full((x.shape[0] - n,), self.ways,
+                                                      support.y.dtype)])
+        shared = self._shared(meta, x)
+        shapes = iter(self._layer_shapes(support.x[:1]))
+        gens = iter(meta["generators"])
+        blocks, stats, h = [], [], x
+        for i, bn in enumerate(meta["cnn"]["blocks"]):
+            if i < self.trained_blocks:
+                w = bn["w"]
+            else:
+                c_in, slices, size = next(shapes)
+                raw = self._generate(next(gens), h, labels, shared, slices, size)
+                w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
+            z = nn.conv2d(h, w)
+            s = nn.batch_stats(z[:n])  # the labelled support's statistics
+            h = nn.max_pool(jax.nn.relu(nn.batch_norm(z, bn["scale"], bn["shift"], s)))
+            blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
+            stats.append(s)
+        _, slices, size = next(shapes)
+        raw = self._generate(next(gens), h, labels, shared, slices, size)
+        head = {"w": raw[:, :-1].T / math.sqrt(size - 1), "b": raw[:, -1]}
+        present = jnp.zeros((self.ways,), bool).at[support.y].set(True)
+        return {"params": {"blocks": blocks, "head": head}, "stats": stats, "present": present}
+
+    def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
+        """Logits [Q, ways] of the generated CNN; classes without support images masked."""
+        logits, _ = self.cnn.apply(state["params"], query_x, state["stats"])
+        return jnp.where(state["present"][None, :], logits, MASKED_LOGIT)
+
+    def generated(self, meta: MetaParams, support: Support) -> PyTree:
+        """The CNN parameters generated for `support` (the `metalearn.nn.CNN` layout)."""
+        return self.adapt(meta, support, None)["params"]

@@ -1,0 +1,130 @@
+"""The HyperTransformer: what it generates, in which layout, from which support information."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.core import Support
+from metalearn.learners.hypertransformer import HyperTransformer
+from metalearn.nn import CNN, init_transformer, transformer
+from metalearn.outer.gradient import GradientOuterLoop
+from metalearn.tasks.fewshot import FewShotSampler
+from metalearn.tasks.testing import synthetic_dataset
+
+SMALL = dict(ways=3, channels=4, num_blocks=2, embed_dim=8, shared_features=4,
+             local_features=4, num_layers=2)
+
+
+@cache
+def sampler(unlabeled: int = 0) -> FewShotSampler:
+    """3-way 2-shot 2-query episodes of 8x8 synthetic images (+ unlabeled per class)."""
+    return FewShotSampler(synthetic_dataset(classes=12, examples=8, size=8), 3, 2, 2, unlabeled)
+
+
+def setup(**kw):
+    """A small HyperTransformer (SMALL with `kw`), its initial meta-parameters, an episode."""
+    ht = HyperTransformer(**{**SMALL, **kw})
+    ep = sampler().example()
+    return ht, ht.init(jax.random.PRNGKey(0), ep), ep
+
+
+def test_transformer_is_permutation_equivariant_and_masks():
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 12))
+    layers = init_transformer(jax.random.PRNGKey(1), 12, num_layers=2, heads=3)
+    perm = np.array([3, 1, 5, 0, 2, 4])
+    np.testing.assert_allclose(transformer(layers, x[perm], 3), transformer(layers, x, 3)[perm],
+                               rtol=1e-5, atol=1e-5)
+    # a token that nobody may attend to changes no other token's output
+    mask = jnp.ones((6, 6), bool).at[:, 5].set(False).at[5, 5].set(True)
+    a = transformer(layers, x, 3, mask)
+    b = transformer(layers, x.at[5].set(100.0), 3, mask)
+    np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_generated_cnn_is_a_plain_cnn_with_the_predicted_logits():
+    ht, meta, ep = setup()
+    state = jax.jit(ht.adapt)(meta, ep.support(), None)
+    params = state["params"]
+    ref = CNN(4, 2, out_dim=3).init(jax.random.PRNGKey(0), ep.support_x)
+    assert jax.tree.structure(params) == jax.tree.structure(ref)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref)
+    logits, _ = CNN(4, 2, out_dim=3).apply(params, ep.query_x, state["stats"])
+    np.testing.assert_allclose(ht.predict(meta, state, ep.query_x), logits, rtol=1e-6)
+
+
+def test_generated_weights_ignore_the_order_of_the_support():
+    ht, meta, ep = setup()
+    perm = np.random.default_rng(0).permutation(ep.support_x.shape[0])
+    a = ht.generated(meta, ep.support())
+    b = ht.generated(meta, Support(ep.support_x[perm], ep.support_y[perm]))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_the_support_decides_the_weights():
+    ht, meta, ep = setup()
+    other = sampler().sample(jax.random.PRNGKey(7))
+    a, b = ht.generated(meta, ep.support()), ht.generated(meta, other.support())
+    for x, y in zip(jax.tree.leaves(a["head"]) + [a["blocks"][0]["w"]],
+                    jax.tree.leaves(b["head"]) + [b["blocks"][0]["w"]], strict=True):
+        assert not np.allclose(x, y)
+
+
+def test_logits_only_keeps_the_trained_blocks():
+    ht, meta, ep = setup(trained_blocks=2)
+    params = ht.generated(meta, ep.support())
+    for i in range(2):
+        np.testing.assert_array_equal(params["blocks"][i]["w"], meta["cnn"]["blocks"][i]["w"])
+    assert len(meta["generators"]) == 1  # the logits layer only
+    ht1, meta1, _ = setup(trained_blocks=1)
+    assert "w" in meta1["cnn"]["blocks"][0] and "w" not in meta1["cnn"]["blocks"][1]
+    assert len(meta1["generators"]) == 2
+
+
+def test_unlabeled_images_shape_the_weights_not_the_statistics():
+    ht = HyperTransformer(**SMALL)
+    ep = sampler(2).example()
+    meta = ht.init(jax.random.PRNGKey(0), ep)
+    with_u = ht.adapt(meta, ep.support(), None)
+    without = ht.adapt(meta, Support(ep.support_x, ep.support_y), None)
+    assert ep.unlabeled_x.shape[0] == 6
+    assert not np.allclose(with_u["params"]["head"]["w"], without["params"]["head"]["w"])
+    # the first layer's statistics come from the labelled support under that layer's weights
+    z = jax.lax.conv_general_dilated(ep.support_x, with_u["params"]["blocks"][0]["w"], (1, 1),
+                                     "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(with_u["stats"][0].mean, jnp.mean(z, axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_classes_absent_from_the_support_are_masked():
+    ht = HyperTransformer(**{**SMALL, "ways": 5})
+    ep = sampler().example()  # 3-way episodes for a 5-way generator
+    meta = ht.init(jax.random.PRNGKey(0), ep)
+    logits = ht.predict(meta, ht.adapt(meta, ep.support(), None), ep.query_x)
+    assert logits.shape == (6, 5) and bool(jnp.all(logits[:, 3:] < -1e29))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="trained_blocks must be in 0..num_blocks=2"):
+        HyperTransformer(**{**SMALL, "trained_blocks": 3})
+    ht = HyperTransformer(**{**SMALL, "ways": 2})
+    with pytest.raises(ValueError, match=r"3 classes.*2-way.*--set learner.ways"):
+        ht.init(jax.random.PRNGKey(0), sampler().example())
+
+
+@pytest.mark.slow
+def test_meta_training_lowers_the_query_loss():
+    """The generator first sits on the plateau where every class gets the same logits row
+    (loss ln 3, about 400 steps here), then learns to read the labels: 95% after 2000."""
+    tasks = FewShotSampler(synthetic_dataset(classes=12, examples=8, size=16), 3, 2, 2)
+    ht = HyperTransformer(**{**SMALL, "num_blocks": 4, "trained_blocks": 4})
+    outer = GradientOuterLoop(learning_rate=1e-3, batch_size=8)
+    state = outer.init(ht, tasks, jax.random.PRNGKey(0))
+    state, m = outer.compiled_steps(ht, tasks)(state, 1000)
+    loss, acc = np.asarray(m["loss"]), np.asarray(m["accuracy"])
+    assert loss[-100:].mean() < 0.6 * loss[:100].mean() and acc[-100:].mean() > 0.6, loss
