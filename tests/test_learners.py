@@ -77,11 +77,12 @@ LEARNERS = [
     Entry("maml_cnn", MAML(cnn(), inner_steps=2, inner_lr=0.1), images),
     Entry("fomaml_cnn_metasgd", MAML(cnn(), inner_steps=2, first_order=True,
                                      lr_mode="per_param"), images),
-    Entry("hypertransformer", HyperTransformer(ways=WAYS, channels=4, num_blocks=2, embed_dim=8,
+    # one conv block: a generator per layer is compiled, and the suite's time is compile time
+    Entry("hypertransformer", HyperTransformer(ways=WAYS, channels=4, num_blocks=1, embed_dim=8,
                                                shared_features=4, local_features=4,
                                                num_layers=1), images),
-    Entry("ht_logits_only", HyperTransformer(ways=WAYS, channels=4, num_blocks=2,
-                                             trained_blocks=2, embed_dim=8, shared_features=0,
+    Entry("ht_logits_only", HyperTransformer(ways=WAYS, channels=4, num_blocks=1,
+                                             trained_blocks=1, embed_dim=8, shared_features=0,
                                              local_features=4, num_layers=1), images),
     Entry("maml_linear", MAML(Linear(), inner_steps=3, inner_lr=0.05, lr_mode="scalar"),
           regression),
@@ -92,9 +93,10 @@ LEARNERS = [
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
 TRAINABLE = [e for e in LEARNERS if e.trainable]
-# second entries of a learner class compile both loops for 15-20 s and add no path the first
-# one lacks: their outer-loop check runs with `pytest -m slow`, to keep the default suite short
-SLOW_OUTER = {"fomaml_cnn_metasgd", "ht_logits_only"}
+# these compile both loops for 15-30 s each (the second MAML-CNN entry adds no path the first
+# lacks; the HyperTransformer's generators are many small programs): their outer-loop check
+# runs with `pytest -m slow`, to keep the default suite under 10 minutes
+SLOW_OUTER = {"fomaml_cnn_metasgd", "ht_logits_only", "hypertransformer"}
 KEY = jax.random.PRNGKey(0)
 
 
@@ -156,7 +158,9 @@ def test_meta_gradients_are_finite(entry):
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
 
 
-@pytest.mark.parametrize("entry", TRAINABLE, ids=repr)
+@pytest.mark.parametrize("entry", [
+    pytest.param(e, marks=pytest.mark.slow) if e.name in SLOW_OUTER else e for e in TRAINABLE],
+    ids=repr)
 def test_vmap_over_a_population_equals_a_loop(entry):
     learner, meta, _, batch, _ = setup(entry)
     leaves, tree = jax.tree.flatten(meta)
