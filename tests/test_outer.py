@@ -179,6 +179,7 @@ SHARD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process with 4 simulated devices compiles both loops twice: 22 s
 def test_sharded_and_unsharded_steps_agree():
     root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

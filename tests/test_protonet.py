@@ -184,6 +184,38 @@ def test_default_split_holds_out_greek_for_validation():
 
 
 @needs_omniglot
+def test_bad_manifests_fail_on_the_command_line_naming_file_and_entry(trained_run, tmp_path,
+                                                                     capsys):
+    """`metalearn evaluate RUN --manifest BAD`: one line naming the file and the fix; the run's
+    files are untouched."""
+    from metalearn.cli import main
+
+    run, _ = trained_run
+    exported = json.loads(run.path.joinpath("split.json").read_text())  # any class name
+    name = exported["splits"]["test"][0]
+    entry = {"class": name, "example": 0}
+    cases = {
+        "labels.json": ({"episodes": [{"support": [{**entry, "label": 0}],
+                                       "query": [{**entry, "example": 1, "label": 3}]}]},
+                        "query labels [3] that no support image has"),
+        "pairs.json": ({"episodes": [{"support": [[str(tmp_path / "missing.png"), 0]],
+                                      "query": [[str(tmp_path / "missing.png"), 0]]}]},
+                       "missing.png' not found"),
+        "keys.json": ({"format": "x"}, 'has no "episodes" list'),
+    }
+    before = sorted(p.name for p in run.path.iterdir())
+    for fname, (doc, msg) in cases.items():
+        (tmp_path / fname).write_text(json.dumps(doc))
+        assert main(["evaluate", str(run.path), "--manifest", str(tmp_path / fname)]) == 2
+        err = capsys.readouterr().err
+        assert fname in err and msg in err, err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["evaluate", str(run.path), "--manifest", str(tmp_path / "broken.json")]) == 2
+    assert "broken.json is not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in run.path.iterdir()) == before
+
+
+@needs_omniglot
 def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
     from metalearn.evaluation import evaluate_episodes
     from metalearn.experiment import evaluate_manifest, load_trained
