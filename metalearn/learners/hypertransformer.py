@@ -131,10 +131,8 @@ class HyperTransformer(InnerLearner):
             if i >= self.trained_blocks:
                 out.append((c_in, self.channels, 9 * c_in))
             c_in = self.channels
-        feat = nn.cnn_output_dim(nn.init_cnn(jax.random.PRNGKey(0), example_x.shape[-1],
-                                             (self.channels,) * self.num_blocks),
-                                 example_x.shape[1:])
-        out.append((self.channels, self.ways, feat + 1))
+        h, w = example_x.shape[1] >> self.num_blocks, example_x.shape[2] >> self.num_blocks
+        out.append((self.channels, self.ways, self.channels * h * w + 1))  # 2x2 pools, floor
         return out
 
     def _token_width(self, slice_size: int, local: int) -> int:
