@@ -229,8 +229,7 @@ class _Session:
             state = jax.tree.map(jnp.asarray, state)
             self.run.truncate_metrics(done)
             self.say(f"resuming from step {done} of {steps} ({self.ckpt.directory})")
-        elif self.run is not None and (self.ckpt.latest_step() is not None
-                                       or self.run.metrics()):
+        elif self.run is not None and self.run.holds_a_run():
             held = (f"checkpoints up to step {self.ckpt.latest_step()}"
                     if self.ckpt.latest_step() is not None else
                     "the metrics of an earlier run that stopped before its first checkpoint")
