@@ -37,7 +37,8 @@ _EXPORTS = {
     "evaluate": "metalearn.evaluation", "evaluate_episodes": "metalearn.evaluation",
     "Run": "metalearn.runs", "Checkpointer": "metalearn.checkpoint",
     "train": "metalearn.experiment", "evaluate_run": "metalearn.experiment",
-    "load_trained": "metalearn.experiment",
+    "load_run": "metalearn.experiment", "LoadedRun": "metalearn.experiment",
+    "Experiment": "metalearn.experiment", "format_metrics": "metalearn.evaluation",
 }
 # `metalearn.compare` is the module of `metalearn compare` (its function: metalearn.compare.compare)
 __all__ = sorted([*_EXPORTS, "tasks"])

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from metalearn.core import PyTree
+from metalearn.messages import in_cli
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ class Checkpointer:
         steps = self.steps()
         if not steps:
             raise CheckpointError(
-                f"no checkpoint found in {self.directory}; train first (metalearn train ...) or "
-                "point to a run directory that has checkpoints/")
+                f"no checkpoint found in {self.directory}; train first, or point to a run "
+                "directory that has checkpoints/")
         if step is None:
             step = steps[-1]
         elif step not in steps:
@@ -136,10 +137,12 @@ class Checkpointer:
             state = out["state"]
         except Exception as e:  # orbax raises many types for truncated/corrupt files
             older = [s for s in steps if s < step]
+            cont = (f"`metalearn train --run-dir {self.directory.parent} --resume --from-step "
+                    f"{older[-1]}`" if in_cli() else
+                    f"resume=True, from_step={older[-1]} (or restore(target, step={older[-1]}))"
+                    ) if older else ""
             hint = (f" Older checkpoints are intact: steps {older}; continue from one with "
-                    f"`metalearn train --run-dir {self.directory.parent} --resume --from-step "
-                    f"{older[-1]}` (Python: restore(target, step={older[-1]}))."
-                    if older else "")
+                    f"{cont}." if older else "")
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} could not be read "
                 f"({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by a run "

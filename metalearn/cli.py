@@ -23,17 +23,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
         apply_overrides,
         describe_config,
         field_docs,
-        load_module,
+        import_experiment,
+        resolve_experiment,
     )
 
-    mod = load_module(args.experiment)
+    name, source = resolve_experiment(args.experiment)
+    mod = import_experiment(source)
     config = mod.get_config()
-    config.experiment = args.experiment
+    config.experiment, config.experiment_source = name, source
     apply_overrides(config, args.set or [])
     rows = describe_config(config, field_docs(mod))
     name_w = max(len(n) for n, _, _ in rows)
     val_w = min(24, max(len(repr(v)) for _, v, _ in rows))
-    print(f"{args.experiment}: {(mod.__doc__ or '').strip().splitlines()[0]}")
+    print(f"{name}: {((mod.__doc__ or '').strip().splitlines() or [''])[0]}")
     print("override any field with --set NAME=VALUE; outer.kind picks outer.gradient.* or "
           "outer.evolution.*\n")
     for name, value, doc in rows:
@@ -96,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the experiments, one line each").set_defaults(
         fn=_cmd_list)
     c = sub.add_parser("config", help="every config field of an experiment: value and meaning")
-    c.add_argument("experiment", help="experiment name (see `metalearn list`)")
+    c.add_argument("experiment", help="experiment: a name (see `metalearn list`), a module "
+                   "or a .py file")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="show the config with these overrides applied")
     c.set_defaults(fn=_cmd_config)
     t = sub.add_parser("train", help="meta-train an experiment")
     t.add_argument("experiment", nargs="?", default="",
-                   help="experiment name (see `metalearn list`); optional with --resume")
+                   help="experiment: a name (see `metalearn list`), a module (mypkg.my_exp) or "
+                        "a file (path/to/my_exp.py); optional with --resume")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=500 --set outer.batch_size=64 "
                         "(`metalearn config EXPERIMENT` lists them)")
@@ -120,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "command on every host)")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes")
-    e.add_argument("run_dir", help="a run directory made by `metalearn train`")
-    e.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    e.add_argument("run_dir", help="a run directory (of `metalearn train`, or of "
+                   "OuterLoop.run(run_dir=...) when its learner and samplers can be rebuilt)")
+    e.add_argument("--split", default=None,
+                   help="split to evaluate (default: test, else the run's evaluation split)")
     e.add_argument("--episodes", type=int, default=None,
                    help="number of episodes (default: the run's test_episodes)")
     e.add_argument("--seed", type=int, default=0,
@@ -145,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metalearn` command."""
+    from metalearn.messages import cli_mode
+
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with cli_mode():
+            return args.fn(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
             FloatingPointError, RuntimeError) as e:
         if args.debug:

@@ -151,17 +151,64 @@ def query_loss(preds: Array, targets: Array) -> tuple[Array, dict]:
         if preds.ndim != 2 or preds.shape[0] != targets.shape[0]:
             raise ValueError(f"classification predictions must be logits [Q, classes] for "
                              f"{targets.shape[0]} queries, got shape {preds.shape}")
+        if not isinstance(targets, jax.core.Tracer):  # concrete labels: check their range
+            check_label_range(np.asarray(targets), preds.shape[1])
         logp = jax.nn.log_softmax(preds.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
         acc = jnp.mean(jnp.argmax(preds, axis=-1) == targets)
         loss = jnp.mean(nll)
         return loss, {"loss": loss, "accuracy": acc}
     if preds.shape != targets.shape:
+        if preds.ndim == 2 and targets.ndim == 1 and preds.shape[1] > 1:
+            raise ValueError(f"targets are {targets.dtype} of shape {targets.shape} but the "
+                             f"predictions are logits {preds.shape}: for classification use "
+                             "integer labels (y.astype(jnp.int32)); for regression predict one "
+                             "value per target")
         raise ValueError(f"regression predictions have shape {preds.shape} but targets have "
                          f"shape {targets.shape}")
     err = (preds - targets).reshape(targets.shape[0], -1)
     loss = 0.5 * jnp.mean(jnp.sum(err**2, axis=-1))
     return loss, {"loss": loss}
+
+
+def check_label_range(labels: np.ndarray, columns: int, name: str = "labels",
+                      who: str = "the learner") -> None:
+    """Refuse integer labels outside [0, columns): they would index past the logits (NaN loss)."""
+    if labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise ValueError(f"{name} include {lo}: class labels must be 0, 1, ..., classes - 1")
+    if hi >= columns:
+        raise ValueError(f"{name} go up to {hi} ({hi + 1} classes) but {who} predicts "
+                         f"{columns} logit columns: give it at least {hi + 1} outputs (its "
+                         "out_dim / ways / num_classes), or relabel the classes 0..N-1")
+
+
+def check_predictions(learner: InnerLearner, meta: MetaParams, episode: Episode,
+                      name: str = "episode") -> None:
+    """Refuse, from shapes alone (no computation), a learner whose predictions cannot score the
+    episode's targets: labels beyond its logit columns, or float targets under logits.
+
+    Learners that only define `loss` (not `adapt`/`predict`) are left to `query_loss`."""
+    def predict(m: MetaParams, e: Episode) -> Array:
+        return learner.predict(m, learner.adapt(m, e.support(), jax.random.PRNGKey(0)),
+                               e.query_x)
+
+    try:
+        preds = jax.eval_shape(predict, meta, episode)
+    except NotImplementedError:
+        return
+    who = type(learner).__name__
+    if episode.is_classification:
+        if len(preds.shape) != 2:
+            raise ValueError(f"{name}: integer labels need logits [Q, classes] but {who} "
+                             f"predicts shape {preds.shape}")
+        for field in ("support_y", "query_y"):
+            check_label_range(np.asarray(getattr(episode, field)), preds.shape[1],
+                              f"{name}.{field}", who)
+    else:
+        query_loss(jnp.zeros(preds.shape, preds.dtype), jnp.asarray(episode.query_y))
 
 
 def episode_losses(learner: InnerLearner, meta: MetaParams, episodes: Episode,

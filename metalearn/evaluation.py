@@ -8,7 +8,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, episode_losses
+from metalearn.core import (
+    Array,
+    Episode,
+    InnerLearner,
+    MetaParams,
+    TaskSampler,
+    check_predictions,
+    episode_losses,
+)
 
 
 def summarize(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
@@ -68,7 +76,7 @@ def _chunks(key: Array, episodes: int, batch_size: int):
 
 def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key: Array,
              episodes: int = 1000, batch_size: int = 100,
-             progress: str | None = None) -> dict[str, float]:
+             progress: str | None = None, check: bool = True) -> dict[str, float]:
     """Mean query loss/accuracy over `episodes` sampled episodes, with 95% CIs.
 
     Chunk i of `batch_size` episodes is drawn with key fold_in(key, i) (split into sampling and
@@ -77,6 +85,8 @@ def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key:
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if check:  # `check=False` where the caller has checked this learner and sampler already
+        check_predictions(learner, meta, sampler.example(), "the evaluation sampler's episode")
     batch_size = min(batch_size, episodes)
     sample = batch_sampler(sampler, batch_size)
     chunks: list[dict[str, np.ndarray]] = []

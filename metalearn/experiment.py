@@ -1,6 +1,10 @@
-"""Experiments: named config modules in `experiments/`, plus training and evaluation of runs.
+"""Experiments: config modules (built in, yours, or registered by a package), plus training,
+reloading and evaluation of runs.
 
-An experiment module `metalearn.experiments.NAME` has a one-line docstring and two functions:
+An experiment is a module: a built-in `metalearn.experiments.NAME`, a module of your own given
+by its dotted path (`mypkg.my_exp`) or its file (`path/to/my_exp.py`), or a name that an
+installed package registers under the `metalearn.experiments` entry point group. It has a
+one-line docstring and two functions:
 
     get_config() -> ml_collections.ConfigDict     # every field overridable with --set key=value
     build(config, run: Run | None) -> Experiment  # learner and samplers per split
@@ -19,18 +23,23 @@ import ast
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import pkgutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from metalearn.checkpoint import Checkpointer, CheckpointError
-from metalearn.core import InnerLearner, MetaParams, TaskSampler
+from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler
 from metalearn.evaluation import evaluate
+from metalearn.messages import arg, in_cli, override
 from metalearn.runs import Run
 from metalearn.seeds import MANIFEST_SEED, TEST_SEED
 
@@ -77,7 +86,7 @@ def _outer_classes() -> dict[str, type]:
 
 
 def _section_fields(cls: type) -> dict[str, Any]:
-    skip = {*SHARED_OUTER_FIELDS, "total_steps", "shard"}
+    skip = {*SHARED_OUTER_FIELDS, "total_steps", "shard", "strategy_params"}  # Python-only
     return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip}
 
 
@@ -112,7 +121,7 @@ def outer_config(kind: str = "gradient", gradient: dict | None = None,
 
 def upgrade_outer(outer: dict) -> dict:
     """An `outer` config of the runs made before the per-loop sections, in today's form."""
-    if any(k in outer for k in OUTER_KINDS):
+    if any(k in outer for k in OUTER_KINDS) or str(outer.get("kind")).startswith(CUSTOM):
         return outer
     shared = {k: outer[k] for k in (*SHARED_OUTER_FIELDS, "shard") if k in outer}
     sections = {k: {f: outer[f] for f in _section_fields(cls) if f in outer}
@@ -139,16 +148,26 @@ def check_outer_sets(c: ConfigDict, sets: Sequence[str]) -> None:
                 and parts[1] != c.kind:
             other = f"outer.{c.kind}.{parts[2]}"
             alt = (f"set {other} instead, or " if parts[2] in c[c.kind] else "")
-            raise ValueError(f"--set {'.'.join(parts)}: this run's loop is outer.kind={c.kind}, "
-                             f"which reads outer.{c.kind}.*, not outer.{parts[1]}.*; {alt}"
-                             f"add --set outer.kind={parts[1]} to train with that loop")
+            raise ValueError(f"{override('.'.join(parts))}: this run's loop is outer.kind="
+                             f"{c.kind}, which reads outer.{c.kind}.*, not outer.{parts[1]}.*; "
+                             f"{alt}add {override('outer.kind', parts[1])} to train with that "
+                             "loop")
+
+
+class _CustomObjectError(ValueError):
+    """An outer config that records an object given in Python (not a name)."""
 
 
 def build_outer(c: ConfigDict, total_steps: int = 0):
     """An OuterLoop from its config: `c.kind`'s section plus the shared fields."""
+    if str(c.kind).startswith(CUSTOM):
+        raise _CustomObjectError(f"its outer loop was a {c.kind[len(CUSTOM):]} object")
     classes = _outer_classes()
     if c.kind not in classes:
         raise ValueError(f"outer.kind={c.kind!r}; choose one of {', '.join(OUTER_KINDS)}")
+    for k, v in c.get(c.kind, {}).items():
+        if isinstance(v, str) and v.startswith(CUSTOM):
+            raise _CustomObjectError(f"outer.{c.kind}.{k} was a {v[len(CUSTOM):]} object")
     if c.kind not in c:
         raise KeyError(f"outer.kind={c.kind!r} but the config has no outer.{c.kind} section")
     cls = classes[c.kind]
@@ -163,6 +182,7 @@ def base_config(**overrides: Any) -> ConfigDict:
     """Fields every experiment has (steps, seed, evaluation, checkpoints, outer loop)."""
     c = ConfigDict({
         "experiment": "",
+        "experiment_source": "",
         "seed": 0,
         "steps": 1000,
         "eval_every": 0,
@@ -180,6 +200,8 @@ def base_config(**overrides: Any) -> ConfigDict:
 
 BASE_DOCS = {
     "experiment": "the experiment's name (set by `metalearn train`)",
+    "experiment_source": "where the experiment module was imported from: a module path or a "
+                         "file (set by `metalearn train`; resume and evaluate import it again)",
     "seed": "seed of the run: initial meta-parameters and every episode drawn",
     "steps": "meta-steps in total (counting those before a --resume)",
     "eval_every": "evaluate on the validation (else test) split every N steps (0: at the end)",
@@ -226,28 +248,126 @@ def describe_config(config: ConfigDict, docs: dict[str, str]) -> list[tuple[str,
 # ---------------------------------------------------------------- discovery and overrides
 
 
-def list_experiments() -> list[tuple[str, str]]:
-    """(name, one-line description) of every experiment module."""
+ENTRY_POINT_GROUP = "metalearn.experiments"
+BUILTIN_PACKAGE = "metalearn.experiments"
+
+
+def _builtin_names() -> list[str]:
     import metalearn.experiments as pkg
 
-    out = []
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"metalearn.experiments.{m.name}")
-        if hasattr(mod, "get_config") and hasattr(mod, "build"):
-            doc = (mod.__doc__ or "").strip().splitlines()
-            out.append((m.name, doc[0] if doc else ""))
-    return sorted(out)
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if not m.name.startswith("_"))
 
 
-def load_module(name: str):
-    """The experiment module called `name`."""
+def _entry_points() -> dict[str, str]:
+    """Experiments that installed packages register: name -> module (entry point group
+    `metalearn.experiments`)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.module for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _first_doc_line(mod: ModuleType) -> str:
+    doc = (mod.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def list_experiments() -> list[tuple[str, str]]:
+    """(name, one-line description) of the built-in experiments and those that installed
+    packages register under the `metalearn.experiments` entry point group."""
+    out = {}
+    for name in _builtin_names():
+        mod = importlib.import_module(f"{BUILTIN_PACKAGE}.{name}")
+        if _is_experiment(mod):
+            out[name] = _first_doc_line(mod)
+    for name, module in _entry_points().items():
+        if name in out:
+            continue  # a built-in name wins; the package's module is still reachable by path
+        try:
+            out[name] = f"{_first_doc_line(importlib.import_module(module))} [{module}]"
+        except Exception as e:  # a broken plug-in must not hide the others
+            out[name] = f"(cannot import {module}: {type(e).__name__}: {e})"
+    return sorted(out.items())
+
+
+def _is_experiment(mod: ModuleType) -> bool:
+    return callable(getattr(mod, "get_config", None)) and callable(getattr(mod, "build", None))
+
+
+def resolve_experiment(ref: str) -> tuple[str, str]:
+    """(name, source) of an experiment given as a built-in or registered name, an importable
+    module (`mypkg.my_exp`) or a Python file (`path/to/my_exp.py`).
+
+    The source is what a run records to find its experiment again: the module's dotted path,
+    or the file's absolute path.
+    """
+    if not ref:
+        raise ValueError("no experiment given; name one (see `metalearn list`), or give a "
+                         "module (mypkg.my_exp) or a file (path/to/my_exp.py)")
+    if ref.endswith(".py") or "/" in ref or "\\" in ref:
+        path = Path(ref).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file {ref} does not exist (resolved to {path})")
+        return path.stem, str(path)
+    if ref in _builtin_names():
+        return ref, f"{BUILTIN_PACKAGE}.{ref}"
+    registered = _entry_points()
+    if ref in registered:
+        return ref, registered[ref]
+    if "." in ref:
+        try:
+            found = importlib.util.find_spec(ref) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            return ref.rsplit(".", 1)[1], ref
     names = [n for n, _ in list_experiments()]
-    if name not in names:
-        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(names)} "
-                         "(see `metalearn list`)")
-    return importlib.import_module(f"metalearn.experiments.{name}")
+    raise ValueError(f"unknown experiment {ref!r}; available: {', '.join(names)} (see "
+                     "`metalearn list`), or give an importable module (mypkg.my_exp) or a "
+                     "Python file (path/to/my_exp.py) that defines get_config() and build()")
+
+
+def import_experiment(source: str) -> ModuleType:
+    """The experiment module at `source` (a dotted module path or a .py file's path).
+
+    A file is imported under its file name, with its folder on `sys.path` (as Python does
+    for a script), so that it can import its neighbours and the classes it defines can be
+    found again by module and name."""
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file {path} does not exist (moved or deleted "
+                                    "since the run was made?)")
+        folder = str(path.parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        name = path.stem
+        have = sys.modules.get(name)
+        if have is not None and Path(getattr(have, "__file__", "") or "").resolve() != path:
+            name = f"metalearn_experiment_{path.stem}"  # the file name is taken by another
+            have = sys.modules.get(name)
+        if have is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            have = importlib.util.module_from_spec(spec)
+            sys.modules[name] = have
+            try:
+                spec.loader.exec_module(have)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        mod = have
+    else:
+        mod = importlib.import_module(source)
+    if not _is_experiment(mod):
+        raise ValueError(f"{source} is not an experiment module: it must define get_config() "
+                         "(returning a ConfigDict, e.g. metalearn.experiment.base_config(...)) "
+                         "and build(config, run) (returning a metalearn.experiment.Experiment)")
+    return mod
+
+
+def load_module(ref: str) -> ModuleType:
+    """The experiment module that `ref` names (see `resolve_experiment`)."""
+    return import_experiment(resolve_experiment(ref)[1])
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -277,13 +397,13 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
     """Apply `key.sub=value` overrides; unknown keys and wrong types raise a clear error."""
     for s in sets:
         if "=" not in s:
-            raise ValueError(f"--set expects key=value, got {s!r}")
+            raise ValueError(f"{override(s)}: expected key=value")
         key, text = s.split("=", 1)
         parts = key.strip().split(".")
         node = config
         for i, p in enumerate(parts[:-1]):
             if p not in node or not isinstance(node[p], ConfigDict):
-                raise KeyError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a config "
+                raise KeyError(f"{override(key)}: {'.'.join(parts[:i + 1])!r} is not a config "
                                f"section; sections here: "
                                f"{sorted(k for k, v in node.items() if isinstance(v, ConfigDict))}")
             node = node[p]
@@ -292,19 +412,19 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
             where = [f"{'.'.join([*parts[:-1], k, leaf])}" for k, v in node.items()
                      if isinstance(v, ConfigDict) and leaf in v]
             hint = f" (did you mean {' or '.join(where)}?)" if where else ""
-            raise KeyError(f"--set {key}: no field {leaf!r}{hint}; fields here: "
+            raise KeyError(f"{override(key)}: no field {leaf!r}{hint}; fields here: "
                            f"{sorted(node.keys())}")
         cur = node[leaf]
         if isinstance(cur, ConfigDict):
-            raise KeyError(f"--set {key}: {key!r} is a section; set one of its fields: "
+            raise KeyError(f"{override(key)}: {key!r} is a section; set one of its fields: "
                            f"{sorted(cur.keys())}")
         try:
             val = _parse_value(text, cur)
         except ValueError as e:
-            raise ValueError(f"--set {key}={text}: {e}") from None
+            raise ValueError(f"{override(key, text)}: {e}") from None
         if cur is not None and val is not None and not isinstance(val, type(cur)) and not (
                 isinstance(cur, float) and isinstance(val, int)):
-            raise TypeError(f"--set {key}={text}: expected a {type(cur).__name__} "
+            raise TypeError(f"{override(key, text)}: expected a {type(cur).__name__} "
                             f"(current value {cur!r}), got {type(val).__name__}")
         with node.ignore_type():
             node[leaf] = val
@@ -330,23 +450,28 @@ def default_run_dir(name: str, seed: int) -> Path:
     return Path("runs") / f"{name}-s{seed}-{stamp}"
 
 
+def experiment_module(config: ConfigDict) -> ModuleType:
+    """The module of a run's experiment: from `experiment_source`, else (runs made before it was
+    recorded) by name."""
+    return import_experiment(experiment_source(config))
+
+
+def experiment_source(config: ConfigDict) -> str:
+    """Where a run's experiment module is imported from."""
+    return config.get("experiment_source") or resolve_experiment(config.experiment)[1]
+
+
 def build_experiment(config: ConfigDict, run: Run | None = None) -> Experiment:
-    """Build an experiment (learner, samplers, outer loop) from its config."""
-    mod = load_module(config.experiment)
-    return mod.build(config, run)
+    """Build an experiment (learner, samplers) from its config."""
+    return experiment_module(config).build(config, run)
 
 
 def read_config(run: Run) -> ConfigDict:
     """The config of a run directory (runs of older versions upgraded to today's fields)."""
     if not (run.path / "config.json").exists():
-        made_in_python = (run.checkpoint_dir.exists() and any(run.checkpoint_dir.iterdir()))
         raise FileNotFoundError(
-            f"{run.path} has checkpoints but no config.json: it was made from Python with "
-            "OuterLoop.run, so the CLI cannot rebuild its learner and samplers; restore it in "
-            "Python with metalearn.checkpoint.Checkpointer(RUN/'checkpoints')"
-            ".restore(outer.init(learner, sampler, key))" if made_in_python else
-            f"{run.path} is not a metalearn run directory (no config.json); pass the --run-dir "
-            "of a `metalearn train` run")
+            f"{run.path} is not a metalearn run directory (no config.json); give the run "
+            "directory of a `metalearn train` or `OuterLoop.run(run_dir=...)` run")
     d = run.read_json("config.json")
     d["outer"] = upgrade_outer(d["outer"])
     return ConfigDict(d)
@@ -361,17 +486,24 @@ def run_config(name: str, sets: Sequence[str] = (), seed: int | None = None,
     """
     if resume:
         if run_dir is None:
-            raise ValueError("--resume needs --run-dir, the run directory to continue")
+            raise ValueError(f"{arg('resume')} needs {arg('run_dir')}, the run directory to "
+                             "continue")
         path = Path(run_dir)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"cannot resume: {path / 'config.json'} does not exist; "
                                     "is this a run directory made by `metalearn train`?")
         config = read_config(Run(path, create=False))
-        if name and name != config.experiment:
-            raise ValueError(f"{path} is a run of {config.experiment!r}, not {name!r}")
+        if not config.get("experiment"):
+            raise ValueError(f"cannot resume {path} here: it was made from Python "
+                             "(OuterLoop.run), not from an experiment; resume it in Python "
+                             "with outer.run(..., run_dir=..., resume=True)")
+        if name and resolve_experiment(name)[1] != experiment_source(config):
+            raise ValueError(f"{path} is a run of {config.experiment!r} "
+                             f"({experiment_source(config)}), not {name!r}")
     else:
-        config = load_module(name).get_config()
-        config.experiment = name
+        name, source = resolve_experiment(name)
+        config = import_experiment(source).get_config()
+        config.experiment, config.experiment_source = name, source
         if seed is not None:
             config.seed = seed
         path = Path(run_dir) if run_dir else None
@@ -391,13 +523,15 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
     in the run directory before training starts, and config.json only once it has finished.
     A new run refuses a directory where another run has trained."""
     if from_step is not None and not resume:
-        raise ValueError("--from-step goes with --resume: it picks the checkpoint to resume from")
+        raise ValueError(f"{arg('from_step')} goes with {arg('resume')}: it picks the "
+                         "checkpoint to resume from")
     path, config = run_config(name, sets, seed, run_dir, resume)
     if not resume and path.is_dir() and Run(path, create=False).holds_a_run():
+        cont = (f"`metalearn train --run-dir {path} --resume`" if in_cli() else
+                f"train(run_dir={str(path)!r}, resume=True)")
         raise FileExistsError(
             f"{path} already holds a run (metrics.jsonl or checkpoints/); continue it with "
-            f"`metalearn train --run-dir {path} --resume`, or choose a new --run-dir (or "
-            "delete that one)")
+            f"{cont}, or choose a new run directory ({arg('run_dir')}) or delete that one")
     run = Run(path)
     if progress:
         print(f"run directory: {run.path}", flush=True)
@@ -422,7 +556,7 @@ def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = Fal
     return build_outer(config.outer, config.steps).run(
         exp.learner, exp.train, jax.random.PRNGKey(config.seed), steps=config.steps,
         eval_sampler=exp.splits.get(split) if split else None, run_dir=run.path,
-        config=config.to_dict(), resume=resume, resume_step=from_step,
+        config=config.to_dict(), resume=resume, from_step=from_step,
         options=RunOptions(eval_every=config.eval_every, eval_episodes=config.eval_episodes,
                            eval_batch_size=config.eval_batch_size,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
@@ -433,12 +567,10 @@ def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = Fal
 def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: Any,
                   progress: bool = False) -> dict:
     """summary.json: speed, final train loss, the last evaluation, the test split, the report."""
+    from metalearn.outer.base import training_summary
+
     summary: dict[str, Any] = {"experiment": config.experiment, "steps": config.steps,
-                               "seed": config.seed,
-                               "steps_per_second": result.steps_per_second}
-    train_recs = [r for r in result.history if r.get("split") == "train"]
-    if train_recs:
-        summary["final_train_loss"] = float(np.mean([r["loss"] for r in train_recs[-50:]]))
+                               "seed": config.seed, **training_summary(result)}
     split = exp.eval_split
     if result.final_eval is not None and split != "test":
         summary[split] = result.final_eval
@@ -450,9 +582,9 @@ def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: 
     return summary
 
 
-def evaluate_split(config: ConfigDict, exp: Experiment, meta: MetaParams, seed: int = 0,
-                    episodes: int | None = None, sampler: TaskSampler | None = None,
-                    progress: str | None = None) -> dict:
+def evaluate_split(config: ConfigDict, exp: Experiment | LoadedRun, meta: MetaParams,
+                    seed: int = 0, episodes: int | None = None,
+                    sampler: TaskSampler | None = None, progress: str | None = None) -> dict:
     """The run's test figures (or `sampler`'s): `test_episodes` episodes from the test seed."""
     key = jax.random.PRNGKey(TEST_SEED)
     if seed:
@@ -461,58 +593,211 @@ def evaluate_split(config: ConfigDict, exp: Experiment, meta: MetaParams, seed: 
                     episodes or config.test_episodes, config.eval_batch_size, progress=progress)
 
 
-def load_trained(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, Experiment,
-                                                                        MetaParams, int]:
-    """(config, experiment, meta-parameters, step) of a trained run, from its checkpoint."""
-    run = Run(run_dir, create=False)
+# ---------------------------------------------------------------- runs made from Python
+
+CUSTOM = "custom: "  # config.json's value for a user object (an optax or evosax instance)
+
+
+def loop_config(loop: Any) -> ConfigDict:
+    """The `outer` config that builds a loop like `loop` (what a run made from Python records);
+    objects given in place of names are recorded as 'custom: <class>'."""
+    from metalearn.specs import class_path
+
+    kinds = {cls: k for k, cls in _outer_classes().items()}
+    kind = next((k for cls, k in kinds.items() if type(loop) is cls), None)
+    if kind is None:
+        return ConfigDict({"kind": CUSTOM + class_path(loop)})
+    section = {k: getattr(loop, k) for k in _section_fields(type(loop))}
+    section = {k: v if v is None or isinstance(v, bool | int | float | str) else
+               CUSTOM + class_path(v) for k, v in section.items()}
+    shared = {k: getattr(loop, k) for k in SHARED_OUTER_FIELDS}
+    shared["shard"] = {None: "auto"}.get(loop.shard, loop.shard)
+    return used_outer(outer_config(kind, **{kind: section}, **shared))
+
+
+def _key_spec(key: Array) -> dict:
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    return {"typed": bool(typed), "data": np.asarray(data).tolist()}
+
+
+def _key_from_spec(spec: dict) -> Array:
+    data = jnp.asarray(spec["data"], jnp.uint32)
+    return jax.random.wrap_key_data(data) if spec["typed"] else data
+
+
+def python_run_config(loop: Any, learner: InnerLearner, train_sampler: TaskSampler,
+                      eval_sampler: TaskSampler | None, eval_learner: InnerLearner | None,
+                      key: Array, steps: int, options: Any, user_config: dict | None) -> dict:
+    """config.json of a run made with `OuterLoop.run(run_dir=...)`: the base fields, the outer
+    loop, and the learner and samplers as specs that `load_run` can rebuild."""
+    from metalearn.specs import object_spec
+
+    c = base_config(experiment=None, experiment_source=None, seed=None, steps=steps,
+                    eval_every=options.eval_every, eval_episodes=options.eval_episodes,
+                    eval_batch_size=options.eval_batch_size,
+                    test_episodes=options.eval_episodes,
+                    checkpoint_every=options.checkpoint_every, log_every=options.log_every,
+                    outer=loop_config(loop)).to_dict()
+    c.update(made_by="OuterLoop.run", key=_key_spec(key), learner=object_spec(learner),
+             eval_learner=object_spec(eval_learner) if eval_learner is not None else None,
+             samplers={"train": object_spec(train_sampler),
+                       "eval": object_spec(eval_sampler) if eval_sampler is not None else None},
+             user_config=user_config)
+    return c
+
+
+# ---------------------------------------------------------------- reloading runs
+
+
+class LoadedRun(NamedTuple):
+    """A trained run reloaded by `load_run`: its learner, meta-parameters and config."""
+
+    path: Path
+    config: ConfigDict
+    learner: InnerLearner
+    meta: MetaParams
+    step: int  # the meta-step of the checkpoint
+    splits: dict[str, TaskSampler]  # an experiment's splits; a Python run's train / eval
+    experiment: Experiment | None  # None for a run made from Python
+    evaluator: InnerLearner  # scores evaluations (the experiment's eval_learner, else learner)
+
+    @property
+    def default_split(self) -> str:
+        """The split `evaluate` reads by default: test, else the run's evaluation split."""
+        split = next((s for s in ("test", "validation", "eval") if s in self.splits), None)
+        if split is None:
+            raise ValueError(f"{self.path} has no held-out split to evaluate (its splits: "
+                             f"{sorted(self.splits) or 'none'}); choose one ({arg('split')})"
+                             + ("" if in_cli() else " or pass sampler=..."))
+        return split
+
+    def evaluate(self, split: str | None = None, episodes: int | None = None, seed: int = 0,
+                 sampler: TaskSampler | None = None, progress: str | None = None) -> dict:
+        """Figures on one of the run's splits (default: test) or on `sampler`: the episodes of
+        the test seed, so that seed 0 repeats what `metalearn train` reported."""
+        if sampler is None:
+            split = split or self.default_split
+            if split not in self.splits:
+                raise ValueError(f"split {split!r} not available for {self.path}; choose one of "
+                                 f"{sorted(self.splits)}")
+            sampler = self.splits[split]
+        return evaluate_split(self.config, self, self.meta, seed, episodes, sampler, progress)
+
+
+def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner | None = None,
+             sampler: TaskSampler | None = None, outer: Any = None) -> LoadedRun:
+    """Reload a trained run (made by `metalearn train` or `OuterLoop.run(run_dir=...)`).
+
+    The learner, samplers and outer loop are rebuilt from the run's config: an experiment's by
+    its `build`, a Python run's from the specs config.json records. What cannot be rebuilt (a
+    class defined in a script, an optax or evosax object) is passed here: `learner`, `sampler`
+    (the training sampler, for the shapes of the meta-parameters) or `outer`. `step` picks a
+    checkpoint (default: the latest).
+    """
+    run = Run(path, create=False)
     config = read_config(run)
-    exp = build_experiment(config, run)
-    outer = build_outer(config.outer, config.steps)
-    template = outer.init(exp.learner, exp.train, jax.random.PRNGKey(config.seed))
+    if config.get("experiment"):
+        exp = build_experiment(config, run)
+        learner = learner or exp.learner
+        splits, evaluator = dict(exp.splits), exp.eval_learner or learner
+        key = jax.random.PRNGKey(config.seed)
+    else:
+        exp = None
+        learner = learner or _rebuild(config, "learner", run.path, "learner")
+        splits = {}
+        for name, spec in config.samplers.to_dict().items():
+            given = sampler if name == "train" else None
+            if given is not None or spec is None:
+                if given is not None:
+                    splits[name] = given
+                continue
+            try:
+                splits[name] = _rebuild_spec(spec)
+            except ValueError as e:
+                if name == "train":
+                    raise _not_rebuildable(run.path, "train sampler", "sampler", e) from None
+        evaluator = learner
+        if config.get("eval_learner"):
+            try:
+                evaluator = _rebuild_spec(config.eval_learner.to_dict())
+            except ValueError:
+                pass  # scored with the learner itself
+        key = _key_from_spec(config.key.to_dict())
+    if outer is None:
+        try:
+            outer = build_outer(config.outer, config.steps)
+        except _CustomObjectError as e:
+            raise _not_rebuildable(run.path, "outer loop", "outer", e) from None
+    template = outer.init(learner, splits.get("train") or sampler, key)
     with Checkpointer(run.checkpoint_dir, max_to_keep=None, create=False) as ckpt:
         if ckpt.latest_step() is None:
             raise CheckpointError(f"no checkpoint in {run.checkpoint_dir}: the run stopped "
                                   "before its first checkpoint (or was never trained)")
         done, state = ckpt.restore(template, step)
-    state = jax.tree.map(jax.numpy.asarray, state)
-    return config, exp, outer.meta_params(state), done
+    state = jax.tree.map(jnp.asarray, state)
+    return LoadedRun(run.path, config, learner, outer.meta_params(state), done, splits, exp,
+                     evaluator)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", episodes: int | None = None,
+def _rebuild_spec(spec: Any) -> Any:
+    from metalearn.specs import rebuild
+
+    return rebuild(spec)
+
+
+def _rebuild(config: ConfigDict, field: str, path: Path, arg_name: str) -> Any:
+    try:
+        return _rebuild_spec(config[field].to_dict())
+    except ValueError as e:
+        raise _not_rebuildable(path, field, arg_name, e) from None
+
+
+def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> ValueError:
+    return ValueError(
+        f"{path} was made from Python and its {what} cannot be rebuilt from config.json: "
+        f"{why}. Reload it in Python, passing the object: metalearn.load_run({str(path)!r}, "
+        f"{arg_name}=...)" + (" (the command line cannot)" if in_cli() else ""))
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, ways: int | None = None, shots: int | None = None,
                  queries: int | None = None, unlabeled: int | None = None,
                  progress: bool = False) -> dict:
-    """Evaluate a trained run on one of its splits; saves eval_SPLIT.json in the run.
+    """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
+    split); saves eval_SPLIT.json in the run.
 
     With the defaults (`episodes`: the run's `test_episodes`, `seed` 0) the test split gives
     exactly the figures `metalearn train` reported. `ways`, `shots`, `queries`, `unlabeled`
     (None keeps the run's) evaluate few-shot runs at another N-way K-shot setting, e.g. with
     unlabeled images for semi-supervised learners; the result goes to
     eval_SPLIT_<setting>.json, next to (not over) the default one."""
-    config, exp, meta, step = load_trained(run_dir)
-    if split not in exp.splits:
-        raise ValueError(f"split {split!r} not available for {config.experiment}; "
-                         f"choose one of {sorted(exp.splits)}")
-    sampler, name = exp.splits[split], f"eval_{split}.json"
+    loaded = load_run(run_dir)
+    split = split or loaded.default_split
+    if split not in loaded.splits:
+        raise ValueError(f"split {split!r} not available for {run_dir}; choose one of "
+                         f"{sorted(loaded.splits)}")
+    sampler, name = loaded.splits[split], f"eval_{split}.json"
     setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
                                  ("unlabeled", unlabeled)) if v is not None}
+    what = loaded.config.get("experiment") or "this run"
     if setting:
         if not hasattr(sampler, "with_ways_shots"):
-            raise ValueError(f"the {split} sampler of {config.experiment!r} "
-                             f"({type(sampler).__name__}) has no ways/shots/queries/unlabeled "
-                             "settings; they are for few-shot classification runs")
+            raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) has no "
+                             "ways/shots/queries/unlabeled settings; they are for few-shot "
+                             "classification runs")
         sampler = sampler.with_ways_shots(**setting)
         try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
-            exp.evaluator.init(jax.random.PRNGKey(0), sampler.example())
+            loaded.evaluator.init(jax.random.PRNGKey(0), sampler.example())
         except ValueError as e:
-            raise ValueError(f"{config.experiment} cannot be evaluated at "
-                             f"{sampler.ways}-way {sampler.shots}-shot: {e}") from None
+            raise ValueError(f"{what} cannot be evaluated at {sampler.ways}-way "
+                             f"{sampler.shots}-shot: {e}") from None
         tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
                + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else ""))
         name = f"eval_{split}_{tag}.json"
-    res = evaluate_split(config, exp, meta, seed, episodes, sampler,
+    res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
                           progress=split if progress else None)
-    res = {"split": split, "step": step, "seed": seed, **res}
+    res = {"split": split, "step": loaded.step, "seed": seed, **res}
     if setting:
         res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
                                                             "unlabeled")}
@@ -531,13 +816,15 @@ def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "t
     manifest = Path(manifest)
     if not manifest.exists():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
-    config, exp, meta, step = load_trained(run_dir)
-    sampler = exp.splits.get(split, exp.train)
+    loaded = load_run(run_dir)
+    sampler = loaded.splits.get(split, loaded.splits.get("train"))
     if not hasattr(sampler, "episodes_from_manifest"):
-        raise ValueError(f"the samplers of {config.experiment!r} ({type(sampler).__name__}) "
-                         "cannot read episode manifests; manifests are for few-shot image tasks")
+        raise ValueError(f"the samplers of {loaded.config.get('experiment') or run_dir!r} "
+                         f"({type(sampler).__name__}) cannot read episode manifests; manifests "
+                         "are for few-shot image tasks")
     episodes = sampler.episodes_from_manifest(manifest)
-    res = evaluate_episodes(exp.evaluator, meta, episodes, jax.random.PRNGKey(MANIFEST_SEED))
-    res = {"split": f"manifest:{manifest.name}", "step": step, **res}
+    res = evaluate_episodes(loaded.evaluator, loaded.meta, episodes,
+                            jax.random.PRNGKey(MANIFEST_SEED))
+    res = {"split": f"manifest:{manifest.name}", "step": loaded.step, **res}
     Run(run_dir, create=False).write_json(f"eval_manifest_{manifest.stem}.json", res)
     return res

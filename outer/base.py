@@ -23,8 +23,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metalearn.checkpoint import REJECTED_DIR, Checkpointer
-from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, check_episode
+from metalearn.core import (
+    Array,
+    InnerLearner,
+    MetaParams,
+    PyTree,
+    TaskSampler,
+    check_episode,
+    check_predictions,
+)
 from metalearn.evaluation import evaluate, format_metrics
+from metalearn.messages import arg, setting
 from metalearn.runs import Run
 from metalearn.seeds import EVAL_SEED
 
@@ -36,10 +45,10 @@ class NonFiniteLossError(FloatingPointError):
                  remedy: str = "a smaller step size", set_aside: str = ""):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
         ck = (f"The last good checkpoint is step {last_checkpoint}{where} (its loss was finite): "
-              f"resume from it (--resume) with {remedy}."
+              f"resume from it ({arg('resume')}) with {remedy}."
               if last_checkpoint is not None else
-              f"There is no good checkpoint to resume from: train again in a new --run-dir "
-              f"with {remedy}.")
+              f"There is no good checkpoint to resume from: train again in a new run directory "
+              f"({arg('run_dir')}) with {remedy}.")
         super().__init__(f"training loss became {value} at step {step}: stopped. {set_aside}"
                          f"{ck}")
 
@@ -137,31 +146,48 @@ class OuterLoop:
     # ----- the driver -----
     def run(self, learner: InnerLearner, train_sampler: TaskSampler, key: Array, *, steps: int,
             eval_sampler: TaskSampler | None = None, run_dir: str | Path | None = None,
-            config: dict | None = None, resume: bool = False, resume_step: int | None = None,
+            config: dict | None = None, resume: bool = False, from_step: int | None = None,
             options: RunOptions | None = None,
             eval_learner: InnerLearner | None = None) -> TrainResult:
         """Meta-train for `steps` meta-steps (in total, counting steps done before a resume).
 
         `resume` continues the run in `run_dir` from its latest checkpoint, or from the one of
-        `resume_step` (later checkpoints are then set aside in rejected_checkpoints/).
+        `from_step` (later checkpoints are then set aside in rejected_checkpoints/).
         `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
         same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         check_episode(train_sampler.example(), name="the train sampler's episode")
-        s = _Session(self, learner, eval_learner or learner, eval_sampler,
-                     options or RunOptions(), Run(run_dir) if run_dir is not None else None,
-                     config)
+        options = options or RunOptions()
+        # a run made from Python (not by an experiment) records what it can to be reloaded
+        from_python = run_dir is not None and not (config or {}).get("experiment")
+        if from_python:
+            from metalearn.experiment import python_run_config
+
+            config = python_run_config(self, learner, train_sampler, eval_sampler, eval_learner,
+                                       key, steps, options, config)
+        s = _Session(self, learner, eval_learner or learner, eval_sampler, options,
+                     Run(run_dir) if run_dir is not None else None, config)
         try:
-            return self._drive(s, learner, train_sampler, key, steps, resume, resume_step)
+            result = self._drive(s, learner, train_sampler, key, steps, resume, from_step,
+                                 from_python)
         finally:
             if s.ckpt is not None:
                 s.ckpt.close()
+        if from_python:
+            s.run.write_json("config.json", config)
+            s.run.write_json("summary.json", {"experiment": None, "steps": steps,
+                                              **training_summary(result),
+                                              "eval": result.final_eval})
+        return result
 
     def _drive(self, s: _Session, learner: InnerLearner, train_sampler: TaskSampler, key: Array,
-               steps: int, resume: bool, resume_step: int | None) -> TrainResult:
-        s.start(train_sampler, key, resume, steps, resume_step)
+               steps: int, resume: bool, from_step: int | None,
+               from_python: bool = False) -> TrainResult:
+        s.start(train_sampler, key, resume, steps, from_step)
+        if from_python and not resume:
+            s.run.write_json("config.json", s.config)
         fn = self.compiled_steps(learner, train_sampler, s.mesh)
         bar = _progress(steps, s.step, s.opts.progress)
         t0, step0 = time.perf_counter(), s.step
@@ -189,6 +215,15 @@ class OuterLoop:
         return TrainResult(self.meta_params(s.state), s.state, s.history, final_eval, sps)
 
 
+def training_summary(result: TrainResult) -> dict:
+    """The training figures of summary.json: speed and the final train loss (last 50 steps)."""
+    out = {"steps_per_second": result.steps_per_second}
+    train = [r["loss"] for r in result.history if r.get("split") == "train"]
+    if train:
+        out["final_train_loss"] = float(np.mean(train[-50:]))
+    return out
+
+
 class _Session:
     """The host side of one `OuterLoop.run` call: state, history, checkpoints, evaluations."""
 
@@ -210,18 +245,23 @@ class _Session:
             print(text, flush=True)
 
     def start(self, sampler: TaskSampler, key: Array, resume: bool, steps: int,
-              resume_step: int | None = None) -> None:
+              from_step: int | None = None) -> None:
         """Initial state, or a checkpoint's on resume; replicated over the mesh.
 
         Nothing in the run directory changes before the resume is known to be possible."""
         state = self.outer.init(self.learner, sampler, key)
+        meta = self.outer.meta_params(state)
+        check_predictions(self.learner, meta, sampler.example(), "the train sampler's episode")
+        if self.eval_sampler is not None:
+            check_predictions(self.eval_learner, meta, self.eval_sampler.example(),
+                              "the evaluation sampler's episode")
         if resume:
             if self.ckpt is None:
                 raise ValueError("resume=True needs the run_dir of the run to continue")
-            done, state = self.ckpt.restore(state, resume_step)
+            done, state = self.ckpt.restore(state, from_step)
             if done >= steps:
                 raise ValueError(f"the run is already at step {done} >= steps={steps}; "
-                                 "raise --set steps=... to train further")
+                                 f"raise {setting('steps')} to train further")
             later = [s for s in self.ckpt.steps() if s > done]
             if later:
                 self.ckpt.set_aside(later, f"superseded: the run was resumed from step {done}")
@@ -234,8 +274,9 @@ class _Session:
                     if self.ckpt.latest_step() is not None else
                     "the metrics of an earlier run that stopped before its first checkpoint")
             raise FileExistsError(
-                f"{self.run.path} already holds {held}; continue it with --resume (when it has "
-                "checkpoints), or choose a new --run-dir (or delete that one)")
+                f"{self.run.path} already holds {held}; continue it with {arg('resume')} (when it "
+                f"has checkpoints), or choose a new run directory ({arg('run_dir')}) or delete "
+                "that one")
         if self.mesh is not None:  # replicated on every device (a global array across hosts)
             state = jax.device_put(jax.device_get(state), NamedSharding(self.mesh, P()))
         self.state, self.step = state, int(state.step)
@@ -243,7 +284,7 @@ class _Session:
         self.last_ckpt = self.ckpt.latest_step() if self.ckpt else None
         if self.step >= steps:
             raise ValueError(f"the run is already at step {self.step} >= steps={steps}; "
-                             "raise --set steps=... to train further")
+                             f"raise {setting('steps')} to train further")
 
     def chunk(self, steps: int) -> int:
         """Steps in the next compiled call: up to the next evaluation, checkpoint or the end."""
@@ -296,7 +337,7 @@ class _Session:
         """Evaluate the current meta-parameters on the evaluation sampler; log the result."""
         res = evaluate(self.eval_learner, self.outer.meta_params(self.state), self.eval_sampler,
                        jax.random.PRNGKey(EVAL_SEED), self.opts.eval_episodes,
-                       self.opts.eval_batch_size,
+                       self.opts.eval_batch_size, check=False,
                        progress="final evaluation" if final and self.opts.progress else None)
         self.log([{"step": self.step, "split": "eval", **res}])
         return res

@@ -10,17 +10,28 @@ import optax
 from jax.sharding import Mesh
 
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
+from metalearn.messages import setting
 from metalearn.outer.base import OuterLoop, OuterState, option, shard_leading
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
+# fields that only build the named optimizers (refused next to an optax object)
+_NAMED_ONLY = ("learning_rate", "schedule", "warmup_steps", "decay_steps", "end_lr_factor", "b1",
+               "b2", "weight_decay", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")
 
 
 @dataclasses.dataclass
 class GradientOuterLoop(OuterLoop):
-    """optax optimizer (with schedule and clipping) on the batch-mean query loss."""
+    """optax optimizer (with schedule and clipping) on the batch-mean query loss.
 
-    optimizer: str = option("adam", f"optax optimizer: {', '.join(OPTIMIZERS)}")
+    `optimizer` is a name (with `learning_rate`, `schedule` and the other fields) or any
+    `optax.GradientTransformation` of your own, schedule included, e.g.
+    `GradientOuterLoop(optimizer=optax.adamw(optax.cosine_decay_schedule(1e-3, 5000)))`.
+    """
+
+    optimizer: str | optax.GradientTransformation = option(
+        "adam", f"optax optimizer: {', '.join(OPTIMIZERS)} (in Python also an optax "
+        "GradientTransformation)")
     learning_rate: float = option(1e-3, "peak learning rate of the optimizer")
     schedule: str = option("constant", f"learning-rate schedule: {', '.join(SCHEDULES)}")
     warmup_steps: int = option(0, "linear warm-up from 0 over this many steps (0: none)")
@@ -36,8 +47,25 @@ class GradientOuterLoop(OuterLoop):
     total_steps: int = 0  # set by the experiment runner, used by schedules
     shard: bool | None = None
 
+    @property
+    def custom(self) -> bool:
+        """True when `optimizer` is an optax object rather than a name."""
+        return not isinstance(self.optimizer, str)
+
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
+        if self.custom:
+            if not (callable(getattr(self.optimizer, "init", None))
+                    and callable(getattr(self.optimizer, "update", None))):
+                raise TypeError(f"optimizer must be a name ({', '.join(OPTIMIZERS)}) or an "
+                                "optax.GradientTransformation (with init and update), got "
+                                f"{type(self.optimizer).__name__}")
+            named = [f.name for f in dataclasses.fields(self) if f.name in _NAMED_ONLY
+                     and getattr(self, f.name) != f.default]
+            if named:
+                raise ValueError(f"{', '.join(named)} set, but the optimizer is an optax object: "
+                                 "those fields build named optimizers only; put the rate, "
+                                 "schedule and decay into your optax transformation")
+        elif self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
@@ -50,11 +78,13 @@ class GradientOuterLoop(OuterLoop):
 
     def remedy(self) -> str:
         """A lower learning rate, or (tighter) gradient clipping: never what is in force."""
-        clip = (f"tighter gradient clipping (--set outer.gradient.clip_norm=..., now "
-                f"{self.clip_norm:g})" if self.clip_norm else
-                "gradient clipping (--set outer.gradient.clip_norm=1.0)")
-        return (f"a lower learning rate (--set outer.gradient.learning_rate=..., now "
-                f"{self.learning_rate:g}) or {clip}")
+        clip = (f"tighter gradient clipping ({setting('clip_norm', 'outer.gradient.clip_norm')}"
+                f", now {self.clip_norm:g})" if self.clip_norm else
+                f"gradient clipping ({setting('clip_norm', 'outer.gradient.clip_norm', '1.0')})")
+        if self.custom:
+            return f"a lower learning rate in your optax optimizer or {clip}"
+        return (f"a lower learning rate ({setting('learning_rate', 'outer.gradient.learning_rate')}"
+                f", now {self.learning_rate:g}) or {clip}")
 
     def lr_schedule(self) -> optax.Schedule:
         """The learning-rate schedule."""
@@ -77,7 +107,9 @@ class GradientOuterLoop(OuterLoop):
         """The optax transformation: clipping, then the optimizer with its schedule."""
         lr = self.lr_schedule()
         o = self.optimizer
-        if o == "adam":
+        if self.custom:
+            opt = o
+        elif o == "adam":
             opt = optax.adam(lr, b1=self.b1, b2=self.b2)
         elif o == "adamw":
             opt = optax.adamw(lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay)

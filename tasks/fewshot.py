@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, TaskSampler
+from metalearn.messages import setting
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.images import read_image_ref
 from metalearn.tasks.manifest import (
@@ -152,8 +153,8 @@ class FewShotSampler(TaskSampler):
         h, w, _ = dataset.image_shape
         if self.rotations and h != w:
             raise ValueError(f"rotations=True needs square images, got {h}x{w}; resize the "
-                             "dataset (image_size=...; CLI: --set data.image_size=28) or use "
-                             "rotations=False (--set task.rotations=false)")
+                             f"dataset ({setting('image_size', 'data.image_size', '28')}) or use "
+                             f"{setting('rotations', 'task.rotations', 'false')}")
         self._scale, self._shift = _normalizer(self.normalize, dataset)
         if _device is None:
             _device = (jnp.asarray(_rows(dataset.images, self.rotations)),
@@ -438,9 +439,9 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
     if ways > n:
         rot = f" ({ds.num_classes} x 4 rotations)" if rotations else ""
         raise ValueError(f"ways={ways} but dataset {ds.name!r} has only {n} classes{rot}; "
-                         f"use ways <= {n} (CLI: --set task.ways={n})" + (
-                             "" if rotations else
-                             " or rotations as classes (--set task.rotations=true)"))
+                         f"use {setting('ways', 'task.ways', str(n))}" + (
+                             "" if rotations else " or rotations as classes "
+                             f"({setting('rotations', 'task.rotations', 'true')})"))
     small = int(np.argmin(ds.counts))
     have = int(ds.counts[small])
     if per_class > have:
@@ -450,5 +451,6 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
         raise ValueError(f"{parts} = {per_class} examples per class needed, but class "
                          f"{ds.class_names[small]!r} of {ds.name!r} has only {have} (examples "
                          f"per class: {int(ds.counts.min())} to {int(ds.counts.max())}); lower "
-                         "shots/queries (CLI: --set task.shots=... / task.queries=...) or drop "
+                         f"shots/queries ({setting('shots', 'task.shots')} / "
+                         f"{setting('queries', 'task.queries')}) or drop "
                          f"small classes with dataset.filter_min_examples({per_class})")

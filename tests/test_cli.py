@@ -25,6 +25,7 @@ def test_list_shows_experiments(capsys):
 
 
 def test_train_resume_evaluate(tmp_path, capsys):
+    """train says where it writes, resume where it resumes from; evaluate repeats the test."""
     rd = tmp_path / "run"
     sets = ["--set", "steps=20", "--set", "eval_every=10", "--set", "eval_episodes=50",
             "--set", "test_episodes=50", "--set", "checkpoint_every=10"]
@@ -35,11 +36,13 @@ def test_train_resume_evaluate(tmp_path, capsys):
     assert summary["test"]["episodes"] == 50 and summary["test"]["loss"] > 0
     assert sorted(p.name for p in (rd / "checkpoints").iterdir() if p.name.isdigit()) == [
         "10", "20"]
-    assert main(["train", "--run-dir", str(rd), "--resume", "--no-progress",
-                 "--set", "steps=30"]) == 0
+    assert f"run directory: {rd}" in capsys.readouterr().out
+    config = json.loads((rd / "config.json").read_text())
+    assert "evolution" not in config["outer"]  # a run's config holds what it uses
+    assert main(["train", "--run-dir", str(rd), "--resume", "--set", "steps=30"]) == 0
+    assert "resuming from step 20 of 30" in capsys.readouterr().out
     recs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, 31))
-    capsys.readouterr()
     assert main(["evaluate", str(rd), "--episodes", "40", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "test (step 30, 40 episodes, seed 0)" in out and "loss=" in out
@@ -72,17 +75,6 @@ def test_cli_errors_are_clear(argv, msg, capsys, tmp_path):
     assert msg in capsys.readouterr().err
 
 
-def test_train_says_where_it_writes_and_where_it_resumes(tmp_path, capsys):
-    rd = tmp_path / "run"
-    sets = ["--set", "steps=4", "--set", "test_episodes=20", "--set", "checkpoint_every=2"]
-    assert main(["train", "linreg_sgd", "--run-dir", str(rd), *sets]) == 0
-    assert f"run directory: {rd}" in capsys.readouterr().out
-    config = json.loads((rd / "config.json").read_text())
-    assert "evolution" not in config["outer"]  # a run's config holds what it uses
-    assert main(["train", "--run-dir", str(rd), "--resume", "--set", "steps=6"]) == 0
-    assert "resuming from step 4 of 6" in capsys.readouterr().out
-
-
 def test_config_lists_and_describes_every_field(capsys):
     from metalearn.experiment import describe_config, field_docs, list_experiments, load_module
 
@@ -99,7 +91,7 @@ def test_config_lists_and_describes_every_field(capsys):
     assert "outer.gradient.learning_rate" in out and "outer.evolution.strategy" in out
 
 
-def test_a_run_made_from_python_is_refused_with_a_reason(tmp_path, capsys):
+def test_a_run_made_from_python_without_an_eval_sampler_names_its_splits(tmp_path, capsys):
     from metalearn.learners.gd import GradientDescent
     from metalearn.outer.base import RunOptions
     from metalearn.outer.gradient import GradientOuterLoop
@@ -109,4 +101,7 @@ def test_a_run_made_from_python_is_refused_with_a_reason(tmp_path, capsys):
                                         jax.random.PRNGKey(0), steps=2, run_dir=tmp_path,
                                         options=RunOptions(progress=False))
     assert main(["evaluate", str(tmp_path)]) == 2
-    assert "made from Python with OuterLoop.run" in capsys.readouterr().err
+    assert "no held-out split to evaluate (its splits: ['train']); choose one (--split NAME)" \
+        in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--split", "train", "--episodes", "10"]) == 0
+    assert "train (step 2, 10 episodes" in capsys.readouterr().out

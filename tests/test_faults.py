@@ -111,7 +111,7 @@ def test_a_used_run_directory_is_refused_not_mixed(tmp_path, capsys):
     before = snapshot(rd)
     assert train(rd, "--set", "steps=4") == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "choose a new --run-dir" in err
+    assert "already holds a run" in err and "choose a new run directory (--run-dir DIR)" in err
     assert snapshot(rd) == before
     assert train(rd, "--set", "steps=4", resume=True) == 2  # nothing to resume from
     assert "no checkpoint" in capsys.readouterr().err and snapshot(rd) == before
@@ -142,7 +142,7 @@ def test_corrupt_newest_checkpoint_resume_from_an_older_step(tmp_path, capsys):
     assert train_losses(rd) == train_losses(ref)  # the resumed run is the uninterrupted one
     assert main(["train", "linreg_sgd", "--from-step", "2", "--run-dir", str(tmp_path / "x"),
                  *QUIET]) == 2
-    assert "--from-step goes with --resume" in capsys.readouterr().err
+    assert "--from-step N goes with --resume" in capsys.readouterr().err
 
 
 def test_internal_errors_are_not_a_bare_key():

@@ -113,7 +113,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="trained_blocks must be in 0..num_blocks=2"):
         HyperTransformer(**{**SMALL, "trained_blocks": 3})
     ht = HyperTransformer(**{**SMALL, "ways": 2})
-    with pytest.raises(ValueError, match=r"3 classes.*2-way.*--set learner.ways"):
+    with pytest.raises(ValueError, match=r"3 classes.*2-way.*set ways=3 or more"):
         ht.init(jax.random.PRNGKey(0), sampler().example())
 
 

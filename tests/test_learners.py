@@ -7,10 +7,11 @@ loop, finite meta-gradients, `vmap` over a population of meta-parameters (the ev
 path) equal to a loop, same seed same numbers through both outer loops, and the claimed
 permutation behaviour of the support set.
 
-Registered: ProtoNet; MAML (second order, and first order with Meta-SGD step sizes) on the
-CNN, the MLP and the linear model (ANIL, the head-only option, has its own tests in
-test_maml.py); LSA (linear and softmax); the explicit in-context baselines of
-`metalearn.learners.gd` (the `LinearInContext` learners GradientDescent and LeastSquares).
+Registered: ProtoNet (on the CNN, and on an MLP embedding); MAML (second order, and first
+order with Meta-SGD step sizes) on the CNN, the MLP and the linear model (ANIL, the head-only
+option, has its own tests in test_maml.py); LSA (linear and softmax); the explicit in-context
+baselines of `metalearn.learners.gd` (the `LinearInContext` learners GradientDescent and
+LeastSquares).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Entry:
 
 LEARNERS = [
     Entry("protonet", ProtoNet(channels=4, num_blocks=2), images, label_equivariant=True),
+    Entry("protonet_mlp", ProtoNet(embedding=MLP((8,), out_dim=4)), images,
+          label_equivariant=True),
     Entry("maml_cnn", MAML(cnn(), inner_steps=2, inner_lr=0.1), images),
     Entry("fomaml_cnn_metasgd", MAML(cnn(), inner_steps=2, first_order=True,
                                      lr_mode="per_param"), images),
@@ -93,10 +96,18 @@ LEARNERS = [
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
 TRAINABLE = [e for e in LEARNERS if e.trainable]
-# these compile both loops for 15-30 s each (the second MAML-CNN entry adds no path the first
-# lacks; the HyperTransformer's generators are many small programs): their outer-loop check
-# runs with `pytest -m slow`, to keep the default suite under 10 minutes
-SLOW_OUTER = {"fomaml_cnn_metasgd", "ht_logits_only", "hypertransformer"}
+# To keep the default suite under 10 minutes, some checks run with `pytest -m slow` only. The
+# second MAML-CNN entry adds no path the first lacks: all its checks are slow. The outer-loop
+# and population checks compile both loops for 5-30 s each: they run by default for one
+# learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
+SLOW_ALL = {"fomaml_cnn_metasgd"}
+SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "maml_cnn", "protonet", "lsa",
+              "lsa_softmax", "maml_mlp_metasgd"}
+
+
+def with_slow(entries: list[Entry], slow: set[str]) -> list:
+    """The entries as pytest parameters, those named in `slow` marked slow."""
+    return [pytest.param(e, marks=pytest.mark.slow) if e.name in slow else e for e in entries]
 KEY = jax.random.PRNGKey(0)
 
 
@@ -115,7 +126,7 @@ def setup(entry: Entry):
     return learner, meta, sampler.sample(jax.random.PRNGKey(3)), batch, predict
 
 
-@pytest.mark.parametrize("entry", LEARNERS, ids=repr)
+@pytest.mark.parametrize("entry", with_slow(LEARNERS, SLOW_ALL), ids=repr)
 def test_init_on_the_samplers_example(entry):
     learner, meta, ep, _, _ = setup(entry)
     again = learner.init(jax.random.PRNGKey(1), entry.sampler().example())
@@ -124,7 +135,7 @@ def test_init_on_the_samplers_example(entry):
         assert bool(jnp.all(jnp.isfinite(a))) and np.array_equal(a, b)  # same seed, same init
 
 
-@pytest.mark.parametrize("entry", LEARNERS, ids=repr)
+@pytest.mark.parametrize("entry", with_slow(LEARNERS, SLOW_ALL), ids=repr)
 def test_adapt_and_predict_under_jit_equal_eager(entry):
     learner, meta, ep, _, predict = setup(entry)
     jitted = predict(meta, ep.support(), ep.query_x)
@@ -140,7 +151,7 @@ def test_adapt_and_predict_under_jit_equal_eager(entry):
     assert ("accuracy" in metrics) == ep.is_classification
 
 
-@pytest.mark.parametrize("entry", LEARNERS, ids=repr)
+@pytest.mark.parametrize("entry", with_slow(LEARNERS, SLOW_ALL), ids=repr)
 def test_vmap_over_episodes_equals_a_loop(entry):
     learner, meta, _, batch, predict = setup(entry)
     vmapped = jax.jit(jax.vmap(lambda s, q: predict(meta, s, q)))(batch.support(), batch.query_x)
@@ -149,7 +160,7 @@ def test_vmap_over_episodes_equals_a_loop(entry):
         _close(vmapped[i], predict(meta, ep.support(), ep.query_x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("entry", TRAINABLE, ids=repr)
+@pytest.mark.parametrize("entry", with_slow(TRAINABLE, SLOW_ALL), ids=repr)
 def test_meta_gradients_are_finite(entry):
     learner, meta, _, batch, _ = setup(entry)
     grads = jax.jit(jax.grad(lambda m: batch_loss(learner, m, batch, KEY)[0]))(meta)
@@ -158,9 +169,7 @@ def test_meta_gradients_are_finite(entry):
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param(e, marks=pytest.mark.slow) if e.name in SLOW_OUTER else e for e in TRAINABLE],
-    ids=repr)
+@pytest.mark.parametrize("entry", with_slow(TRAINABLE, SLOW_OUTER), ids=repr)
 def test_vmap_over_a_population_equals_a_loop(entry):
     learner, meta, _, batch, _ = setup(entry)
     leaves, tree = jax.tree.flatten(meta)
@@ -174,9 +183,7 @@ def test_vmap_over_a_population_equals_a_loop(entry):
     assert len(set(np.asarray(alone).tolist())) > 1  # the members differ
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param(e, marks=pytest.mark.slow) if e.name in SLOW_OUTER else e for e in TRAINABLE],
-    ids=repr)
+@pytest.mark.parametrize("entry", with_slow(TRAINABLE, SLOW_OUTER), ids=repr)
 def test_both_outer_loops_same_seed_same_numbers(entry):
     loops = [GradientOuterLoop(batch_size=2),
              EvolutionOuterLoop(strategy="Sep_CMA_ES", population_size=4, batch_size=2,
@@ -197,7 +204,8 @@ def _permuted(support: Support, perm: np.ndarray) -> Support:
     return Support(support.x[perm], support.y[perm], support.unlabeled_x)
 
 
-@pytest.mark.parametrize("entry", [e for e in LEARNERS if e.order_invariant], ids=repr)
+@pytest.mark.parametrize("entry", with_slow([e for e in LEARNERS if e.order_invariant],
+                                           SLOW_ALL), ids=repr)
 def test_reordering_the_support_set_changes_nothing(entry):
     _, meta, ep, _, predict = setup(entry)
     perm = np.random.default_rng(0).permutation(ep.support_x.shape[0])

@@ -110,6 +110,8 @@ def test_anil_adapts_the_head_only(cnn_maml):
     assert not np.allclose(state["params"]["head"]["w"], meta["params"]["head"]["w"])
 
 
+@pytest.mark.slow  # 15 s; the orders' math: the linear closed form; conv2d's second
+# derivatives: test_nn
 def test_second_and_first_order_meta_gradients_differ_on_the_cnn(cnn_maml):
     learner, meta, ep = cnn_maml
     fo = MAML(learner.model, inner_steps=3, inner_lr=0.2, first_order=True)
@@ -169,7 +171,7 @@ needs_omniglot = pytest.mark.skipif(
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     from metalearn.cli import main
     from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, evaluate_run, load_trained, train
+    from metalearn.experiment import evaluate_manifest, evaluate_run, load_run, train
 
     sets = ["steps=4", "eval_every=0", "eval_episodes=4", "checkpoint_every=0",
             "test_episodes=4", "report_episodes=4", "report_settings=5x1x3",
@@ -180,19 +182,20 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     run, summary = train("maml_omniglot", sets, run_dir=tmp_path / "run", progress=False)
     assert summary["test"]["episodes"] == 4 and "test_5way_1shot" in summary
     assert len([r for r in run.metrics() if r["split"] == "train"]) == 4
-    _, exp, meta, step = load_trained(run.path)
-    assert step == 4 and exp.evaluator.inner_steps == 2 and exp.learner.inner_steps == 1
+    loaded = load_run(run.path)
+    assert loaded.step == 4 and loaded.evaluator.inner_steps == 2
+    assert loaded.learner.inner_steps == 1
     assert main(["evaluate", str(run.path), "--episodes", "4", "--ways", "3"]) == 0
     assert "test ways=3" in capsys.readouterr().out
     # more ways than the 5-way head has: refused, nothing written
     with pytest.raises(ValueError, match=r"cannot be evaluated at 6-way 1-shot: .*out_dim >= 6"):
         evaluate_run(run.path, episodes=2, ways=6)
     assert not list(run.path.glob("eval_test_6way*"))
-    test = exp.splits["test"]
+    test = loaded.splits["test"]
     key = jax.random.PRNGKey(3)
     manifest = test.export_manifest(tmp_path / "episodes.json", key, 3)
     from_file = evaluate_manifest(run.path, manifest)
-    in_memory = evaluate_episodes(exp.evaluator, meta, test.sample_batch(key, 3),
+    in_memory = evaluate_episodes(loaded.evaluator, loaded.meta, test.sample_batch(key, 3),
                                   jax.random.PRNGKey(MANIFEST_SEED))
     assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
     assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4

@@ -111,7 +111,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     learner = inner_sgd(1)
     outer = GradientOuterLoop(batch_size=4)
     outer.run(learner, TASKS, jax.random.PRNGKey(0), steps=3, run_dir=tmp_path, options=QUIET)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match=r"continue it with resume=True"):
         outer.run(learner, TASKS, jax.random.PRNGKey(0), steps=3, run_dir=tmp_path,
                   options=QUIET)
 

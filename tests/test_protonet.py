@@ -218,11 +218,12 @@ def test_bad_manifests_fail_on_the_command_line_naming_file_and_entry(trained_ru
 @needs_omniglot
 def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
     from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, load_trained
+    from metalearn.experiment import evaluate_manifest, load_run
     from metalearn.tasks.images import ZIP_SEP
 
     run, _ = trained_run
-    _, exp, meta, _ = load_trained(run.path)
+    loaded = load_run(run.path)
+    exp, meta = loaded.experiment, loaded.meta
     test = exp.splits["test"]
     key, n = jax.random.PRNGKey(42), 6
     exported = test.export_manifest(tmp_path / "exported.json", key, n)

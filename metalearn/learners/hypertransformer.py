@@ -68,6 +68,7 @@ import jax.numpy as jnp
 from metalearn import nn
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Support
 from metalearn.learners.protonet import MASKED_LOGIT
+from metalearn.messages import setting
 
 
 def _conv_features(convs: list[Array], x: Array, strides: tuple[int, ...]) -> Array:
@@ -152,7 +153,7 @@ class HyperTransformer(InnerLearner):
         if int(jnp.max(y)) >= self.ways:
             raise ValueError(f"episodes have {int(jnp.max(y)) + 1} classes but the "
                              f"HyperTransformer generates a {self.ways}-way logits layer; set "
-                             f"ways >= {int(jnp.max(y)) + 1} (CLI: --set learner.ways=...)")
+                             f"{setting('ways', 'learner.ways', str(int(jnp.max(y)) + 1))} or more")
         k_cnn, k_shared, k_gen = jax.random.split(key, 3)
         cnn = self.cnn.init(k_cnn, x)
         blocks = [{"scale": b["scale"], "shift": b["shift"],

@@ -1,6 +1,7 @@
 """Prototypical networks (Snell et al. 2017) with the semi-supervised refinement (Ren et al. 2018).
 
-An embedding f_phi (the 4-block few-shot CNN of `metalearn.nn`) maps images to vectors. `adapt`
+An embedding f_phi (by default the 4-block few-shot CNN of `metalearn.nn`; any model of the
+`metalearn.nn.Model` contract, e.g. an MLP on vector data) maps inputs to vectors. `adapt`
 averages the support embeddings of each class into a prototype p_c = mean_{i: y_i = c} f(x_i);
 `predict` scores a query by logits_c(x) = -||f(x) - p_c||^2. The meta-parameters are phi alone.
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support
-from metalearn.nn import CNN
+from metalearn.nn import CNN, Model
 
 MASKED_LOGIT = -1e30
 
@@ -61,27 +62,39 @@ def soft_kmeans_refine(protos: Array, counts: Array, labeled_sum: Array, unlabel
 
 @dataclasses.dataclass(frozen=True)
 class ProtoNet(InnerLearner):
-    """Prototypical network on the conv-BN-ReLU-pool CNN; logits = -squared distance."""
+    """Prototypical network; logits = -squared distance to the class prototypes.
 
-    channels: int = 64  # width of every conv block
+    The embedding is `embedding` (any `metalearn.nn.Model`, e.g. `MLP(hidden=(64,),
+    out_dim=32)`), or by default the conv-BN-ReLU-pool CNN of `channels` x `num_blocks`.
+    """
+
+    channels: int = 64  # width of every conv block (default embedding)
     num_blocks: int = 4
     refine_steps: int = 1  # soft k-means steps when the support has unlabeled samples
     num_classes: int | None = None  # logit columns; None: one per support example
+    embedding: Model | None = None  # None: CNN(channels, num_blocks)
 
     def init(self, key: Array, example: Episode) -> MetaParams:
-        """The CNN's parameters (He-normal kernels, BN scale 1 and shift 0)."""
+        """The embedding's parameters (the CNN: He-normal kernels, BN scale 1 and shift 0)."""
         x = example.support_x
-        if x.ndim != 4:
-            raise ValueError(f"ProtoNet takes images: support_x must be [S, H, W, C], got "
-                             f"shape {x.shape}")
+        if self.embedding is None and x.ndim != 4:
+            raise ValueError(f"ProtoNet's default embedding is a CNN on images: support_x must "
+                             f"be [S, H, W, C], got shape {x.shape}; for other inputs give an "
+                             "embedding model, e.g. ProtoNet(embedding=MLP(hidden=(64,), "
+                             "out_dim=32))")
         if not example.is_classification:
             raise ValueError("ProtoNet is a classifier: support_y must be integer class labels")
-        return {"cnn": self.model.init(key, x)}
+        return {self.params_key: self.model.init(key, x)}
 
     @property
-    def model(self) -> CNN:
-        """The embedding f_phi: the CNN without a head."""
-        return CNN(self.channels, self.num_blocks)
+    def params_key(self) -> str:
+        """Where the meta-parameters hold the embedding's: "cnn" (the default) or "embedding"."""
+        return "cnn" if self.embedding is None else "embedding"
+
+    @property
+    def model(self) -> Model:
+        """The embedding f_phi (the CNN without a head by default)."""
+        return self.embedding or CNN(self.channels, self.num_blocks)
 
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
         """Class prototypes (refined with unlabeled samples) and the support's BN statistics."""
@@ -89,7 +102,7 @@ class ProtoNet(InnerLearner):
         k = self.num_classes or n_lab
         x = support.x if support.unlabeled_x is None else jnp.concatenate(
             [support.x, support.unlabeled_x.astype(support.x.dtype)], axis=0)
-        emb, stats = self.model.apply(meta["cnn"], x)
+        emb, stats = self.model.apply(meta[self.params_key], x)
         protos, counts = class_prototypes(emb[:n_lab], support.y, k)
         if support.unlabeled_x is not None and support.unlabeled_x.shape[0] > 0 \
                 and self.refine_steps > 0:
@@ -99,5 +112,5 @@ class ProtoNet(InnerLearner):
 
     def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
         """Logits [Q, num_classes]: negative squared distance to each class prototype."""
-        emb, _ = self.model.apply(meta["cnn"], query_x, state["bn"])
+        emb, _ = self.model.apply(meta[self.params_key], query_x, state["bn"])
         return prototype_logits(emb, state["prototypes"], state["present"])
