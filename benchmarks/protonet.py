@@ -4,9 +4,10 @@ Setting: 20-way 1-shot, 15 queries per class (320 images per episode), 8 episode
 Adam, Omniglot 28x28 with rotations (the minimal zips in ../shared/data/omniglot; random images
 of the same shape when they are absent), channel widths 8 and 64. Each width runs in its own
 process so that its peak resident memory (ru_maxrss) is its own; XLA's own estimate of the
-compiled step's buffers is printed too. `--learners protonet maml fomaml` times second-order
-and first-order MAML (5 inner steps on the support set, a 20-way head) beside ProtoNet in the
-same run and prints each one's time per step as a ratio to ProtoNet's.
+compiled step's buffers is printed too. `--learners protonet maml fomaml ht ht_logits` times
+second-order and first-order MAML (5 inner steps on the support set, a 20-way head) and the
+HyperTransformer (all layers generated, or the logits layer only) beside ProtoNet in the same run
+and prints each one's time per step as a ratio to ProtoNet's (benchmarks/hypertransformer.py).
 
 `--sampling-share` also times each width's meta-step from a pool of pre-sampled, pre-normalised
 episodes on device (the cheapest possible sampler: one dynamic index per episode) against the
@@ -14,7 +15,7 @@ step with the FewShotSampler inside it, in interleaved rounds in one process, an
 of a meta-step sampling takes.
 
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--autodiff-conv]
-                                     [--sampling-share] [--learners protonet maml fomaml]
+                                     [--sampling-share] [--learners protonet maml ht ...]
 """
 
 from __future__ import annotations
@@ -80,13 +81,20 @@ class EpisodePool(TaskSampler):
         return jax.tree.map(lambda a: a[i], self.episodes)
 
 
-LEARNERS = ("protonet", "maml", "fomaml")
+LEARNERS = ("protonet", "maml", "fomaml", "ht", "ht_logits")
 
 
 def make_learner(name: str, width: int) -> InnerLearner:
-    """ProtoNet, or (first-order) MAML with 5 inner steps and a 20-way head, at one width."""
+    """ProtoNet; (first-order) MAML with 5 inner steps and a 20-way head; the HyperTransformer
+    generating all layers (ht) or the logits layer only (ht_logits, 4 trained conv blocks),
+    with `ht_omniglot`'s generator settings; at one width."""
     if name == "protonet":
         return ProtoNet(channels=width)
+    if name in ("ht", "ht_logits"):
+        from metalearn.learners.hypertransformer import HyperTransformer
+
+        return HyperTransformer(ways=20, channels=width,
+                                trained_blocks=4 if name == "ht_logits" else 0)
     return MAML(CNN(width, 4, out_dim=20), inner_steps=5, inner_lr=0.4,
                 first_order=name == "fomaml")
 

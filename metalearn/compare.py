@@ -155,8 +155,11 @@ def comparison_table(runs: Sequence[RunRecord], metrics: Sequence[str] | None = 
     for r in runs:
         s = r.summary or {}
         sps, ftl = s.get("steps_per_second"), s.get("final_train_loss")
-        rows.append([r.label, str(r.config.get("experiment", MISSING)),
-                     str(r.config.get("seed", MISSING)), _steps(r),
+        made_in_python = r.config.get("made_by") == "OuterLoop.run"
+        rows.append([r.label,
+                     "(Python)" if made_in_python else str(r.config.get("experiment", MISSING)),
+                     str(r.config.get("seed") if r.config.get("seed") is not None else MISSING),
+                     _steps(r),
                      format_value(sps, digits=3) if _is_number(sps) else MISSING,
                      format_value(ftl, digits=4) if _is_number(ftl) else MISSING]
                     + [_cell(results_of(r.summary).get(name), m) for name, m in cols])
