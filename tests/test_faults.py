@@ -198,6 +198,7 @@ def test_an_experiment_without_a_test_split_runs_end_to_end(tmp_path, capsys):
                  "--set", "checkpoint_every=0"]) == 0
     summary = json.loads((rd / "summary.json").read_text())
     assert "validation" in summary and "test" not in summary
-    assert main(["evaluate", str(rd), *QUIET]) == 2
+    assert main(["evaluate", str(rd), "--split", "test", *QUIET]) == 2
     assert "split 'test' not available" in capsys.readouterr().err
-    assert main(["evaluate", str(rd), "--split", "validation", "--episodes", "2", *QUIET]) == 0
+    assert main(["evaluate", str(rd), "--episodes", "2", *QUIET]) == 0  # default: validation
+    assert capsys.readouterr().out.startswith("validation (step 2, 2 episodes")
