@@ -76,14 +76,18 @@ class Checkpointer:
         if not moved:
             return None
         dest = self.directory.parent / REJECTED_DIR
-        dest.mkdir(exist_ok=True)
-        for s in moved:
+        for s in moved if jax.process_index() == 0 else []:  # process 0 moves, for everyone
+            dest.mkdir(exist_ok=True)
             target = dest / str(s)
             n = 1
             while target.exists():  # an earlier rejection of the same step
                 target, n = dest / f"{s}.{n}", n + 1
             shutil.move(str(self.directory / str(s)), str(target))
             (dest / f"{target.name}.why.txt").write_text(why + "\n")
+        if jax.process_count() > 1:  # the others wait until the folders have moved
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"metalearn set_aside {moved}")
         if self._mngr is not None:
             self._mngr.reload()
         return dest

@@ -47,15 +47,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from metalearn.experiment import train
 
     if args.distributed:
-        import jax
+        from metalearn.distributed import initialize
 
-        jax.distributed.initialize()  # coordinator/process ids from the cluster environment
-
+        initialize()  # coordinator and process ids from the environment
+    from metalearn.distributed import is_primary
     from metalearn.evaluation import format_metrics
 
     run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
-                         resume=args.resume, progress=not args.no_progress,
+                         resume=args.resume, progress=not args.no_progress and is_primary(),
                          from_step=args.from_step)
+    if not is_primary():
+        return 0
     print(f"run directory: {run.path}")
     for split in ("validation", "test"):
         if isinstance(summary.get(split), dict):

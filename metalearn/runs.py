@@ -55,9 +55,18 @@ class Run:
         """The metrics log, one JSON object per line."""
         return self.path / "metrics.jsonl"
 
+    @property
+    def writes(self) -> bool:
+        """False in the processes other than 0 of a multi-process run: process 0 writes."""
+        import jax
+
+        return jax.process_index() == 0
+
     def write_json(self, name: str, obj: Any) -> Path:
         """Write `obj` as JSON atomically (temporary file, then rename)."""
         p = self.path / name
+        if not self.writes:
+            return p
         tmp = p.with_suffix(p.suffix + ".tmp")
         tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
         tmp.replace(p)
@@ -73,7 +82,7 @@ class Run:
 
     def log(self, records: list[dict]) -> None:
         """Append metric records (each with a `step` and a `split`)."""
-        if not records:
+        if not records or not self.writes:
             return
         with self.metrics_path.open("a") as f:
             for r in records:
@@ -94,6 +103,8 @@ class Run:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after `step` (when resuming from a checkpoint at `step`)."""
+        if not self.writes:
+            return
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -101,6 +112,8 @@ class Run:
 
     def plot_curves(self, name: str = "learning_curves.png") -> Path | None:
         """Plot every logged metric against steps in a grid, train and eval splits overlaid."""
+        if not self.writes:
+            return None
         fig = curves_figure(self.metrics())
         if fig is None:
             return None

@@ -80,6 +80,18 @@ def device_mesh(shard: bool | None = None) -> Mesh | None:
     return Mesh(np.asarray(devices), ("data",))
 
 
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Every array of `tree` copied to every device of the mesh, also across processes (each
+    process gives its own copy: they are equal, as every process computed them alike)."""
+    spec = NamedSharding(mesh, P())
+
+    def put(a: Any) -> jax.Array:
+        host = np.asarray(jax.device_get(a))
+        return jax.make_array_from_callback(host.shape, spec, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
 def shard_leading(tree: PyTree, mesh: Mesh | None) -> PyTree:
     """Constrain every array's leading axis to be split across the mesh's devices."""
     if mesh is None:
@@ -230,6 +242,8 @@ class _Session:
     def __init__(self, outer: OuterLoop, learner: InnerLearner, eval_learner: InnerLearner,
                  eval_sampler: TaskSampler | None, opts: RunOptions, run: Run | None,
                  config: dict | None):
+        if jax.process_index() != 0:  # in a multi-process run, process 0 shows progress
+            opts = dataclasses.replace(opts, progress=False)
         self.outer, self.learner, self.eval_learner = outer, learner, eval_learner
         self.eval_sampler, self.opts, self.run, self.config = eval_sampler, opts, run, config
         self.ckpt = Checkpointer(run.checkpoint_dir, opts.max_to_keep) if run else None
@@ -278,7 +292,7 @@ class _Session:
                 f"has checkpoints), or choose a new run directory ({arg('run_dir')}) or delete "
                 "that one")
         if self.mesh is not None:  # replicated on every device (a global array across hosts)
-            state = jax.device_put(jax.device_get(state), NamedSharding(self.mesh, P()))
+            state = replicate(state, self.mesh)
         self.state, self.step = state, int(state.step)
         self.history = self.run.metrics() if self.run else []
         self.last_ckpt = self.ckpt.latest_step() if self.ckpt else None
