@@ -18,7 +18,7 @@ def get_config() -> ConfigDict:
     c = _omniglot.base_omniglot_config()
     c.learner = ConfigDict({"channels": 8, "num_blocks": 4, "trained_blocks": 0, "embed_dim": 32,
                             "shared_features": 32, "local_features": 8, "num_layers": 3,
-                            "heads": 2, "width_fraction": 1.0})
+                            "heads": 2, "width_fraction": 1.0, "sequential": True})
     return c
 
 
@@ -32,7 +32,9 @@ DOCS = {**_omniglot.DOCS,
         "learner.local_features": "channels of each layer's activation feature extractor",
         "learner.num_layers": "transformer layers per generated CNN layer",
         "learner.heads": "attention heads",
-        "learner.width_fraction": "query/key, value and feed-forward sizes / token width (nu)"}
+        "learner.width_fraction": "query/key, value and feed-forward sizes / token width (nu)",
+        "learner.sequential": "run a batch's episodes one after another when conv layers are "
+                              "generated (faster on CPU; false on accelerators); same numbers"}
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

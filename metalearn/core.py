@@ -213,9 +213,12 @@ def check_predictions(learner: InnerLearner, meta: MetaParams, episode: Episode,
 
 def episode_losses(learner: InnerLearner, meta: MetaParams, episodes: Episode,
                    key: Array) -> tuple[Array, dict]:
-    """Per-episode losses [B] and metrics of a batch of episodes (leading axis), `vmap`ped;
+    """Per-episode losses [B] and metrics of a batch of episodes (leading axis), `vmap`ped
+    (or, for a learner with `sequential_episodes`, run one after another with `lax.map`);
     episode i gets the learner key split(key, B)[i]."""
     keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
+    if getattr(learner, "sequential_episodes", False):
+        return jax.lax.map(lambda a: learner.loss(meta, *a), (episodes, keys))
     return jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
 
 

@@ -128,3 +128,24 @@ def test_meta_training_lowers_the_query_loss():
     state, m = outer.compiled_steps(ht, tasks)(state, 1000)
     loss, acc = np.asarray(m["loss"]), np.asarray(m["accuracy"])
     assert loss[-100:].mean() < 0.6 * loss[:100].mean() and acc[-100:].mean() > 0.6, loss
+
+
+def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
+    """`sequential` (lax.map over a batch's episodes) changes the speed, not the numbers."""
+    import dataclasses
+
+    from metalearn.core import batch_loss
+
+    learner = HyperTransformer(ways=3, channels=4, num_blocks=1, embed_dim=8, shared_features=4,
+                               local_features=4, num_layers=1)
+    sampler = FewShotSampler(synthetic_dataset(classes=12, examples=6, size=8), 3, 2, 2)
+    meta = learner.init(jax.random.PRNGKey(0), sampler.example())
+    batch = sampler.sample_batch(jax.random.PRNGKey(1), 3)
+    assert learner.sequential_episodes
+    assert not dataclasses.replace(learner, trained_blocks=1).sequential_episodes
+
+    def metrics(lr):  # the loss and accuracy of every episode (the gradient: the same ops)
+        return jax.jit(lambda m: batch_loss(lr, m, batch, jax.random.PRNGKey(2))[1])(meta)
+
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), metrics(learner),
+                 metrics(dataclasses.replace(learner, sequential=False)))

@@ -87,7 +87,9 @@ def test_steps_per_call_does_not_change_numbers():
                  a.meta, b.meta)
 
 
-@pytest.mark.parametrize("kind", ["gradient", "evolution"])
+# the evolution case compiles 3 runs (15 s): with `pytest -m slow`, beside the two-process
+# resume of both loops (test_distributed.py)
+@pytest.mark.parametrize("kind", ["gradient", pytest.param("evolution", marks=pytest.mark.slow)])
 def test_resume_continues_exactly(tmp_path, kind):
     learner = inner_sgd(2)
     if kind == "gradient":

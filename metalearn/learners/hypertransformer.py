@@ -105,6 +105,16 @@ class HyperTransformer(InnerLearner):
     num_layers: int = 3  # transformer layers per generated CNN layer
     heads: int = 2
     width_fraction: float = 1.0  # nu: query/key, value and inner sizes / token width
+    # With conv kernels generated per episode, a batch of episodes runs one episode after
+    # another (lax.map) rather than vmapped: vmap makes the CNN's convolutions grouped ones,
+    # which take 1.6x the time on CPU (benchmarks/hypertransformer.py). Same numbers either
+    # way; False where grouped convolutions are fast (accelerators).
+    sequential: bool = True
+
+    @property
+    def sequential_episodes(self) -> bool:
+        """True when `episode_losses` runs a batch's episodes in sequence (see `sequential`)."""
+        return self.sequential and self.trained_blocks < self.num_blocks
 
     def __post_init__(self) -> None:
         if self.ways < 1 or self.channels < 1 or self.num_blocks < 1:
