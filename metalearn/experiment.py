@@ -42,6 +42,7 @@ from metalearn.evaluation import evaluate
 from metalearn.messages import arg, in_cli, override
 from metalearn.runs import Run
 from metalearn.seeds import MANIFEST_SEED, TEST_SEED
+from metalearn.specs import class_path, object_spec, rebuild
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -601,8 +602,6 @@ CUSTOM = "custom: "  # config.json's value for a user object (an optax or evosax
 def loop_config(loop: Any) -> ConfigDict:
     """The `outer` config that builds a loop like `loop` (what a run made from Python records);
     objects given in place of names are recorded as 'custom: <class>'."""
-    from metalearn.specs import class_path
-
     kinds = {cls: k for k, cls in _outer_classes().items()}
     kind = next((k for cls, k in kinds.items() if type(loop) is cls), None)
     if kind is None:
@@ -631,8 +630,6 @@ def python_run_config(loop: Any, learner: InnerLearner, train_sampler: TaskSampl
                       key: Array, steps: int, options: Any, user_config: dict | None) -> dict:
     """config.json of a run made with `OuterLoop.run(run_dir=...)`: the base fields, the outer
     loop, and the learner and samplers as specs that `load_run` can rebuild."""
-    from metalearn.specs import object_spec
-
     c = base_config(experiment=None, experiment_source=None, seed=None, steps=steps,
                     eval_every=options.eval_every, eval_episodes=options.eval_episodes,
                     eval_batch_size=options.eval_batch_size,
@@ -713,14 +710,14 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
                     splits[name] = given
                 continue
             try:
-                splits[name] = _rebuild_spec(spec)
+                splits[name] = rebuild(spec)
             except ValueError as e:
                 if name == "train":
                     raise _not_rebuildable(run.path, "train sampler", "sampler", e) from None
         evaluator = learner
         if config.get("eval_learner"):
             try:
-                evaluator = _rebuild_spec(config.eval_learner.to_dict())
+                evaluator = rebuild(config.eval_learner.to_dict())
             except ValueError:
                 pass  # scored with the learner itself
         key = _key_from_spec(config.key.to_dict())
@@ -740,15 +737,9 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
                      evaluator)
 
 
-def _rebuild_spec(spec: Any) -> Any:
-    from metalearn.specs import rebuild
-
-    return rebuild(spec)
-
-
 def _rebuild(config: ConfigDict, field: str, path: Path, arg_name: str) -> Any:
     try:
-        return _rebuild_spec(config[field].to_dict())
+        return rebuild(config[field].to_dict())
     except ValueError as e:
         raise _not_rebuildable(path, field, arg_name, e) from None
 
