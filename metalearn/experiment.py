@@ -669,16 +669,19 @@ class LoadedRun(NamedTuple):
                              + ("" if in_cli() else " or pass sampler=..."))
         return split
 
+    def split_sampler(self, split: str | None = None) -> tuple[str, TaskSampler]:
+        """(name, sampler) of one of the run's splits (default: `default_split`)."""
+        split = split or self.default_split
+        if split not in self.splits:
+            raise ValueError(f"split {split!r} not available for {self.path}; choose one of "
+                             f"{sorted(self.splits)}")
+        return split, self.splits[split]
+
     def evaluate(self, split: str | None = None, episodes: int | None = None, seed: int = 0,
                  sampler: TaskSampler | None = None, progress: str | None = None) -> dict:
         """Figures on one of the run's splits (default: test) or on `sampler`: the episodes of
         the test seed, so that seed 0 repeats what `metalearn train` reported."""
-        if sampler is None:
-            split = split or self.default_split
-            if split not in self.splits:
-                raise ValueError(f"split {split!r} not available for {self.path}; choose one of "
-                                 f"{sorted(self.splits)}")
-            sampler = self.splits[split]
+        sampler = sampler or self.split_sampler(split)[1]
         return evaluate_split(self.config, self, self.meta, seed, episodes, sampler, progress)
 
 
@@ -764,11 +767,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     unlabeled images for semi-supervised learners; the result goes to
     eval_SPLIT_<setting>.json, next to (not over) the default one."""
     loaded = load_run(run_dir)
-    split = split or loaded.default_split
-    if split not in loaded.splits:
-        raise ValueError(f"split {split!r} not available for {run_dir}; choose one of "
-                         f"{sorted(loaded.splits)}")
-    sampler, name = loaded.splits[split], f"eval_{split}.json"
+    split, sampler = loaded.split_sampler(split)
+    name = f"eval_{split}.json"
     setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
                                  ("unlabeled", unlabeled)) if v is not None}
     what = loaded.config.get("experiment") or "this run"
