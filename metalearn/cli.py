@@ -73,12 +73,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from metalearn import experiment
     from metalearn.evaluation import format_metrics
 
+    if args.manifest and args.dataset:
+        raise ValueError("--manifest and --dataset cannot be combined: a manifest lists its "
+                         "own episodes; give one of them")
     if args.manifest:
         res = experiment.evaluate_manifest(args.run_dir, args.manifest)
     else:
         res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                       ways=args.ways, shots=args.shots, queries=args.queries,
-                                      unlabeled=args.unlabeled, progress=not args.no_progress)
+                                      unlabeled=args.unlabeled, progress=not args.no_progress,
+                                      dataset=args.dataset)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items())
     seed = f", seed {res['seed']}" if "seed" in res else ""
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: call jax.distributed.initialize() first (run the same "
                         "command on every host)")
     t.set_defaults(fn=_cmd_train)
-    e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes")
+    e = sub.add_parser("evaluate", help="evaluate a trained run on held-out episodes or on "
+                       "a dataset of your own")
     e.add_argument("run_dir", help="a run directory (of `metalearn train`, or of "
                    "OuterLoop.run(run_dir=...) when its learner and samplers can be rebuilt)")
     e.add_argument("--split", default=None,
@@ -137,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "`metalearn train` reported on)")
     e.add_argument("--manifest", default=None,
                    help="evaluate on the fixed episodes listed in this manifest file")
+    e.add_argument("--dataset", default=None, metavar="SPEC",
+                   help="few-shot image runs: draw the episodes from your own dataset, resized "
+                        "and converted to the run's images: an image folder (class/*.png or "
+                        "group/class/*.png) or a zip of one; two MNIST-format IDX files "
+                        "IMAGES,LABELS (e.g. t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte"
+                        ".gz) or a folder holding one such pair; or a .npz with arrays x "
+                        "[N,H,W(,C)] uint8 and y [N] labels. Saves eval_dataset_NAME.json")
     for flag, what in (("ways", "classes per episode (N)"), ("shots", "labelled images per "
                        "class (K)"), ("queries", "query images per class"),
                        ("unlabeled", "unlabeled images per class (semi-supervised learners)")):

@@ -45,6 +45,12 @@ def arg(name: str) -> str:
     return cli if in_cli() else python
 
 
+def option(python: str, value: object = "...") -> str:
+    """A function argument `python=value`, or under the command line its flag `--python value`
+    (e.g. `ways=3` / `--ways 3`)."""
+    return f"--{python.replace('_', '-')} {value}" if in_cli() else f"{python}={value}"
+
+
 def setting(python: str, key: str | None = None, value: str = "...") -> str:
     """A setting to change: `python=value` (a constructor or function argument), or under the
     command line `--set KEY=value`, with KEY the config field (default: `python`)."""

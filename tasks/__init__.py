@@ -9,6 +9,7 @@
     train = tasks.FewShotSampler(splits["train"], ways=20, shots=1, queries=15, rotations=True)
     test = train.with_dataset(splits["test"])     # held-out alphabets, same settings
     tasks.plot_episode(test.sample(jax.random.PRNGKey(0)), "episode.png")
+    mine = tasks.load_dataset("my_images/", image_size=28, channels=1)  # or IMAGES,LABELS or .npz
     batch = train.batch_sampler(32)(jax.random.PRNGKey(1))   # 32 episodes, compiled
 
 Samplers are pure functions of a PRNG key (`sample`, `sample_batch`), so they also run inside
@@ -18,7 +19,7 @@ a jitted training step. In-context regression: `LinearRegression`, `SparseLinear
 from metalearn.tasks.datasets import ImageDataset, concat, from_numpy
 from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs
 from metalearn.tasks.folders import load_image_folder, load_omniglot
-from metalearn.tasks.formats import load_idx, load_tfds, read_idx, write_idx
+from metalearn.tasks.formats import load_dataset, load_idx, load_tfds, read_idx, write_idx
 from metalearn.tasks.manifest import read_manifest
 from metalearn.tasks.plotting import plot_episode
 from metalearn.tasks.regression import (
@@ -41,7 +42,8 @@ from metalearn.tasks.splits import (
 __all__ = [
     "EpisodeIndices", "FewShotSampler", "ImageDataset", "ImageRefs", "LinearRegression",
     "RegressionTask", "Sinusoid", "SparseLinearRegression", "TaskPool", "TeacherNetwork",
-    "concat", "from_numpy", "load_idx", "load_image_folder", "load_omniglot", "load_split",
+    "concat", "from_numpy", "load_dataset", "load_idx", "load_image_folder", "load_omniglot",
+    "load_split",
     "load_tfds", "plot_episode", "read_idx", "read_manifest", "save_split", "split_by_class",
     "split_by_group", "split_by_source", "vinyals_split", "write_idx",
 ]

@@ -195,9 +195,14 @@ class FewShotSampler(TaskSampler):
                               self.rotations, self.normalize, self.shuffle,
                               _device=(self._rows, self._counts))
 
-    def with_dataset(self, dataset: ImageDataset) -> FewShotSampler:
-        """The same episode settings on another dataset (e.g. the test split)."""
-        return FewShotSampler(dataset, self.ways, self.shots, self.queries, self.unlabeled,
+    def with_dataset(self, dataset: ImageDataset, ways: int | None = None,
+                     shots: int | None = None, queries: int | None = None,
+                     unlabeled: int | None = None) -> FewShotSampler:
+        """The same episode settings on another dataset (e.g. the test split); `ways`, `shots`,
+        `queries`, `unlabeled` (None keeps this sampler's) change N/K/Q as `with_ways_shots`."""
+        pick = lambda v, d: d if v is None else v
+        return FewShotSampler(dataset, pick(ways, self.ways), pick(shots, self.shots),
+                              pick(queries, self.queries), pick(unlabeled, self.unlabeled),
                               self.rotations, self.normalize, self.shuffle)
 
     def describe(self) -> dict:
