@@ -106,7 +106,7 @@ def bench_population_eval(learner, tasks, pop: int, batch: int) -> tuple[float, 
         lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), (pop, *a.shape)), meta0)
     episodes = tasks.sample_batch(jax.random.PRNGKey(2), batch)
     key = jax.random.PRNGKey(3)
-    vm = jax.jit(lambda p: outer.fitness(learner, p, episodes, key))
+    vm = jax.jit(lambda p: outer.population_fitness(learner, p, episodes, key))
     one = jax.jit(lambda m: batch_loss(learner, m, episodes, key)[0])
     members = [jax.tree.map(lambda a, i=i: a[i], population) for i in range(pop)]
     t_vmap = _time(lambda: vm(population), 5)

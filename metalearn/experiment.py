@@ -25,6 +25,7 @@ import datetime
 import importlib
 import importlib.util
 import pkgutil
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from metalearn.checkpoint import Checkpointer, CheckpointError
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler
 from metalearn.evaluation import evaluate
-from metalearn.messages import arg, in_cli, override
+from metalearn.messages import arg, in_cli, option, override
 from metalearn.runs import Run
 from metalearn.seeds import MANIFEST_SEED, TEST_SEED
 from metalearn.specs import class_path, object_spec, rebuild
@@ -192,6 +193,7 @@ def base_config(**overrides: Any) -> ConfigDict:
         "test_episodes": 1000,
         "checkpoint_every": 0,
         "log_every": 1,
+        "init_from": "",
         "outer": outer_config(),
     })
     for k, v in overrides.items():
@@ -211,6 +213,9 @@ BASE_DOCS = {
     "test_episodes": "episodes of the final test evaluation (and of `metalearn evaluate`)",
     "checkpoint_every": "checkpoint every N steps (0: only at the end)",
     "log_every": "write training metrics every N steps",
+    "init_from": "start from these meta-parameters instead of the learner's init: a run "
+                 "directory (its latest checkpoint) or a name the learner offers (e.g. "
+                 "gradient[:LR] for the Hebbian genome)",
     "outer.kind": "outer loop: gradient (outer.gradient.*) or evolution (outer.evolution.*)",
     "outer.batch_size": "episodes per meta-step (gradient) or per generation, shared by all "
                         "candidates (evolution)",
@@ -554,6 +559,7 @@ def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = Fal
     from metalearn.outer.base import RunOptions
 
     split = exp.eval_split
+    init = None if resume else initial_meta_from(config.get("init_from", ""), exp.learner)
     return build_outer(config.outer, config.steps).run(
         exp.learner, exp.train, jax.random.PRNGKey(config.seed), steps=config.steps,
         eval_sampler=exp.splits.get(split) if split else None, run_dir=run.path,
@@ -562,7 +568,21 @@ def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = Fal
                            eval_batch_size=config.eval_batch_size,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                            progress=progress),
-        eval_learner=exp.eval_learner)
+        eval_learner=exp.eval_learner, init_meta=init)
+
+
+def initial_meta_from(spec: str, learner: InnerLearner) -> MetaParams | None:
+    """The meta-parameters `init_from` names: None for "", a run directory's trained ones, or
+    one the learner offers by name (`learner.named_meta(name)`)."""
+    if not spec:
+        return None
+    if Path(spec).is_dir():
+        return load_run(spec).meta
+    named = getattr(learner, "named_meta", None)
+    if named is None:
+        raise ValueError(f"{override('init_from', spec)}: {spec!r} is not a run directory, and "
+                         f"{type(learner).__name__} offers no named meta-parameters")
+    return named(spec)
 
 
 def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: Any,
@@ -757,27 +777,40 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, ways: int | None = None, shots: int | None = None,
                  queries: int | None = None, unlabeled: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, dataset: str | Path | None = None) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
-    split); saves eval_SPLIT.json in the run.
+    split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
     With the defaults (`episodes`: the run's `test_episodes`, `seed` 0) the test split gives
     exactly the figures `metalearn train` reported. `ways`, `shots`, `queries`, `unlabeled`
     (None keeps the run's) evaluate few-shot runs at another N-way K-shot setting, e.g. with
     unlabeled images for semi-supervised learners; the result goes to
-    eval_SPLIT_<setting>.json, next to (not over) the default one."""
+    eval_SPLIT_<setting>.json, next to (not over) the default one.
+
+    `dataset` (few-shot image runs) draws the episodes from a dataset of yours instead, in any
+    form `tasks.load_dataset` reads: an image folder (or zip), IDX files "IMAGES,LABELS" (or a
+    folder holding one pair), or a .npz with x and y. Its images are resized and converted to
+    the run's image size and channels and go through the `split` sampler's preprocessing and
+    episode settings; the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the
+    dataset's folder or file stem), with the dataset's spec and class count."""
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
     name = f"eval_{split}.json"
     setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
                                  ("unlabeled", unlabeled)) if v is not None}
     what = loaded.config.get("experiment") or "this run"
-    if setting:
+    data_info, label = None, split
+    if dataset is not None:
+        sampler, data_info = _dataset_sampler(sampler, dataset, setting, split, what)
+        label = f"dataset:{data_info['name']}"
+        name = f"eval_dataset_{data_info['name']}.json"
+    elif setting:
         if not hasattr(sampler, "with_ways_shots"):
             raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) has no "
                              "ways/shots/queries/unlabeled settings; they are for few-shot "
                              "classification runs")
         sampler = sampler.with_ways_shots(**setting)
+    if setting:
         try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
             loaded.evaluator.init(jax.random.PRNGKey(0), sampler.example())
         except ValueError as e:
@@ -785,15 +818,63 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
                              f"{sampler.shots}-shot: {e}") from None
         tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
                + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else ""))
-        name = f"eval_{split}_{tag}.json"
+        name = f"{name.removesuffix('.json')}_{tag}.json"
     res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
-                          progress=split if progress else None)
-    res = {"split": split, "step": loaded.step, "seed": seed, **res}
+                          progress=label if progress else None)
+    res = {"split": label, "step": loaded.step, "seed": seed, **res}
     if setting:
         res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
                                                             "unlabeled")}
+    if data_info is not None:
+        res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
     return res
+
+
+def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, split: str,
+                     what: str) -> tuple[TaskSampler, dict]:
+    """The `split` sampler's episode settings (and `setting`'s changes) on the dataset `spec`,
+    loaded at the sampler's image size and channels; and what the result file says of it."""
+    from metalearn.tasks.formats import load_dataset
+
+    if not all(hasattr(sampler, a) for a in ("with_dataset", "dataset", "ways", "rotations")):
+        raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) cannot take "
+                         "another dataset; dataset evaluation is for few-shot image "
+                         "classification runs")
+    h, w, ch = sampler.dataset.image_shape
+    ds = load_dataset(spec, image_size=(h, w), channels=ch)
+    ways = setting.get("ways", sampler.ways)
+    per = {k: setting.get(k, getattr(sampler, k)) for k in ("shots", "queries", "unlabeled")}
+    n_rot = 4 if sampler.rotations else 1
+    if ways > ds.num_classes * n_rot:
+        rot = f" x 4 rotations = {ds.num_classes * 4}" if n_rot > 1 else ""
+        given = "" if "ways" in setting else f" (the run's {split} setting)"
+        raise ValueError(f"dataset {str(spec)!r} has {ds.num_classes} classes{rot}, fewer than "
+                         f"the {ways} ways of an episode{given}; evaluate with fewer ways: "
+                         f"{option('ways', ds.num_classes * n_rot)}")
+    need = sum(per.values())
+    if ds.num_classes and int(ds.counts.min()) < need:
+        small = int(np.argmin(ds.counts))
+        enough = int((ds.counts >= need).sum())
+        parts = " + ".join(f"{per[k]} {k}" for k in per if per[k] or k != "unlabeled")
+        raise ValueError(f"dataset {str(spec)!r}: episodes need {parts} = {need} images per "
+                         f"class, but class {ds.class_names[small]!r} has only "
+                         f"{int(ds.counts[small])} ({enough} of {ds.num_classes} classes have "
+                         f"{need} or more); evaluate with fewer images per class "
+                         f"({option('shots', 'K')}, {option('queries', 'Q')}) or leave out "
+                         "the small classes")
+    try:
+        sampler = sampler.with_dataset(ds, **setting)
+    except ValueError as e:
+        raise ValueError(f"{what} cannot be evaluated on dataset {str(spec)!r}: {e}") from None
+    info = {"spec": str(spec), "name": _file_safe(ds.name), "classes": ds.num_classes,
+            "examples": ds.num_examples, "image_shape": [h, w, ch]}
+    return sampler, info
+
+
+def _file_safe(name: str) -> str:
+    """`name` as part of a file name: letters, digits, '-', '_' and '.' only."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "dataset"
 
 
 def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "test") -> dict:

@@ -53,6 +53,23 @@ class NonFiniteLossError(FloatingPointError):
                          f"{ck}")
 
 
+def initial_meta(learner: InnerLearner, sampler: TaskSampler, key: Array,
+                 meta: MetaParams | None = None) -> MetaParams:
+    """`learner.init(key, example)`, or the given meta-parameters after checking that they have
+    the learner's structure and shapes (e.g. a trained genome, or a hand-made one)."""
+    example = sampler.example()
+    if meta is None:
+        return learner.init(key, example)
+    want = learner.init(key, example)  # concrete: an init may check the example's values
+    have = jax.tree.map(jnp.shape, meta)
+    shapes = jax.tree.map(lambda w: w.shape, want)
+    if jax.tree.structure(have) != jax.tree.structure(shapes) or have != shapes:
+        raise ValueError(f"the given initial meta-parameters do not fit {type(learner).__name__}"
+                         f": they are {have}, the learner's are {shapes}; start from "
+                         "meta-parameters of a run of the same learner and settings")
+    return jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), meta, want)
+
+
 class OuterState(NamedTuple):
     """The whole state of an outer loop: a pytree that is checkpointed as is."""
 
@@ -125,8 +142,9 @@ class OuterLoop:
     shard: bool | None = None
 
     # ----- the pure functions a subclass provides -----
-    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
-        """Initial outer state for this learner and sampler."""
+    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array,
+             meta: MetaParams | None = None) -> OuterState:
+        """Initial outer state for this learner and sampler (from `meta` when given)."""
         raise NotImplementedError
 
     def step(self, learner: InnerLearner, sampler: TaskSampler, state: OuterState,
@@ -159,14 +177,16 @@ class OuterLoop:
     def run(self, learner: InnerLearner, train_sampler: TaskSampler, key: Array, *, steps: int,
             eval_sampler: TaskSampler | None = None, run_dir: str | Path | None = None,
             config: dict | None = None, resume: bool = False, from_step: int | None = None,
-            options: RunOptions | None = None,
-            eval_learner: InnerLearner | None = None) -> TrainResult:
+            options: RunOptions | None = None, eval_learner: InnerLearner | None = None,
+            init_meta: MetaParams | None = None) -> TrainResult:
         """Meta-train for `steps` meta-steps (in total, counting steps done before a resume).
 
         `resume` continues the run in `run_dir` from its latest checkpoint, or from the one of
         `from_step` (later checkpoints are then set aside in rejected_checkpoints/).
         `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
         same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
+        `init_meta` starts from these meta-parameters instead of `learner.init` (e.g. a trained
+        or hand-made genome); a resume takes the checkpoint's.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -183,7 +203,7 @@ class OuterLoop:
                      Run(run_dir) if run_dir is not None else None, config)
         try:
             result = self._drive(s, learner, train_sampler, key, steps, resume, from_step,
-                                 from_python)
+                                 from_python, init_meta)
         finally:
             if s.ckpt is not None:
                 s.ckpt.close()
@@ -196,8 +216,8 @@ class OuterLoop:
 
     def _drive(self, s: _Session, learner: InnerLearner, train_sampler: TaskSampler, key: Array,
                steps: int, resume: bool, from_step: int | None,
-               from_python: bool = False) -> TrainResult:
-        s.start(train_sampler, key, resume, steps, from_step)
+               from_python: bool = False, init_meta: MetaParams | None = None) -> TrainResult:
+        s.start(train_sampler, key, resume, steps, from_step, init_meta)
         if from_python and not resume:
             s.run.write_json("config.json", s.config)
         fn = self.compiled_steps(learner, train_sampler, s.mesh)
@@ -259,11 +279,11 @@ class _Session:
             print(text, flush=True)
 
     def start(self, sampler: TaskSampler, key: Array, resume: bool, steps: int,
-              from_step: int | None = None) -> None:
+              from_step: int | None = None, init_meta: MetaParams | None = None) -> None:
         """Initial state, or a checkpoint's on resume; replicated over the mesh.
 
         Nothing in the run directory changes before the resume is known to be possible."""
-        state = self.outer.init(self.learner, sampler, key)
+        state = self.outer.init(self.learner, sampler, key, init_meta)
         meta = self.outer.meta_params(state)
         check_predictions(self.learner, meta, sampler.example(), "the train sampler's episode")
         if self.eval_sampler is not None:

@@ -1,7 +1,8 @@
 """Evolution-strategy meta-training with evosax (which minimises).
 
 Fitness of a population member = its mean query loss on the batch of episodes drawn for that
-generation; every member sees the same episodes. The logged `loss` (and accuracy) is that of the
+generation (or another metric the learner reports: `fitness="error"` is 1 - accuracy); every
+member sees the same episodes. The logged `loss` (and accuracy) is that of the
 deployed meta-parameters, the strategy's mean, on the same batch, as the gradient loop logs its
 parameters'; the best member's is `best_member_loss`. The population is evaluated with `vmap` (and
 sharded across devices when there are several), never in a Python loop.
@@ -20,7 +21,13 @@ from jax.sharding import Mesh
 
 from metalearn.core import Array, InnerLearner, MetaParams, PyTree, TaskSampler, batch_loss
 from metalearn.messages import setting
-from metalearn.outer.base import OuterLoop, OuterState, option, shard_leading
+from metalearn.outer.base import (
+    OuterLoop,
+    OuterState,
+    initial_meta,
+    option,
+    shard_leading,
+)
 
 # Strategies whose memory grows as d x d (full covariance / rotation matrices).
 FULL_COVARIANCE = ("CMA_ES", "iAMaLGaM_Full", "xNES", "MA_ES", "Rm_ES", "CMAAnchoredLES")
@@ -62,6 +69,8 @@ class EvolutionOuterLoop(OuterLoop):
                                           "many meta-parameters")
     strategy_params: Any = option(None, "in Python: the params of a strategy instance (None: "
                                   "its default_params)")
+    fitness: str = option("loss", "what the strategy minimises: loss, error (1 - accuracy) or "
+                          "any metric the learner reports; -NAME maximises NAME")
     batch_size: int = 32  # episodes per generation, shared by all members
     steps_per_call: int = 10
     shard: bool | None = None
@@ -72,6 +81,9 @@ class EvolutionOuterLoop(OuterLoop):
         return not isinstance(self.strategy, str)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fitness, str) or not self.fitness.lstrip("-"):
+            raise ValueError(f"fitness must name a metric (loss, error or one the learner "
+                             f"reports), got {self.fitness!r}")
         if self.custom:
             self._check_instance()
             return
@@ -168,25 +180,46 @@ class EvolutionOuterLoop(OuterLoop):
             params = params.replace(std_init=jnp.asarray(self.std_init, jnp.float32))
         return params
 
-    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
-        """The strategy's state, its mean at the learner's initial meta-parameters."""
+    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array,
+             meta: MetaParams | None = None) -> OuterState:
+        """The strategy's state, its mean at the learner's initial meta-parameters (or `meta`)."""
         k_init, rest = jax.random.split(key)  # same init key as the gradient loop
         k_es, k_run = jax.random.split(rest)
-        meta0 = learner.init(k_init, sampler.example())
+        meta0 = initial_meta(learner, sampler, k_init, meta)
+        self.check_fitness(learner, meta0, sampler)
         es = self.es(meta0)
         es_state = es.init(k_es, meta0, self.es_params(es))
         es_state = jax.tree.map(jnp.asarray, es_state)
         return OuterState(jnp.asarray(0, jnp.int32), k_run, meta0, es_state)
+
+    def check_fitness(self, learner: InnerLearner, meta: MetaParams,
+                      sampler: TaskSampler) -> None:
+        """Refuse a fitness metric that the learner does not report."""
+        metrics = jax.eval_shape(lambda m: learner.loss(m, sampler.example(),
+                                                        jax.random.PRNGKey(0))[1], meta)
+        name = self.fitness.lstrip("-")
+        have = sorted(metrics) + (["error"] if "accuracy" in metrics else [])
+        if name not in have:
+            raise ValueError(f"fitness={self.fitness!r}, but {type(learner).__name__} reports "
+                             f"{', '.join(have)}: choose one of those "
+                             f"({setting('fitness', 'outer.evolution.fitness', 'loss')})")
+
+    def fitness_of(self, metrics: dict) -> Array:
+        """The minimised fitness [P] from the members' metrics (NaN: inf)."""
+        name = self.fitness.lstrip("-")
+        f = 1.0 - metrics["accuracy"] if name == "error" else metrics[name]
+        f = -f if self.fitness.startswith("-") else f
+        return jnp.where(jnp.isnan(f), jnp.inf, f)
 
     def member_losses(self, learner: InnerLearner, members: PyTree, episodes,
                       key: Array) -> tuple[Array, dict]:
         """Mean query loss [P] and metrics of every member (leading axis), same episodes."""
         return jax.vmap(lambda m: batch_loss(learner, m, episodes, key))(members)
 
-    def fitness(self, learner: InnerLearner, population: PyTree, episodes, key: Array) -> Array:
-        """Mean query loss of every member (leading axis) on the same episodes (NaN: inf)."""
-        f = self.member_losses(learner, population, episodes, key)[0]
-        return jnp.where(jnp.isnan(f), jnp.inf, f)
+    def population_fitness(self, learner: InnerLearner, population: PyTree, episodes,
+                           key: Array) -> Array:
+        """Fitness of every member (leading axis) on the same episodes (NaN: inf)."""
+        return self.fitness_of(self.member_losses(learner, population, episodes, key)[1])
 
     def step(self, learner: InnerLearner, sampler: TaskSampler, state: OuterState,
              mesh: Mesh | None = None) -> tuple[OuterState, dict]:
@@ -212,7 +245,7 @@ class EvolutionOuterLoop(OuterLoop):
             population, mean)
         losses, member_metrics = self.member_losses(learner, shard_leading(members, mesh),
                                                     episodes, k_loss)
-        fit = jnp.where(jnp.isnan(losses[:-extra]), jnp.inf, losses[:-extra])
+        fit = self.fitness_of(jax.tree.map(lambda v: v[:-extra], member_metrics))
         deployed = jax.tree.map(lambda v: v[-1], member_metrics)
         es_state, _ = es.tell(k_tell, population, fit, es_state, params)
         mean_ok = jnp.all(jnp.isfinite(es_state.mean))
@@ -220,7 +253,8 @@ class EvolutionOuterLoop(OuterLoop):
         metrics = {
             **deployed,
             "loss": jnp.where(mean_ok, deployed["loss"], jnp.nan),
-            "best_member_loss": jnp.min(fit),
+            "best_member_loss": jnp.min(jnp.where(jnp.isnan(losses[:-extra]), jnp.inf,
+                                                  losses[:-extra])),
             "fitness_mean": jnp.sum(jnp.where(finite, fit, 0.0)) / jnp.maximum(finite.sum(), 1),
             "fitness_best_so_far": es_state.best_fitness,
             "std": jnp.mean(jnp.asarray(es_state.std)),

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
 from metalearn.messages import setting
-from metalearn.outer.base import OuterLoop, OuterState, option, shard_leading
+from metalearn.outer.base import OuterLoop, OuterState, initial_meta, option, shard_leading
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
 # fields that only build the named optimizers (refused next to an optax object)
@@ -127,10 +127,11 @@ class GradientOuterLoop(OuterLoop):
             return optax.chain(optax.clip_by_global_norm(self.clip_norm), opt)
         return opt
 
-    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array) -> OuterState:
-        """Initialise meta-parameters from the learner and the optimizer state."""
+    def init(self, learner: InnerLearner, sampler: TaskSampler, key: Array,
+             meta: MetaParams | None = None) -> OuterState:
+        """Meta-parameters (the learner's init, or `meta`) and the optimizer state."""
         k_init, k_run = jax.random.split(key)
-        params = learner.init(k_init, sampler.example())
+        params = initial_meta(learner, sampler, k_init, meta)
         return OuterState(jnp.asarray(0, jnp.int32), k_run, params, self.tx().init(params))
 
     def step(self, learner: InnerLearner, sampler: TaskSampler, state: OuterState,

@@ -70,7 +70,7 @@ def test_vmapped_population_equals_python_loop():
     pop = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, (6, *a.shape)), meta)
     episodes = TASKS.sample_batch(jax.random.PRNGKey(4), 4)
     k = jax.random.PRNGKey(5)
-    vm = outer.fitness(learner, pop, episodes, k)
+    vm = outer.population_fitness(learner, pop, episodes, k)
     loop = [float(batch_loss(learner, jax.tree.map(lambda a, i=i: a[i], pop), episodes, k)[0])
             for i in range(6)]
     np.testing.assert_allclose(np.asarray(vm), loop, rtol=1e-5)
