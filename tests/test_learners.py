@@ -9,9 +9,9 @@ permutation behaviour of the support set.
 
 Registered: ProtoNet (on the CNN, and on an MLP embedding); MAML (second order, and first
 order with Meta-SGD step sizes) on the CNN, the MLP and the linear model (ANIL, the head-only
-option, has its own tests in test_maml.py); LSA (linear and softmax); the explicit in-context
-baselines of `metalearn.learners.gd` (the `LinearInContext` learners GradientDescent and
-LeastSquares).
+option, has its own tests in test_maml.py); LSA (linear and softmax); the multi-state Hebbian
+network (a random genome) and its Adam baseline; the explicit in-context baselines of
+`metalearn.learners.gd` (the `LinearInContext` learners GradientDescent and LeastSquares).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 
 from metalearn.core import InnerLearner, Support, TaskSampler, batch_loss
 from metalearn.learners.gd import GradientDescent, LeastSquares
+from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
 from metalearn.learners.hypertransformer import HyperTransformer
 from metalearn.learners.lsa import LSA
 from metalearn.learners.maml import MAML
@@ -92,6 +93,9 @@ LEARNERS = [
     Entry("maml_mlp_metasgd", MAML(MLP((8,)), inner_steps=2, lr_mode="per_param"), regression),
     Entry("lsa", LSA(), regression),
     Entry("lsa_softmax", LSA(softmax=True, num_heads=2), regression),
+    Entry("hebbian", HebbianLearner(ways=WAYS, hidden=(6,), inner_steps=2), images),
+    Entry("hebbian_adam_baseline", GradientBaseline(ways=WAYS, hidden=(6,), inner_steps=2,
+                                                    optimizer="adam"), images, trainable=False),
     Entry("gd", GradientDescent(steps=2), regression),
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
@@ -102,7 +106,7 @@ TRAINABLE = [e for e in LEARNERS if e.trainable]
 # learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
 SLOW_ALL = {"fomaml_cnn_metasgd"}
 SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "maml_cnn", "protonet", "lsa",
-              "lsa_softmax", "maml_mlp_metasgd"}
+              "lsa_softmax", "maml_mlp_metasgd", "hebbian"}
 
 
 def with_slow(entries: list[Entry], slow: set[str]) -> list:
