@@ -39,7 +39,7 @@ def test_gradient_genome_steps_are_sgd_steps_of_backprop(activation):
     genome = gradient_genome(lr)
     syn = learner.init_state(genome, jax.random.PRNGKey(0), 4)
     f = jnp.tanh if activation == "tanh" else jax.nn.sigmoid
-    ws = [s["F"][..., 0] for s in syn]
+    ws = [s["F"][0] for s in syn]
     update = jax.jit(learner.update)
     for t in range(4):
         x = jax.random.normal(jax.random.PRNGKey(10 + t), (6, 4))
@@ -47,10 +47,11 @@ def test_gradient_genome_steps_are_sgd_steps_of_backprop(activation):
         g = jax.grad(lambda p, x=x, y=y: 0.5 * jnp.sum((_mlp(p, x, f) - y) ** 2))(ws)
         ws = [w - lr * gi for w, gi in zip(ws, g, strict=True)]
         syn = update(genome, syn, x, y, jnp.int32(t))
-        for s, w in zip(syn, ws, strict=True):
-            np.testing.assert_allclose(s["F"][..., 0], w, atol=2e-6)  # the SGD iterate
-            np.testing.assert_allclose(s["F"][..., 1], w, atol=2e-6)  # symmetric states
-            np.testing.assert_allclose(s["G"][..., 0], w[:-1].T, atol=2e-6)  # G = F^T
+        for c, (s, w) in enumerate(zip(syn, ws, strict=True)):
+            np.testing.assert_allclose(s["F"][0], w, atol=2e-6)  # the SGD iterate
+            np.testing.assert_allclose(s["F"][1], w, atol=2e-6)  # symmetric states
+            if c:  # G^0 is never read (the input layer takes no feedback)
+                np.testing.assert_allclose(s["G"][0], w[:-1].T, atol=2e-6)  # G = F^T
     x = jax.random.normal(jax.random.PRNGKey(3), (5, 4))
     np.testing.assert_allclose(learner.outputs(genome, syn, x), _mlp(ws, x, f), atol=2e-6)
 
@@ -67,7 +68,7 @@ def test_gradient_genome_adapt_is_sgd_on_the_support_codes():
     # the same initial synapses as adapt draws (replica 0 of its init key)
     k_init = jax.random.split(key)[0]
     syn = learner.init_state(genome, jax.random.split(k_init, 1)[0], 2)
-    ws = [s["F"][..., 0] for s in syn]
+    ws = [s["F"][0] for s in syn]
     y = learner.codes(ep.support_y)
     for _ in range(3):
         g = jax.grad(lambda p: 0.5 * jnp.sum((_mlp(p, ep.support_x, jnp.tanh) - y) ** 2))(ws)
@@ -77,10 +78,11 @@ def test_gradient_genome_adapt_is_sgd_on_the_support_codes():
 
 
 def _reference_step(g, syn, x, y, mode):
-    """One inner step of the rule written out with explicit loops over units (NumPy)."""
+    """One inner step of the rule written out with explicit loops over units (NumPy), with
+    synapses F [n_c + 1, n_{c+1}, k] and G [n_{c+1}, n_c, k] (states last, as in the paper)."""
     g = {k: np.asarray(v, np.float64) for k, v in g.items()}
-    F = [np.asarray(s["F"], np.float64) for s in syn]
-    G = [np.asarray(s["G"], np.float64) for s in syn]
+    F = [np.moveaxis(np.asarray(s["F"], np.float64), 0, -1) for s in syn]
+    G = [np.moveaxis(np.asarray(s["G"], np.float64), 0, -1) for s in syn]
     relu_tanh = lambda v: np.maximum(np.tanh(v), 0.0)  # noqa: E731
     B, k = x.shape[0], g["nu"].shape[0]
     a = [np.zeros((B, x.shape[1], k))]
@@ -129,9 +131,11 @@ def test_one_step_matches_the_equations(mode):
     y = np.asarray(learner.codes(jnp.array([0, 1, 1, 0, 1])))
     got = learner.update(genome, syn, jnp.asarray(x), jnp.asarray(y), jnp.int32(0))
     want = _reference_step(genome, syn, x, y, mode)
-    for s, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(s["F"], w["F"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(s["G"], w["G"], rtol=1e-5, atol=1e-6)
+    for c, (s, w) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(np.moveaxis(s["F"], 0, -1), w["F"], rtol=1e-5, atol=1e-6)
+        if c:  # G^0 is never read, so it is not updated
+            np.testing.assert_allclose(np.moveaxis(s["G"], 0, -1), w["G"], rtol=1e-5,
+                                       atol=1e-6)
 
 
 def _support(n=12, key=3):
@@ -145,10 +149,12 @@ def test_symmetry_options_hold_after_updates():
                              symmetric_states=True)
     genome = random_genome(jax.random.PRNGKey(0), 3, synapse_update=0.05)
     _, support = _support()
-    for s in jax.tree.map(lambda a: a[0], learner.adapt(genome, support, jax.random.PRNGKey(1))):
-        np.testing.assert_array_equal(s["G"], jnp.swapaxes(s["F"][:-1], 0, 1))
+    syn = jax.tree.map(lambda a: a[0], learner.adapt(genome, support, jax.random.PRNGKey(1)))
+    for c, s in enumerate(syn):
+        if c:  # G^0 is never read
+            np.testing.assert_array_equal(s["G"], jnp.swapaxes(s["F"][:, :-1], 1, 2))
         for o in range(1, 3):
-            np.testing.assert_array_equal(s["F"][..., o], s["F"][..., 0])
+            np.testing.assert_array_equal(s["F"][o], s["F"][0])
 
 
 def test_normalised_synapses_make_the_network_scale_free():

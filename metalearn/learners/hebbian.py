@@ -1,10 +1,10 @@
 """Multi-state Hebbian networks with a meta-learned "genome" (BLUR: Sandler et al., ICML 2021,
 "Meta-Learning Bidirectional Update Rules").
 
-A fully connected network of L layers whose neurons hold k states a^c [B, n_c, k] and whose
-synapses hold k channels, one per post-synaptic state: per layer pair a forward block
-F^c [(n_c + 1), n_{c+1}, k] (the extra row is the bias unit, whose states are all 1) and a
-separate backward block G^c [n_{c+1}, n_c, k]. The network learns without gradients; one inner
+A fully connected network of L layers whose neurons hold k states (a^c_{bis}: example b, unit
+i, state s) and whose synapses hold k channels, one per post-synaptic state: per layer pair a
+forward block F^c_{ijl} ((n_c + 1) x n_{c+1} x k; the extra row is the bias unit, whose states
+are all 1) and a separate backward block G^c_{jil} (n_{c+1} x n_c x k). The network learns without gradients; one inner
 step on a batch (x, y) is
 
 1. reset every neuron to 0, put x into state 0 of the input layer;
@@ -31,7 +31,7 @@ learned), any number of hidden layers.
 With k = 2 the genome `gradient_genome(lr)` (nu = [[1, 1], [0, 0]], mu = I, P = I,
 Q = [[0, 1], [1, 0]], eta_w = lr) and `backprop_learner` (f and f' in states 0 and 1, error
 feedback, multiplicative second state, symmetric synapses and states) make one inner step exactly
-one SGD step of backprop on the MLP of weights F^c[..., 0] and loss 1/2 sum_b ||y_hat - y||^2.
+one SGD step of backprop on the MLP of weights F^c_{::0} and loss 1/2 sum_b ||y_hat - y||^2.
 
 As an inner learner: `adapt` draws fresh synapses per episode (U(-1, 1) scale / sqrt(N),
 `replicas` independent draws `vmap`ped), runs `inner_steps` updates on support batches
@@ -39,8 +39,13 @@ As an inner learner: `adapt` draws fresh synapses per episode (U(-1, 1) scale / 
 paper code's: the mean squared error of output state 0 against the target codes (one-hot, off
 value `target_low`) on the queries; accuracy is the argmax of output state 0.
 
-`GradientBaseline` trains the same network (same layers, activations, initial weights F[..., 0],
+`GradientBaseline` trains the same network (same layers, activations, initial weights F_{::0},
 batches and loss) by SGD or Adam for comparison.
+
+Storage is state-first, so that every product is a matmul batched over the k states: neurons
+[k, B, n_c], F [k, n_c + 1, n_{c+1}], G [k, n_{c+1}, n_c]. The input layer is never updated by
+the backward pass, so G^0 is never read: it is neither updated nor kept in sync (the rule then
+costs about what a backprop step does: forward, and one outer product per state and layer).
 """
 
 from __future__ import annotations
@@ -65,15 +70,20 @@ NORM_EPS = 1e-9
 def _with_grad(f: Callable[[Array], Array], df: Callable[[Array], Array]):
     def act(a: Array) -> Array:
         out = f(a)
-        return out.at[..., 1].set(df(a[..., 1])) if a.shape[-1] > 1 else out
+        return out.at[1].set(df(a[1])) if a.shape[0] > 1 else out
     return act
+
+
+def _with_bias(a: Array) -> Array:
+    """States [k, B, n] with the bias unit appended: [k, B, n + 1], all its states 1."""
+    return jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=2)
 
 
 def _relu_tanh(a: Array) -> Array:
     return jax.nn.relu(jnp.tanh(a))
 
 
-# Activations of neuron states (applied to the whole state vector [..., k]). The *_with_grad
+# Activations of neuron states (applied to the whole state array [k, ...]). The *_with_grad
 # ones put f(z) in state 0 and f'(z) in state 1: the neurons of the backprop-equivalent genome.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": lambda a: a,
@@ -146,16 +156,16 @@ class _Network(InnerLearner):
         return [d_in, *self.hidden, self.ways]
 
     def synapses(self, key: Array, d_in: int, states: int = 1) -> list[dict]:
-        """Fresh synapses per layer: {"F": [n_c + 1, n_{c+1}, k], "G": [n_{c+1}, n_c, k]}."""
+        """Fresh synapses per layer: {"F": [k, n_c + 1, n_{c+1}], "G": [k, n_{c+1}, n_c]}."""
         out = []
         sizes = self.sizes(d_in)
         for c, k in enumerate(jax.random.split(key, len(sizes) - 1)):
             n_in, n_out = sizes[c], sizes[c + 1]
             lim = self.init_scale / math.sqrt(n_in + 1 + n_out)
             kf, kg = jax.random.split(k)
-            out.append({"F": jax.random.uniform(kf, (n_in + 1, n_out, states), minval=-lim,
+            out.append({"F": jax.random.uniform(kf, (states, n_in + 1, n_out), minval=-lim,
                                                 maxval=lim),
-                        "G": jax.random.uniform(kg, (n_out, n_in, states), minval=-lim,
+                        "G": jax.random.uniform(kg, (states, n_out, n_in), minval=-lim,
                                                 maxval=lim)})
         return out
 
@@ -343,13 +353,13 @@ class HebbianLearner(_Network):
     # ----- synapses
     def _sync(self, syn: list[dict]) -> list[dict]:
         out = []
-        for s in syn:
+        for c, s in enumerate(syn):
             f, g = s["F"], s["G"]
             if self.symmetric_states:
-                f = jnp.broadcast_to(f[..., :1], f.shape)
-                g = jnp.broadcast_to(g[..., :1], g.shape)
-            if self.symmetric_synapses:
-                g = jnp.swapaxes(f[:-1], 0, 1)
+                f = jnp.broadcast_to(f[:1], f.shape)
+                g = g if c == 0 else jnp.broadcast_to(g[:1], g.shape)
+            if self.symmetric_synapses and c > 0:
+                g = jnp.swapaxes(f[:, :-1], 1, 2)
             out.append({"F": f, "G": g})
         return out
 
@@ -361,17 +371,16 @@ class HebbianLearner(_Network):
         def unit(w: Array, axis: int) -> Array:
             return meta["rescale_to"] * w * jax.lax.rsqrt(
                 jnp.sum(jnp.square(w), axis=axis, keepdims=True) + NORM_EPS)
-        return [{"F": unit(s["F"], 0), "G": unit(s["G"], 0)} for s in syn]
+        return [{"F": unit(s["F"], 1), "G": unit(s["G"], 1) if c else s["G"]}
+                for c, s in enumerate(syn)]
 
     # ----- neurons
     def forward(self, meta: MetaParams, syn: list[dict], x: Array) -> list[Array]:
-        """Neuron states [B, n_c, k] of every layer after the forward pass from reset neurons."""
-        k = self.states
-        a = jnp.zeros((*x.shape, k), x.dtype).at[..., 0].set(x)
+        """Neuron states [k, B, n_c] of every layer after the forward pass from reset neurons."""
+        a = jnp.zeros((self.states, *x.shape), x.dtype).at[0].set(x)
         acts = [a]
         for c, s in enumerate(syn):
-            pre = jnp.concatenate([a, jnp.ones((a.shape[0], 1, k), a.dtype)], axis=1)
-            delta = jnp.einsum("bil,ijl->bjl", pre @ meta["nu"], s["F"])
+            delta = jnp.einsum("sbi,sl->lbi", _with_bias(a), meta["nu"]) @ s["F"]
             last = c == len(syn) - 1
             act = ACTIVATIONS[self.output_activation if last else self.hidden_activation]
             a = act(meta["neuron_update"] * delta)
@@ -384,31 +393,32 @@ class HebbianLearner(_Network):
         phi = ACTIVATIONS[self.backward_activation]
         keep, upd = meta["neuron_keep"], meta["neuron_update"]
         for c in range(len(syn) - 1, 0, -1):
-            delta = jnp.einsum("bjl,jil->bil", acts[c + 1] @ meta["mu"], syn[c]["G"])
+            delta = jnp.einsum("sbj,sl->lbj", acts[c + 1], meta["mu"]) @ syn[c]["G"]
             a = acts[c]
             if self.backward_update == "additive":
                 a = keep * a + upd * delta
             elif self.backward_update == "multiplicative":
                 a = keep * a * delta
             else:
-                a = keep * jnp.concatenate([a[..., :1], a[..., 1:] * delta[..., 1:]], axis=-1)
+                a = keep * jnp.concatenate([a[:1], a[1:] * delta[1:]])
             acts[c] = phi(a)
         return acts
 
     def feedback_in(self, out: Array, y: Array) -> Array:
         """The output layer with the target (label mode) or the error y - a_0 in state 1."""
-        fb = y if self.feedback == "label" else y - out[..., 0]
-        return out.at[..., 1].set(fb).at[..., 2:].set(0.0)
+        fb = y if self.feedback == "label" else y - out[0]
+        return out.at[1].set(fb).at[2:].set(0.0)
 
     # ----- synapse update
     def _hebbian(self, meta: MetaParams, w: Array, pre: Array, post: Array) -> Array:
-        """lambda_w W + eta_w H (or a saturated / Oja-decayed variant) for a block W [p, q, k]
-        between `pre` [B, p, k] and `post` [B, q, k] states."""
-        pq = jnp.einsum("bqt,ot->bqo", post, meta["post"])  # (post Q^T)_{bqo}
-        h = jnp.einsum("bpo,bqo->pqo", pre @ meta["pre"], pq)
+        """lambda_w W + eta_w H (or a saturated / Oja-decayed variant) for a block W [k, p, q]
+        between `pre` [k, B, p] and `post` [k, B, q] states."""
+        pq = jnp.einsum("tbq,ot->obq", post, meta["post"])  # (post Q^T)_{obq}
+        pp = jnp.einsum("sbp,so->obp", pre, meta["pre"])  # (pre P)_{obp}
+        h = jnp.swapaxes(pp, 1, 2) @ pq  # H_{opq}: a matmul over the batch per state
         eta = meta["synapse_update"]
         if self.oja:
-            h = h - jnp.sign(eta) * jnp.abs(meta["oja"]) * w * jnp.sum(pq ** 2, axis=0)
+            h = h - jnp.sign(eta) * jnp.abs(meta["oja"]) * w * jnp.sum(pq ** 2, axis=1)[:, None]
         if self.saturation:
             dw = (meta["synapse_keep"] - 1.0) * w + eta * h
             return w + dw * jnp.exp(-jnp.abs(w) * (SATURATION_EPS + jnp.abs(meta["saturation"])))
@@ -427,17 +437,15 @@ class HebbianLearner(_Network):
         new = []
         for c, s in enumerate(used):
             pre, post = acts[c], acts[c + 1]
-            pre_b = jnp.concatenate([pre, jnp.ones((pre.shape[0], 1, pre.shape[2]),
-                                                   pre.dtype)], axis=1)
-            new.append({"F": self._hebbian(meta, s["F"], pre_b, post),
-                        "G": s["G"] if self.symmetric_synapses else
+            new.append({"F": self._hebbian(meta, s["F"], _with_bias(pre), post),
+                        "G": s["G"] if self.symmetric_synapses or c == 0 else
                         self._hebbian(meta, s["G"], post, pre)})
         return self._sync(new)
 
     def outputs(self, meta: MetaParams, syn: list[dict], x: Array) -> Array:
         """Output state 0 [B, ways] of a forward pass."""
         used = self._normalized(meta, syn) if self.normalize_synapses else syn
-        return self.forward(meta, used, x)[-1][..., 0]
+        return self.forward(meta, used, x)[-1][0]
 
 
 def backprop_learner(hidden: tuple[int, ...] = (20,), ways: int = 2,
@@ -462,7 +470,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclasses.dataclass(frozen=True)
 class GradientBaseline(_Network):
-    """The same network (layers, activations, initial weights F[..., 0], batches) trained by
+    """The same network (layers, activations, initial weights F_{::0}, batches) trained by
     `optimizer` (sgd or adam) at `learning_rate` on the batch-mean 1/2 squared error to the
     target codes; nothing is meta-learned (the rate is tuned on training tasks by the
     experiment)."""
@@ -490,7 +498,7 @@ class GradientBaseline(_Network):
 
     def init_state(self, meta: MetaParams, key: Array, d_in: int) -> tuple:
         """Weights [n_c + 1, n_{c+1}] (bias last row) and the optimizer state."""
-        w = [s["F"][..., 0] for s in self.synapses(key, d_in)]
+        w = [s["F"][0] for s in self.synapses(key, d_in)]
         return w, self.tx().init(w)
 
     def outputs(self, meta: MetaParams, state: tuple, x: Array) -> Array:
