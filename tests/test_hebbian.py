@@ -258,3 +258,48 @@ def test_outer_loops_start_from_a_given_genome_and_minimise_the_chosen_metric():
         EvolutionOuterLoop(fitness="auc").init(learner, sampler, key)
     with pytest.raises(ValueError, match="do not fit HebbianLearner"):
         GradientOuterLoop().init(learner, sampler, key, {**genome, "nu": jnp.zeros((3, 3))})
+
+
+def test_meta_losses():
+    """mse is the paper code's; balanced_mse gives a constant output no edge over chance;
+    cross_entropy is the outputs' softmax cross-entropy."""
+    y = jnp.array([0, 1, 2, 3])
+    const = -jnp.ones((4, 4))  # the off value everywhere
+    mse, bal = (HebbianLearner(ways=4, meta_loss=m) for m in ("mse", "balanced_mse"))
+    np.testing.assert_allclose(mse.score(const, y)["loss"], 1.0)  # 4 / 4 units
+    np.testing.assert_allclose(bal.score(const, y)["loss"], 2.0)  # half of (1 - (-1))^2
+    np.testing.assert_allclose(bal.score(jnp.zeros((4, 4)), y)["loss"], 1.0)
+    out = jax.random.normal(jax.random.PRNGKey(0), (4, 4))
+    ce = HebbianLearner(ways=4, meta_loss="cross_entropy").score(out, y)
+    want = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(out)), np.asarray(y)[:, None],
+                                       axis=1))
+    np.testing.assert_allclose(ce["loss"], want, rtol=1e-6)
+    np.testing.assert_allclose(ce["accuracy"], np.mean(np.argmax(out, -1) == y))
+    with pytest.raises(ValueError, match="meta_loss"):
+        HebbianLearner(meta_loss="hinge")
+    with pytest.raises(ValueError, match="plain network uses 'tanh'"):
+        GradientBaseline(hidden_activation="tanh_with_grad")
+
+
+@pytest.mark.slow
+def test_hebbian_2d_trains_and_reports_from_the_command_line(tmp_path):
+    """A tiny hebbian_2d run: the report has the rule's, SGD's and Adam's accuracies at T and
+    4T with tuned rates, and the accuracy-versus-step figure."""
+    import json
+
+    from metalearn.cli import main
+
+    run = tmp_path / "h2d"
+    sets = ["steps=3", "eval_every=0", "test_episodes=20", "report_episodes=20",
+            "tune_episodes=10", "baseline_lrs=0.1,1", "learner.hidden=6", "learner.inner_steps=2",
+            "init_from=gradient:0.1"]
+    assert main(["train", "hebbian_2d", "--run-dir", str(run), "--no-progress",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["report_steps"] == [2, 8]
+    for name in ("rule", "sgd", "adam"):
+        acc = summary[f"{name}_accuracy"]
+        assert set(acc) == {"2", "8"} and all(0 <= v["mean"] <= 1 for v in acc.values())
+        assert len(summary["curves"][name]["mean"]) == 9
+    assert summary["tuning"]["sgd"]["learning_rate"] in (0.1, 1.0)
+    assert (run / "plots" / "accuracy_vs_steps.png").stat().st_size > 0

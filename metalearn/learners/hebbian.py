@@ -4,8 +4,8 @@
 A fully connected network of L layers whose neurons hold k states (a^c_{bis}: example b, unit
 i, state s) and whose synapses hold k channels, one per post-synaptic state: per layer pair a
 forward block F^c_{ijl} ((n_c + 1) x n_{c+1} x k; the extra row is the bias unit, whose states
-are all 1) and a separate backward block G^c_{jil} (n_{c+1} x n_c x k). The network learns without gradients; one inner
-step on a batch (x, y) is
+are all 1) and a separate backward block G^c_{jil} (n_{c+1} x n_c x k). The network learns
+without gradients; one inner step on a batch (x, y) is
 
 1. reset every neuron to 0, put x into state 0 of the input layer;
 2. forward, c = 0..L-1:   a^{c+1}_{bjl} = phi( eta_n sum_{i,s} a~^c_{bis} nu_{sl} F^c_{ijl} );
@@ -61,6 +61,7 @@ import optax
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Support
 
+META_LOSSES = ("mse", "balanced_mse", "cross_entropy")
 BACKWARD_UPDATES = ("additive", "multiplicative", "multiplicative_second_state")
 FEEDBACKS = ("label", "error")
 SATURATION_EPS = 1e-3
@@ -116,6 +117,7 @@ class _Network(InnerLearner):
     output_activation: str = "tanh"
     init_scale: float = 1.0  # synapses ~ U(-1, 1) * init_scale / sqrt(n_in + 1 + n_out)
     target_low: float = -1.0  # the target code of a class is one-hot with this off value
+    meta_loss: str = "mse"  # scoring of the queries: mse, balanced_mse or cross_entropy
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -136,6 +138,8 @@ class _Network(InnerLearner):
             _check_activation(name, f, getattr(self, f))
         if not self.init_scale > 0:
             raise ValueError(f"{name}.init_scale must be > 0, got {self.init_scale}")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"{name}.meta_loss={self.meta_loss!r}; choose one of {META_LOSSES}")
 
     # ----- what a subclass provides
     def init_state(self, meta: MetaParams, key: Array, d_in: int) -> PyTree:
@@ -232,14 +236,24 @@ class _Network(InnerLearner):
         return jnp.mean(self._replica_outputs(meta, state, query_x), axis=0)
 
     def score(self, outputs: Array, y: Array) -> dict:
-        """Mean squared error against the target codes, and accuracy (argmax), of outputs
-        [..., Q, ways]; averaged over any leading axes."""
-        err = jnp.mean(jnp.square(outputs - self.codes(y)), axis=(-2, -1))
-        acc = jnp.mean(jnp.argmax(outputs, axis=-1) == y, axis=-1)
+        """The meta-loss and accuracy (argmax) of outputs [..., Q, ways], averaged over any
+        leading axes. "mse": mean squared error against the target codes (the paper's code);
+        "balanced_mse": half on the true class's unit, half on the mean of the others (a
+        constant output then scores no better than chance: with N-way one-hot codes plain MSE
+        rewards predicting the off value everywhere); "cross_entropy": of the outputs as logits."""
+        hot = jax.nn.one_hot(y, self.ways)
+        sq = jnp.square(outputs - self.codes(y))
+        if self.meta_loss == "mse":
+            err = jnp.mean(sq, axis=-1)
+        elif self.meta_loss == "balanced_mse":
+            err = 0.5 * jnp.sum(sq * hot, -1) + 0.5 * jnp.sum(sq * (1 - hot), -1) / (self.ways - 1)
+        else:
+            err = -jnp.sum(hot * jax.nn.log_softmax(outputs, axis=-1), axis=-1)
+        acc = jnp.argmax(outputs, axis=-1) == y
         return {"loss": jnp.mean(err), "accuracy": jnp.mean(acc)}
 
     def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
-        """The replicas' mean query MSE (the meta-loss) and accuracy."""
+        """The replicas' mean query meta-loss (`meta_loss`) and accuracy."""
         state = self.adapt(meta, episode.support(), key)
         m = self.score(self._replica_outputs(meta, state, episode.query_x), episode.query_y)
         return m["loss"], m
@@ -486,6 +500,11 @@ class GradientBaseline(_Network):
         if not self.learning_rate > 0:
             raise ValueError(f"GradientBaseline.learning_rate must be > 0, got "
                              f"{self.learning_rate}")
+        for f in ("hidden_activation", "output_activation"):
+            if getattr(self, f).endswith("_with_grad"):
+                raise ValueError(f"GradientBaseline.{f}={getattr(self, f)!r} is a multi-state "
+                                 f"activation; the plain network uses "
+                                 f"{getattr(self, f).removesuffix('_with_grad')!r}")
 
     def tx(self) -> optax.GradientTransformation:
         """The optax optimizer."""

@@ -1,0 +1,202 @@
+"""What the Hebbian-genome experiments share: the learner from the config, and the report that
+tests the paper's claim on unseen tasks: the network trained by the learned rule against the same
+network trained by SGD and by Adam, their learning rates tuned on the training tasks, at T inner
+steps (the meta-training unroll) and at `horizon` x T, with the accuracy-versus-step curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
+from metalearn.evaluation import evaluate
+from metalearn.experiment import ConfigDict, Experiment, outer_config
+from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
+from metalearn.runs import Run, pyplot, save_figure
+from metalearn.seeds import BASELINE_OFFSET, REPORT_SEED
+
+NETWORK_FIELDS = ("ways", "hidden", "inner_steps", "inner_batch_size", "replicas",
+                  "hidden_activation", "output_activation", "init_scale", "target_low",
+                  "meta_loss")
+
+
+def learner_config(**overrides: Any) -> ConfigDict:
+    """The `learner` section: the network, the rule's options (paper-code defaults)."""
+    c = ConfigDict({"hidden": "20", "states": 2, "inner_steps": 5, "inner_batch_size": 0,
+                    "replicas": 1, "hidden_activation": "relu_tanh",
+                    "output_activation": "tanh", "backward_activation": "relu_tanh",
+                    "backward_update": "additive", "feedback": "label",
+                    "symmetric_synapses": False, "symmetric_states": False,
+                    "normalize_synapses": False, "oja": False, "saturation": False,
+                    "truncate": 0, "genome_std": 1.0, "synapse_update_init": -1e-3,
+                    "init_scale": 1.0, "target_low": -1.0, "meta_loss": "mse"})
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def hebbian_outer(batch_size: int, steps_per_call: int) -> ConfigDict:
+    """Adam 3e-3 with gradient clipping, or (outer.kind=evolution) full CMA-ES at population
+    32: the genome has tens of numbers."""
+    return outer_config("gradient", gradient={"learning_rate": 3e-3, "clip_norm": 1.0},
+                        evolution={"strategy": "CMA_ES", "population_size": 32,
+                                   "std_init": 0.1},
+                        batch_size=batch_size, steps_per_call=steps_per_call)
+
+
+def report_config(c: ConfigDict) -> None:
+    """Add the comparison's fields to a config."""
+    c.report_horizon = 4
+    c.report_episodes = 1000
+    c.baseline_lrs = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
+    c.tune_episodes = 500
+
+
+DOCS = {
+    "learner.hidden": "hidden layer widths, comma-separated (e.g. 20 or 100,50)",
+    "learner.states": "states per neuron (k); the genome has 4k^2 + 4 numbers",
+    "learner.inner_steps": "Hebbian updates per episode (T, the meta-training unroll)",
+    "learner.inner_batch_size": "support examples per inner step (0: all of them)",
+    "learner.replicas": "synapse initialisations per episode (metrics averaged)",
+    "learner.hidden_activation": "forward activation of hidden neurons",
+    "learner.output_activation": "forward activation of the output layer",
+    "learner.backward_activation": "activation of the backward pass",
+    "learner.backward_update": "additive, multiplicative or multiplicative_second_state",
+    "learner.feedback": "what enters output state 1: label (the target code) or error",
+    "learner.symmetric_synapses": "backward block = forward block transposed",
+    "learner.symmetric_states": "every synapse channel = channel 0",
+    "learner.normalize_synapses": "unit-norm incoming weights times a learned scale",
+    "learner.oja": "Oja decay of the synapses (learned multiplier)",
+    "learner.saturation": "exp-saturated synapse updates (learned strength)",
+    "learner.truncate": "meta-gradients through the last N inner steps only (0: all)",
+    "learner.genome_std": "std of the random genome's transforms",
+    "learner.synapse_update_init": "the random genome's synapse learning rate eta_w",
+    "learner.init_scale": "synapses ~ U(-1, 1) * init_scale / sqrt(n_in + 1 + n_out)",
+    "learner.target_low": "off value of the one-hot target codes (on: 1)",
+    "learner.meta_loss": "query scoring: mse (the paper's code), balanced_mse (true class and "
+                         "the others weigh half each) or cross_entropy",
+    "report_horizon": "the report also scores horizon x T inner steps (beyond the unroll)",
+    "report_episodes": "unseen test tasks of the report (each with its own initialisation)",
+    "baseline_lrs": "learning rates tried for SGD and Adam on the training tasks",
+    "tune_episodes": "training tasks each baseline learning rate is scored on",
+}
+
+
+def build_learner(config: ConfigDict, ways: int) -> HebbianLearner:
+    """The HebbianLearner of `config.learner` for `ways` classes."""
+    cfg = config.learner.to_dict()
+    cfg["hidden"] = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h.strip())
+    cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
+    return HebbianLearner(ways=ways, **cfg)
+
+
+def baseline(learner: HebbianLearner, optimizer: str, lr: float) -> GradientBaseline:
+    """The same network as `learner` (f for f/f' neurons), trained by `optimizer` at `lr`."""
+    same = {f: getattr(learner, f) for f in NETWORK_FIELDS}
+    for f in ("hidden_activation", "output_activation"):  # f(z) of the f / f' neurons
+        same[f] = same[f].removesuffix("_with_grad")
+    return GradientBaseline(optimizer=optimizer, learning_rate=lr, **same)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve(InnerLearner):
+    """Scores `base` after every inner step 0..steps: metrics accuracy_<t> (and loss at T)."""
+
+    base: Any
+    steps: int
+
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """The base learner's."""
+        return self.base.init(key, example)
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> Any:
+        """The base learner's."""
+        return self.base.adapt(meta, support, key)
+
+    def predict(self, meta: MetaParams, state: Any, query_x: Array) -> Array:
+        """The base learner's."""
+        return self.base.predict(meta, state, query_x)
+
+    def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
+        """Loss after T steps; accuracy after each of 0..steps steps."""
+        c = self.base.curve(meta, episode, key, self.steps)
+        t = self.base.inner_steps
+        out = {f"accuracy_{i}": c["accuracy"][i] for i in range(self.steps + 1)}
+        return c["loss"][t], {"loss": c["loss"][t], "accuracy": c["accuracy"][t], **out}
+
+
+def _curve(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, steps: int,
+           episodes: int, batch: int, seed: int, progress: str | None = None) -> dict:
+    res = evaluate(Curve(learner, steps), meta, sampler, jax.random.PRNGKey(seed), episodes,
+                   batch, progress=progress, check=False)
+    return {"mean": [res[f"accuracy_{i}"] for i in range(steps + 1)],
+            "ci95": [res[f"accuracy_{i}_ci95"] for i in range(steps + 1)]}
+
+
+def tune(learner: HebbianLearner, optimizer: str, sampler: TaskSampler, lrs: list[float],
+         episodes: int, batch: int) -> tuple[float, dict]:
+    """The rate of `lrs` whose network is most accurate after T steps on training tasks."""
+    scores = {}
+    for lr in lrs:
+        res = evaluate(baseline(learner, optimizer, lr), {}, sampler,
+                       jax.random.PRNGKey(REPORT_SEED + BASELINE_OFFSET), episodes, batch,
+                       check=False)
+        scores[lr] = res["accuracy"]
+    return max(scores, key=scores.get), scores
+
+
+def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
+           progress: bool = False) -> dict:
+    """Rule vs SGD vs Adam (rates tuned on training tasks) on the test tasks, at T and
+    horizon x T inner steps; the accuracy-versus-step figure in the run's plots/."""
+    if "test" not in exp.splits:
+        return {}
+    learner, test = exp.learner, exp.splits["test"]
+    t, steps = learner.inner_steps, learner.inner_steps * config.report_horizon
+    lrs = [float(v) for v in str(config.baseline_lrs).split(",") if v.strip()]
+    batch, n = config.eval_batch_size, config.report_episodes
+    curves = {"rule": _curve(learner, meta, test, steps, n, batch, REPORT_SEED,
+                             "report: rule" if progress else None)}
+    out: dict = {"report_steps": [t, steps], "tuning": {}}
+    for opt in ("sgd", "adam"):
+        lr, scores = tune(learner, opt, exp.train, lrs, config.tune_episodes, batch)
+        out["tuning"][opt] = {"learning_rate": lr, "train_accuracy": scores}
+        curves[opt] = _curve(baseline(learner, opt, lr), {}, test, steps, n, batch,
+                             REPORT_SEED, f"report: {opt}" if progress else None)
+    out["curves"] = curves
+    lines = [f"test tasks ({n}), accuracy % at T={t} and {steps} inner steps:"]
+    for name, c in curves.items():
+        lr = f" (lr {out['tuning'][name]['learning_rate']:g})" if name in out["tuning"] else ""
+        out[f"{name}_accuracy"] = {str(s): {"mean": c["mean"][s], "ci95": c["ci95"][s]}
+                                   for s in (t, steps)}
+        lines.append(f"  {name + lr:<16} " + "   ".join(
+            f"{100 * c['mean'][s]:.2f} ± {100 * c['ci95'][s]:.2f}" for s in (t, steps)))
+    out["table"] = "\n".join(lines)
+    if run is not None and run.writes:
+        plot_curves(curves, t, run.path / "plots" / "accuracy_vs_steps.png",
+                    title=config.experiment)
+    return out
+
+
+def plot_curves(curves: dict, t: int, path: Any, title: str = "") -> Any:
+    """Accuracy (95% CI band) against inner steps, one line per learner; T marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        m, ci = np.asarray(c["mean"]), np.asarray(c["ci95"])
+        steps = np.arange(len(m))
+        ax.plot(steps, 100 * m, label=name)
+        ax.fill_between(steps, 100 * (m - ci), 100 * (m + ci), alpha=0.2)
+    ax.axvline(t, color="gray", linestyle=":", label=f"T = {t} (meta-training unroll)")
+    ax.set_xlabel("inner steps")
+    ax.set_ylabel("query accuracy on unseen tasks (%)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
