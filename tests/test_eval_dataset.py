@@ -138,6 +138,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @needs_omniglot
+@pytest.mark.slow  # trains a tiny run first (~30 s of compiling)
 def test_evaluate_a_run_on_an_idx_dataset_of_ones_own(tiny_run, tmp_path, capsys):
     """`metalearn evaluate RUN --dataset IMAGES,LABELS`: 10 classes of 28x28 digits-like
     images; its own result file, the test figures untouched."""
@@ -179,6 +180,7 @@ def test_evaluate_on_a_dataset_at_another_setting_and_seed(tiny_run, tmp_path, c
 
 
 @needs_omniglot
+@pytest.mark.slow  # trains a tiny run first (~30 s of compiling)
 def test_a_dataset_too_small_for_the_episodes_is_refused(tiny_run, tmp_path, capsys):
     x, y = _images(n_classes=3, per_class=6, size=20)  # fewer classes than the run's 5 ways
     np.savez(tmp_path / "three.npz", x=x, y=y)

@@ -1,6 +1,8 @@
 """The multi-state Hebbian learner: the gradient genome is backprop + SGD, the rule is the math
 of the module docstring (an explicit NumPy reference), the options do what they claim, and the
-outer loops start from given genomes and minimise any reported metric."""
+outer loops start from given genomes and minimise any reported metric. Each test compiles
+its own learners (a few seconds each on XLA:CPU), so the checks of the options, truncation,
+symmetries, `adapt` and `curve` run with `pytest -m slow` only."""
 
 from __future__ import annotations
 
@@ -30,21 +32,22 @@ def _mlp(ws, x, f):
     return a
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("activation", ["tanh", pytest.param("sigmoid", marks=pytest.mark.slow)])
 def test_gradient_genome_steps_are_sgd_steps_of_backprop(activation):
     """Several inner steps on different batches, two hidden layers: the forward weights
     F[..., 0] follow SGD on 1/2 sum ||y_hat - y||^2 exactly, and the outputs are the MLP's."""
     lr = 0.05
     learner = backprop_learner(hidden=(7, 5), ways=3, activation=activation)
     genome = gradient_genome(lr)
-    syn = learner.init_state(genome, jax.random.PRNGKey(0), 4)
+    syn = jax.jit(learner.init_state, static_argnums=2)(genome, jax.random.PRNGKey(0), 4)
     f = jnp.tanh if activation == "tanh" else jax.nn.sigmoid
     ws = [s["F"][0] for s in syn]
     update = jax.jit(learner.update)
-    for t in range(4):
-        x = jax.random.normal(jax.random.PRNGKey(10 + t), (6, 4))
-        y = jax.random.normal(jax.random.PRNGKey(20 + t), (6, 3))
-        g = jax.grad(lambda p, x=x, y=y: 0.5 * jnp.sum((_mlp(p, x, f) - y) ** 2))(ws)
+    grad = jax.jit(jax.grad(lambda p, x, y: 0.5 * jnp.sum((_mlp(p, x, f) - y) ** 2)))
+    xs = jax.random.normal(jax.random.PRNGKey(10), (4, 6, 4))
+    ys = jax.random.normal(jax.random.PRNGKey(20), (4, 6, 3))
+    for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        g = grad(ws, x, y)
         ws = [w - lr * gi for w, gi in zip(ws, g, strict=True)]
         syn = update(genome, syn, x, y, jnp.int32(t))
         for c, (s, w) in enumerate(zip(syn, ws, strict=True)):
@@ -56,6 +59,7 @@ def test_gradient_genome_steps_are_sgd_steps_of_backprop(activation):
     np.testing.assert_allclose(learner.outputs(genome, syn, x), _mlp(ws, x, f), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_gradient_genome_adapt_is_sgd_on_the_support_codes():
     """`adapt` (lax.scan, full-batch steps) + `predict` = T SGD steps on the support set's
     target codes, then the MLP on the queries."""
@@ -144,6 +148,7 @@ def _support(n=12, key=3):
     return ep, Support(ep.support_x, ep.support_y)
 
 
+@pytest.mark.slow
 def test_symmetry_options_hold_after_updates():
     learner = HebbianLearner(hidden=(5, 4), states=3, inner_steps=3, symmetric_synapses=True,
                              symmetric_states=True)
@@ -157,6 +162,7 @@ def test_symmetry_options_hold_after_updates():
             np.testing.assert_array_equal(s["F"][o], s["F"][0])
 
 
+@pytest.mark.slow
 def test_normalised_synapses_make_the_network_scale_free():
     """With synapse normalisation, scaling every initial synapse by a positive factor changes
     no output (each unit's incoming weights are renormalised before use)."""
@@ -172,6 +178,7 @@ def test_normalised_synapses_make_the_network_scale_free():
                                learner.outputs(genome, b, ep.query_x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_oja_and_saturation_bound_the_synapses():
     """Oja decay and exp-saturation keep synapses smaller than the plain rule does, for a
     genome whose plain updates make them grow (at a rate where discrete Oja is stable)."""
@@ -186,6 +193,7 @@ def test_oja_and_saturation_bound_the_synapses():
     assert norms["oja"] < norms["plain"] and norms["saturation"] < norms["plain"], norms
 
 
+@pytest.mark.slow
 def test_truncation_cuts_the_meta_gradient():
     """truncate = T is the full unroll; truncate = 1 changes the meta-gradient."""
     ep, _ = _support(16)
@@ -201,6 +209,7 @@ def test_truncation_cuts_the_meta_gradient():
         jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True))
 
 
+@pytest.mark.slow
 def test_curve_matches_loss_and_baselines_learn():
     """`curve` at step T is what `loss` reports; SGD's query loss falls over the steps."""
     ep, _ = _support(32)

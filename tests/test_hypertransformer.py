@@ -130,6 +130,7 @@ def test_meta_training_lowers_the_query_loss():
     assert loss[-100:].mean() < 0.6 * loss[:100].mean() and acc[-100:].mean() > 0.6, loss
 
 
+@pytest.mark.slow  # 10 s: compiles the all-layer generator both ways
 def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
     """`sequential` (lax.map over a batch's episodes) changes the speed, not the numbers."""
     import dataclasses

@@ -101,10 +101,12 @@ LEARNERS = [
 ]
 TRAINABLE = [e for e in LEARNERS if e.trainable]
 # To keep the default suite under 10 minutes, some checks run with `pytest -m slow` only. The
-# second MAML-CNN entry adds no path the first lacks: all its checks are slow. The outer-loop
+# second MAML-CNN entry adds no path the first lacks: all its checks are slow. So are the
+# Hebbian entries' (about 1 s of compiling per random draw on XLA:CPU; tests/test_hebbian.py
+# checks the rule by default). The outer-loop
 # and population checks compile both loops for 5-30 s each: they run by default for one
 # learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
-SLOW_ALL = {"fomaml_cnn_metasgd"}
+SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline"}
 SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "maml_cnn", "protonet", "lsa",
               "lsa_softmax", "maml_mlp_metasgd", "hebbian"}
 

@@ -39,8 +39,8 @@ As an inner learner: `adapt` draws fresh synapses per episode (U(-1, 1) scale / 
 paper code's: the mean squared error of output state 0 against the target codes (one-hot, off
 value `target_low`) on the queries; accuracy is the argmax of output state 0.
 
-`GradientBaseline` trains the same network (same layers, activations, initial weights F_{::0},
-batches and loss) by SGD or Adam for comparison.
+`GradientBaseline` trains the same network (same layers, activations, distribution of the
+initial weights, batches and loss) by SGD or Adam for comparison.
 
 Storage is state-first, so that every product is a matmul batched over the k states: neurons
 [k, B, n_c], F [k, n_c + 1, n_{c+1}], G [k, n_{c+1}, n_c]. The input layer is never updated by
@@ -188,7 +188,7 @@ class _Network(InnerLearner):
             raise ValueError(f"the episode has labels up to {top} but {name}.ways="
                              f"{self.ways}: set ways >= {top + 1}")
 
-    def _batches(self, support: Support, key: Array, steps: int):
+    def _batches(self, support: Support, key: Array):
         x = support.x.reshape(support.x.shape[0], -1).astype(jnp.float32)
         y = self.codes(support.y)
         n = x.shape[0]
@@ -206,7 +206,7 @@ class _Network(InnerLearner):
                query_x: Array | None = None):
         """Per replica: the trained state (and, given queries, outputs after every step)."""
         k_init, k_batch = jax.random.split(key)
-        batch = self._batches(support, k_batch, steps)
+        batch = self._batches(support, k_batch)
         d_in = math.prod(support.x.shape[1:])
         q = None if query_x is None else query_x.reshape(query_x.shape[0], -1)
 
@@ -263,10 +263,6 @@ class _Network(InnerLearner):
         networks and batches as `adapt`, so entry `inner_steps` equals `loss`)."""
         _, trace = self._train(meta, episode.support(), key, steps, episode.query_x)
         return jax.vmap(self.score, in_axes=(1, None))(trace, episode.query_y)
-
-    def with_steps(self, steps: int) -> _Network:
-        """The same learner with another number of inner steps (e.g. 4T at evaluation)."""
-        return dataclasses.replace(self, inner_steps=int(steps))
 
 
 # ---------------------------------------------------------------- the Hebbian rule
@@ -484,7 +480,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclasses.dataclass(frozen=True)
 class GradientBaseline(_Network):
-    """The same network (layers, activations, initial weights F_{::0}, batches) trained by
+    """The same network (layers, activations, initial weight distribution, batches) trained by
     `optimizer` (sgd or adam) at `learning_rate` on the batch-mean 1/2 squared error to the
     target codes; nothing is meta-learned (the rate is tuned on training tasks by the
     experiment)."""
