@@ -1,5 +1,7 @@
-"""Multi-state Hebbian genome (BLUR) on synthetic 2-D tasks: meta-trained on some task
-families, tested on unseen ones against SGD and Adam."""
+"""Multi-state Hebbian genome (BLUR) on synthetic 2-D tasks, unseen families vs SGD and Adam.
+
+The genome is meta-trained on some task families and tested on unseen ones against the same
+network trained by SGD and by Adam."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Multi-state Hebbian genome (BLUR) training an MLP from scratch on Omniglot: meta-trained on
-some alphabets, tested on unseen alphabets (and on any dataset: `metalearn evaluate RUN
---dataset PATH`) against SGD and Adam."""
+"""Multi-state Hebbian genome (BLUR) training an MLP from scratch on Omniglot, vs SGD and Adam.
+
+Meta-trained on some alphabets, tested on unseen alphabets (and on any dataset: `metalearn
+evaluate RUN --dataset PATH`) against the same network trained by SGD and by Adam."""
 
 from __future__ import annotations
 
