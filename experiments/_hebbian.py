@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
 from metalearn.evaluation import evaluate
 from metalearn.experiment import ConfigDict, Experiment, outer_config
 from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
@@ -103,28 +103,16 @@ def baseline(learner: HebbianLearner, optimizer: str, lr: float) -> GradientBase
 
 
 @dataclasses.dataclass(frozen=True)
-class Curve(InnerLearner):
-    """Scores `base` after every inner step 0..steps: metrics accuracy_<t> (and loss at T)."""
+class Curve(Wrapper):
+    """Scores `learner` after every inner step 0..steps: metrics accuracy_<t> (and loss at T)."""
 
-    base: Any
+    learner: Any
     steps: int
-
-    def init(self, key: Array, example: Episode) -> MetaParams:
-        """The base learner's."""
-        return self.base.init(key, example)
-
-    def adapt(self, meta: MetaParams, support: Support, key: Array) -> Any:
-        """The base learner's."""
-        return self.base.adapt(meta, support, key)
-
-    def predict(self, meta: MetaParams, state: Any, query_x: Array) -> Array:
-        """The base learner's."""
-        return self.base.predict(meta, state, query_x)
 
     def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
         """Loss after T steps; accuracy after each of 0..steps steps."""
-        c = self.base.curve(meta, episode, key, self.steps)
-        t = self.base.inner_steps
+        c = self.learner.curve(meta, episode, key, self.steps)
+        t = self.learner.inner_steps
         out = {f"accuracy_{i}": c["accuracy"][i] for i in range(self.steps + 1)}
         return c["loss"][t], {"loss": c["loss"][t], "accuracy": c["accuracy"][t], **out}
 

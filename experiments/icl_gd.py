@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support, TaskSampler
+from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
 from metalearn.evaluation import (
     episode_metrics,
     evaluate_episodes,
@@ -140,7 +140,7 @@ class Baseline:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Compared(InnerLearner):
+class Compared(Wrapper):
     """`learner`, whose `loss` also compares it with fixed baselines (for evaluations).
 
     Per episode, for each baseline b: loss_b, and when b.align: preds_diff_b = ||y_hat - y_hat_b||
@@ -151,18 +151,6 @@ class Compared(InnerLearner):
 
     learner: InnerLearner
     baselines: tuple[Baseline, ...] = ()
-
-    def init(self, key: Array, example: Episode) -> MetaParams:
-        """The wrapped learner's meta-parameters."""
-        return self.learner.init(key, example)
-
-    def adapt(self, meta: MetaParams, support: Support, key: Array) -> Any:
-        """The wrapped learner's adaptation."""
-        return self.learner.adapt(meta, support, key)
-
-    def predict(self, meta: MetaParams, state: Any, query_x: Array) -> Array:
-        """The wrapped learner's predictions."""
-        return self.learner.predict(meta, state, query_x)
 
     def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
         """The wrapped learner's loss and metrics, plus the comparison metrics."""

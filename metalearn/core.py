@@ -145,6 +145,26 @@ class InnerLearner:
         return query_loss(preds, episode.query_y)
 
 
+class Wrapper(InnerLearner):
+    """A learner that is `self.learner` with another `loss` (e.g. extra metrics for evaluation):
+    `init`, `adapt` and `predict` are the wrapped learner's. Subclasses are dataclasses with a
+    `learner` field and define `loss`."""
+
+    learner: InnerLearner
+
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """The wrapped learner's meta-parameters."""
+        return self.learner.init(key, example)
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> TaskState:
+        """The wrapped learner's adaptation."""
+        return self.learner.adapt(meta, support, key)
+
+    def predict(self, meta: MetaParams, state: TaskState, query_x: Array) -> Array:
+        """The wrapped learner's predictions."""
+        return self.learner.predict(meta, state, query_x)
+
+
 def query_loss(preds: Array, targets: Array) -> tuple[Array, dict]:
     """Cross-entropy + accuracy for integer targets; 1/2 squared error for float targets."""
     if jnp.issubdtype(targets.dtype, jnp.integer):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, TaskSampler
+from metalearn.tasks.regression import _normal_from_uniform
 
 FAMILY_DOCS: dict[str, str] = {
     "xor": "label 1 iff sign(x0) != sign(x1) (x0 * x1 > 0 is label 0)",
@@ -88,15 +89,15 @@ def _moons(x: Array, p: Array, u: Array) -> tuple[Array, Array]:
     upper = jnp.stack([jnp.cos(t), jnp.sin(t)], axis=-1)
     lower = jnp.stack([1.0 - jnp.cos(t), 0.5 - jnp.sin(t)], axis=-1)
     pts = jnp.where(label[:, None], lower, upper)
-    pts = pts + _MOONS_NOISE * _normal_from_uniform(u[:, 2:4])
+    pts = pts + _MOONS_NOISE * _normal_from_unit(u[:, 2:4])
     pts = (pts - jnp.asarray(_MOONS_CENTRE)) * _MOONS_SCALE
     return _rotate(pts, 2 * math.pi * p[0]).astype(x.dtype), label
 
 
-def _normal_from_uniform(u: Array) -> Array:
-    """N(0, 1) draws from U[0, 1) ones (the inverse normal CDF; u = 0 maps to -5.4)."""
+def _normal_from_unit(u: Array) -> Array:
+    """N(0, 1) draws from U[0, 1) ones (u = 0 maps to -5.4)."""
     lo = float(np.nextafter(np.float32(-1), np.float32(0)))
-    return math.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2.0 * u - 1.0, lo))
+    return _normal_from_uniform(jnp.maximum(2.0 * u - 1.0, lo))
 
 
 def _random_linear(x: Array, p: Array, u: Array) -> tuple[Array, Array]:

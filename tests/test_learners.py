@@ -27,7 +27,7 @@ import pytest
 
 from metalearn.core import InnerLearner, Support, TaskSampler, batch_loss
 from metalearn.learners.gd import GradientDescent, LeastSquares
-from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
+from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Network
 from metalearn.learners.hypertransformer import HyperTransformer
 from metalearn.learners.lsa import LSA
 from metalearn.learners.maml import MAML
@@ -239,6 +239,9 @@ def test_every_learner_class_is_registered():
     import metalearn.learners as pkg
 
     registered = {type(e.learner) for e in LEARNERS}
+    # abstract bases join through every concrete learner built on them
+    assert {HebbianLearner, GradientBaseline} <= registered and all(
+        issubclass(c, _Network) for c in (HebbianLearner, GradientBaseline))
     for m in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"metalearn.learners.{m.name}")
         for _, cls in inspect.getmembers(mod, inspect.isclass):
