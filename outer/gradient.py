@@ -143,11 +143,13 @@ class GradientOuterLoop(OuterLoop):
         k = jax.random.fold_in(state.key, state.step)
         k_sample, k_loss = jax.random.split(k)
         keys = shard_leading(jax.random.split(k_sample, self.batch_size), mesh)
-        episodes = shard_leading(jax.vmap(sampler.sample)(keys), mesh)
+        with jax.named_scope("sampling"):  # named scopes: benchmarks/profile_step.py
+            episodes = shard_leading(jax.vmap(sampler.sample)(keys), mesh)
         (loss, metrics), grads = jax.value_and_grad(
             lambda p: batch_loss(learner, p, episodes, k_loss), has_aux=True)(state.params)
-        updates, opt_state = self.tx().update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = self.tx().update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         return OuterState(state.step + 1, state.key, params, opt_state), metrics
 

@@ -65,10 +65,13 @@ def test_given_statistics_make_each_image_independent_of_its_batch():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_conv_vjp_matches_autodiff_of_lax_conv():
-    x = _images(3, 9, 4)
-    w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 4, 5))
-    g = jax.random.normal(jax.random.PRNGKey(4), (3, 9, 9, 5))
+@pytest.mark.parametrize("shape,k", [((3, 9, 9, 4), 3), ((2, 6, 11, 1), 3), ((2, 8, 7, 3), 5)])
+def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
+    """The hand-written VJP (dw from row-shifted slices of the padded input) is JAX's own, for
+    non-square images, one input channel and a 5x5 kernel too."""
+    x = jax.random.normal(jax.random.PRNGKey(2), shape)
+    w = jax.random.normal(jax.random.PRNGKey(3), (k, k, shape[-1], 5))
+    g = jax.random.normal(jax.random.PRNGKey(4), (*shape[:3], 5))
     _, vjp = jax.vjp(nn.conv2d, x, w)
     _, vjp_ref = jax.vjp(nn._conv_same, x, w)
     for a, b in zip(vjp(g), vjp_ref(g), strict=True):
@@ -127,6 +130,19 @@ def test_max_pool_takes_window_maxima_and_routes_gradients_to_them():
     hit = xr == np.repeat(np.repeat(ref, 2, axis=1), 2, axis=2)
     np.testing.assert_array_equal(np.asarray(g)[:, :6], 2.0 * hit)
     assert np.all(np.asarray(g)[:, 6] == 0)  # the floor-cropped row gets no gradient
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_a_tie():
+    x = jnp.zeros((1, 4, 4, 2)).at[0, 2, 3, 1].set(1.0)  # ties everywhere but one window
+    g = jax.grad(lambda x: jnp.sum(nn.max_pool(x)))(x)
+    expected = np.zeros((1, 4, 4, 2))
+    expected[0, ::2, ::2, :] = 1.0  # each window's top-left element: its first maximum
+    expected[0, 2, 2, 1], expected[0, 2, 3, 1] = 0.0, 1.0
+    np.testing.assert_array_equal(g, expected)
+    # second order: the gradient is linear in the incoming gradient, zero curvature
+    hess = jax.grad(lambda x: jnp.vdot(jax.grad(lambda y: jnp.sum(nn.max_pool(y) ** 2))(x),
+                                       jnp.ones_like(x)))(x)
+    np.testing.assert_array_equal(hess, 2.0 * expected)
 
 
 def test_cnn_gradient_under_jit_equals_eager():

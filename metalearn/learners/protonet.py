@@ -103,7 +103,8 @@ class ProtoNet(InnerLearner):
         x = support.x if support.unlabeled_x is None else jnp.concatenate(
             [support.x, support.unlabeled_x.astype(support.x.dtype)], axis=0)
         emb, stats = self.model.apply(meta[self.params_key], x)
-        protos, counts = class_prototypes(emb[:n_lab], support.y, k)
+        with jax.named_scope("prototypes"):
+            protos, counts = class_prototypes(emb[:n_lab], support.y, k)
         if support.unlabeled_x is not None and support.unlabeled_x.shape[0] > 0 \
                 and self.refine_steps > 0:
             protos = soft_kmeans_refine(protos, counts, protos * counts[:, None], emb[n_lab:],
@@ -113,4 +114,5 @@ class ProtoNet(InnerLearner):
     def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
         """Logits [Q, num_classes]: negative squared distance to each class prototype."""
         emb, _ = self.model.apply(meta[self.params_key], query_x, state["bn"])
-        return prototype_logits(emb, state["prototypes"], state["present"])
+        with jax.named_scope("prototypes"):
+            return prototype_logits(emb, state["prototypes"], state["present"])
