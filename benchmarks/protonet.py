@@ -3,7 +3,7 @@
 Setting: 20-way 1-shot, 15 queries per class (320 images per episode), 8 episodes per meta-step,
 Adam, Omniglot 28x28 with rotations (the minimal zips in ../shared/data/omniglot; random images
 of the same shape when they are absent), channel widths 8 and 64. Each width runs in its own
-process so that its peak resident memory (ru_maxrss) is its own; XLA's own estimate of the
+process so that its peak resident memory (VmHWM) is its own; XLA's own estimate of the
 compiled step's buffers is printed too. `--learners protonet maml fomaml ht ht_logits` times
 second-order and first-order MAML (5 inner steps on the support set, a 20-way head) and the
 HyperTransformer (all layers generated, or the logits layer only) beside ProtoNet in the same run
@@ -14,8 +14,16 @@ episodes on device (the cheapest possible sampler: one dynamic index per episode
 step with the FewShotSampler inside it, in interleaved rounds in one process, and prints how much
 of a meta-step sampling takes.
 
-Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--autodiff-conv]
-                                     [--sampling-share] [--learners protonet maml ht ...]
+When PyTorch is importable (`pip install torch==2.13.0`; never a dependency of the package), the
+same ProtoNet step written in PyTorch (`benchmarks/torch_peer.py`: eager NCHW, eager
+channels_last, `torch.compile` + channels_last) is checked against the JAX step on one batch
+(same loss, gradients within 1e-3) and timed in its own process at each width, sampling
+included on both sides; each variant's time and peak RSS are printed as ratios to ours. Times
+are medians of `--repeats` calls (of `--chunk` steps; the peer: of 2 x repeats steps).
+
+Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--repeats 10]
+                                     [--autodiff-conv] [--sampling-share]
+                                     [--learners protonet maml ht ...] [--peer [VARIANT ...]]
 """
 
 from __future__ import annotations
@@ -23,14 +31,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _memory import peak_rss_mb
 
 from metalearn.core import Array, Episode, InnerLearner, TaskSampler
 from metalearn.learners.maml import MAML
@@ -100,8 +111,9 @@ def make_learner(name: str, width: int) -> InnerLearner:
 
 
 def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
-           learner_name: str = "protonet") -> dict:
-    """Steps/s and memory of one learner at one width (run in a fresh process)."""
+           learner_name: str = "protonet", repeats: int = 10) -> dict:
+    """Steps/s (median of `repeats` calls of `chunk` steps) and memory of one learner at one
+    width (run in a fresh process)."""
     if autodiff_conv:  # the plain lax convolution, to show what the hand-written VJP buys
         from metalearn import nn
 
@@ -110,7 +122,7 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
     learner = make_learner(learner_name, width)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
     state = outer.init(learner, sampler, jax.random.PRNGKey(0))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_mb()
     fn = outer.compiled_steps(learner, sampler)
     t = time.perf_counter()
     compiled = fn.lower(state, chunk).compile()
@@ -119,15 +131,15 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
     state, m = compiled(state)  # warm-up
     jax.block_until_ready(m)
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
         state, m = compiled(state)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return {"learner": learner_name, "width": width, "steps_per_second": chunk / min(times),
-            "seconds_per_step": min(times) / chunk, "compile_s": compile_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_compile_mb": rss0 / 1024,
+    sec = float(np.median(times)) / chunk
+    return {"learner": learner_name, "width": width, "steps_per_second": 1 / sec,
+            "seconds_per_step": sec, "compile_s": compile_s,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_compile_mb": rss0,
             "xla_temp_mb": getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20,
             "images_per_step": batch * 20 * 16, "loss": float(np.asarray(m["loss"])[-1]),
             "source": source}
@@ -163,35 +175,84 @@ def sampling_share(width: int, batch: int, chunk: int, rounds: int = 10) -> dict
     return {"width": width, **per_step}
 
 
+def peer_data(width: int, batch: int, path: str) -> None:
+    """Write what `benchmarks/torch_peer.py` needs: the image rows it samples from, and one batch
+    of episodes with the JAX ProtoNet's parameters, loss and gradients on it (to check against)."""
+    from metalearn.core import batch_loss
+    from metalearn.tasks.fewshot import _rows
+
+    sampler, _ = _sampler(20, 1, 15)
+    ep = sampler.sample_batch(jax.random.PRNGKey(3), batch)
+    learner = ProtoNet(channels=width)
+    meta = learner.init(jax.random.PRNGKey(0), jax.tree.map(lambda a: a[0], ep))
+    (loss, _), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
+        learner, meta, ep, jax.random.PRNGKey(1))
+    arrays = {"rows": _rows(sampler.dataset.images, True),
+              "examples": sampler.dataset.images.shape[1], "loss": loss,
+              **{f: getattr(ep, f) for f in ("support_x", "support_y", "query_x", "query_y")}}
+    for i, (blk, g) in enumerate(zip(meta["cnn"]["blocks"], grads["cnn"]["blocks"],
+                                     strict=True)):
+        arrays.update({f"{k}{i}": blk[k] for k in blk} | {f"d{k}{i}": g[k] for k in g})
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def _run(script_args: list[str]) -> dict:
+    """Run a script of this folder in a fresh process; its last stdout line, parsed as JSON."""
+    cmd = [sys.executable, str(Path(__file__).with_name(script_args[0])), *script_args[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_worker(args: argparse.Namespace, width: int, *extra: str) -> dict:
+    return _run([Path(__file__).name, "--worker", str(width), "--batch", str(args.batch),
+                 "--chunk", str(args.chunk), "--repeats", str(args.repeats), *extra])
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 def main() -> None:
     """Run each width in a subprocess and print a table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--batch", type=int, default=8, help="episodes per meta-step")
     ap.add_argument("--chunk", type=int, default=2, help="meta-steps per compiled call")
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="timed calls (medians; the PyTorch peer times 2x as many steps)")
     ap.add_argument("--autodiff-conv", action="store_true",
                     help="use JAX's automatic conv VJP instead of the hand-written one")
     ap.add_argument("--sampling-share", action="store_true",
                     help="also train from a pool of pre-sampled episodes; print sampling's share")
     ap.add_argument("--learners", nargs="+", default=["protonet"], choices=LEARNERS,
                     help="learners to time (ratios are to the first)")
+    ap.add_argument("--peer", nargs="*", default=None,
+                    help="PyTorch variants of the ProtoNet step to time beside it (default: "
+                         "eager channels_last compiled when torch is importable; --peer with "
+                         "no names: none)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
-                                args.learners[0])))
+                                args.learners[0], args.repeats)))
         return
+    peers = args.peer if args.peer is not None else (
+        ["eager", "channels_last", "compiled"] if _torch_available() else [])
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
-          f"{args.batch} episodes per step, Adam"
-          + (", automatic conv VJP" if args.autodiff_conv else ""))
+          f"{args.batch} episodes per step, Adam; medians of {args.repeats} calls of "
+          f"{args.chunk} steps" + (", automatic conv VJP" if args.autodiff_conv else "")
+          + f"; load average {os.getloadavg()[0]:.2f}")
+    if not peers and args.peer is None:
+        print("(PyTorch not importable: no peer timed; `pip install torch==2.13.0` adds it)")
     for w in args.widths:
         base = None
         for name in args.learners:
-            cmd = [sys.executable, __file__, "--worker", str(w), "--batch", str(args.batch),
-                   "--chunk", str(args.chunk), "--learners", name] + (
-                ["--autodiff-conv"] if args.autodiff_conv else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _run_worker(args, w, "--learners", name,
+                            *(["--autodiff-conv"] if args.autodiff_conv else []))
             base = base or r
             ratio = (f", {r['seconds_per_step'] / base['seconds_per_step']:.2f}x the time and "
                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x the peak RSS of "
@@ -202,6 +263,29 @@ def main() -> None:
                   f"{r['rss_before_compile_mb']:.0f} MB), XLA temp buffers "
                   f"{r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s{ratio}"
                   f"  [{r['source']}]")
+        if not (peers and base and base["learner"] == "protonet"):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            data = f"{tmp}/peer.npz"
+            peer_data(w, args.batch, data)
+            import torch_peer  # the check runs here; the timed process only times
+
+            with np.load(data) as f:
+                checks = {v: torch_peer.check_equal(dict(f), v != "eager") for v in peers}
+            for v in peers:
+                d_loss, d_grad = checks[v]
+                if d_loss > 1e-4 or d_grad > 1e-3:
+                    raise SystemExit(f"PyTorch {v} differs from the JAX step (loss by "
+                                     f"{d_loss:.2e}, gradients by up to {d_grad:.2e})")
+                r = _run(["torch_peer.py", "--data", data, "--variant", v, "--width", str(w),
+                          "--batch", str(args.batch), "--steps", str(2 * args.repeats)])
+                print(f"{'torch ' + v:>22} width {w:>3}: {1 / r['seconds_per_step']:7.3f} "
+                      f"steps/s ({r['seconds_per_step']:.3f} s/step), peak RSS "
+                      f"{r['peak_rss_mb']:.0f} MB (before the step {r['rss_before_mb']:.0f} MB)"
+                      f"; JAX speed {r['seconds_per_step'] / base['seconds_per_step']:.2f}x, "
+                      f"JAX memory {base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x [torch "
+                      f"{r['torch']}, {r['threads']} threads, median of {2 * args.repeats} steps"
+                      f"; same loss within {d_loss:.1e}, gradients within {d_grad:.1e}]")
     for w in args.widths if args.sampling_share else []:
         r = sampling_share(w, args.batch, args.chunk)
         d = r["sampler"] - r["pool"]
@@ -209,7 +293,6 @@ def main() -> None:
               f"{1e3 * r['pool']:.0f} ms from a pool of pre-sampled episodes: sampling "
               f"{1e3 * d:+.1f} ms ({100 * d / r['sampler']:+.1f}%, medians of 10 interleaved "
               f"rounds); sampling {args.batch} episodes alone: {1e3 * r['sampling alone']:.1f} ms")
-
 
 if __name__ == "__main__":
     main()

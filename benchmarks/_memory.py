@@ -1,0 +1,20 @@
+"""Peak resident memory of this process, for the benchmarks that run each case in a fresh one."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) in MB.
+
+    Not `ru_maxrss`: Linux carries that across fork and exec, so a worker started by a larger
+    parent would report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
