@@ -151,10 +151,11 @@ def max_pool(x: Array, size: int = 2) -> Array:
 
 def _max_pool_fwd(x: Array, size: int) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
     wins = _pool_windows(x, size)
-    best, where = wins[0], jnp.zeros(wins[0].shape, jnp.int8)
+    index = jnp.int8 if size * size <= 127 else jnp.int32
+    best, where = wins[0], jnp.zeros(wins[0].shape, index)
     for i, v in enumerate(wins[1:], 1):
         take = v > best
-        best, where = jnp.where(take, v, best), jnp.where(take, jnp.int8(i), where)
+        best, where = jnp.where(take, v, best), jnp.where(take, index(i), where)
     return best, (where, x.shape)
 
 
