@@ -79,8 +79,9 @@ def conv2d(x: Array, w: Array) -> Array:
 
     The VJP is written by hand (`_conv2d_bwd`): dx is a plain convolution, and dw nine matrix
     products over row-shifted slices of the padded input. JAX's automatic kernel gradient is a
-    convolution with the batch as features that XLA:CPU runs about 20x slower inside
-    `lax.scan`, and per-tap slices of the 4-D input cost more than the products themselves.
+    convolution with the batch as features that XLA:CPU runs far slower inside `lax.scan`
+    (8 episodes of [320, 14, 14, 8]: 0.67 s vmapped, 2.4 s as one batch, against 63 and 81 ms
+    here), and per-tap slices of the 4-D input cost more than the products themselves.
     """
     return _conv_same(x, w)
 
