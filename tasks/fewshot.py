@@ -16,6 +16,7 @@ the file format is in `metalearn.tasks.manifest`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -26,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import metalearn.tasks.augment as _augment
 from metalearn.core import Array, Episode, TaskSampler
 from metalearn.messages import setting
+from metalearn.tasks.augment import Augment
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.images import read_image_ref
 from metalearn.tasks.manifest import (
@@ -39,6 +42,7 @@ from metalearn.tasks.manifest import (
 )
 
 NORMALIZE = ("unit", "centered", "standard", "invert", "none")
+GROUP_WEIGHTING = ("classes", "uniform")
 
 
 class ImageRefs(NamedTuple):
@@ -48,6 +52,7 @@ class ImageRefs(NamedTuple):
     example: Array  # int32 [n] index of the example within its class
     rotation: Array  # int32 [n] quarter turns counter-clockwise (0..3)
     label: Array  # int32 [n] episode label in [0, ways)
+    affine: Array | None = None  # float32 [n, 7] augmentation parameters (`tasks.augment`)
 
 
 class EpisodeIndices(NamedTuple):
@@ -139,6 +144,8 @@ class FewShotSampler(TaskSampler):
     def __init__(self, dataset: ImageDataset, ways: int, shots: int, queries: int,
                  unlabeled: int = 0, rotations: bool = False,
                  normalize: str | tuple = "unit", shuffle: bool = True,
+                 within_group: bool = False, group_weighting: str = "classes",
+                 augment: Augment | None = None,
                  _device: tuple[Array, Array] | None = None):
         for f, v, lo in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 1),
                          ("unlabeled", unlabeled, 0)):
@@ -148,6 +155,11 @@ class FewShotSampler(TaskSampler):
         self.queries, self.unlabeled = int(queries), int(unlabeled)
         self.rotations, self.shuffle = bool(rotations), bool(shuffle)
         self.normalize = tuple(normalize) if isinstance(normalize, list) else normalize
+        self.within_group, self.group_weighting = bool(within_group), group_weighting
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"FewShotSampler: augment must be a tasks.augment.Augment or None, "
+                            f"got {type(augment).__name__}; e.g. Augment(per_class=True)")
+        self.augment = augment
         _check_request(dataset, ways, shots + queries + unlabeled, self.rotations,
                        (shots, queries, unlabeled))
         h, w, _ = dataset.image_shape
@@ -156,6 +168,8 @@ class FewShotSampler(TaskSampler):
                              f"dataset ({setting('image_size', 'data.image_size', '28')}) or use "
                              f"{setting('rotations', 'task.rotations', 'false')}")
         self._scale, self._shift = _normalizer(self.normalize, dataset)
+        self._groups = _group_table(dataset, self.ways, self.rotations, group_weighting) \
+            if self.within_group else None
         if _device is None:
             _device = (jnp.asarray(_rows(dataset.images, self.rotations)),
                        jnp.asarray(dataset.counts))
@@ -165,7 +179,8 @@ class FewShotSampler(TaskSampler):
     def tree_flatten(self) -> tuple[tuple[Array, Array], tuple]:
         """Leaves: the device images and counts; aux: everything else."""
         aux = (_Ref(self.dataset), self.ways, self.shots, self.queries, self.unlabeled,
-               self.rotations, self.normalize, self.shuffle)
+               self.rotations, self.normalize, self.shuffle, self.within_group,
+               self.group_weighting, self.augment)
         return (self._rows, self._counts), aux
 
     @classmethod
@@ -173,10 +188,12 @@ class FewShotSampler(TaskSampler):
         """Rebuild without re-validating or re-uploading."""
         obj = cls.__new__(cls)
         ref, obj.ways, obj.shots, obj.queries, obj.unlabeled, obj.rotations, obj.normalize, \
-            obj.shuffle = aux
+            obj.shuffle, obj.within_group, obj.group_weighting, obj.augment = aux
         obj.dataset = ref.obj
         obj._rows, obj._counts = leaves
         obj._scale, obj._shift = _normalizer(obj.normalize, obj.dataset)
+        obj._groups = _group_table(obj.dataset, obj.ways, obj.rotations, obj.group_weighting) \
+            if obj.within_group else None
         return obj
 
     # ----- configuration
@@ -185,25 +202,34 @@ class FewShotSampler(TaskSampler):
         """Classes episodes are drawn from (x4 with rotations)."""
         return self.dataset.num_classes * (4 if self.rotations else 1)
 
+    def replace(self, dataset: ImageDataset | None = None, **changes: Any) -> FewShotSampler:
+        """A copy with some settings changed: any argument of the constructor (`ways`, `shots`,
+        `queries`, `unlabeled`, `within_group`, `augment`, ...); on the same dataset and
+        rotations the device images are shared, not uploaded again."""
+        names = ("ways", "shots", "queries", "unlabeled", "rotations", "normalize", "shuffle",
+                 "within_group", "group_weighting", "augment")
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"FewShotSampler.replace: unknown settings {unknown}; use {names}")
+        kw = {n: changes.get(n, getattr(self, n)) for n in names}
+        same = (dataset is None or dataset is self.dataset) and kw["rotations"] == self.rotations
+        return FewShotSampler(self.dataset if dataset is None else dataset, **kw,
+                              _device=(self._rows, self._counts) if same else None)
+
     def with_ways_shots(self, ways: int | None = None, shots: int | None = None,
                         queries: int | None = None, unlabeled: int | None = None
                         ) -> FewShotSampler:
         """The same data and preprocessing with other N/K/Q (e.g. for evaluation)."""
-        pick = lambda v, d: d if v is None else v
-        return FewShotSampler(self.dataset, pick(ways, self.ways), pick(shots, self.shots),
-                              pick(queries, self.queries), pick(unlabeled, self.unlabeled),
-                              self.rotations, self.normalize, self.shuffle,
-                              _device=(self._rows, self._counts))
+        return self.replace(**_given(ways=ways, shots=shots, queries=queries,
+                                     unlabeled=unlabeled))
 
     def with_dataset(self, dataset: ImageDataset, ways: int | None = None,
                      shots: int | None = None, queries: int | None = None,
                      unlabeled: int | None = None) -> FewShotSampler:
         """The same episode settings on another dataset (e.g. the test split); `ways`, `shots`,
         `queries`, `unlabeled` (None keeps this sampler's) change N/K/Q as `with_ways_shots`."""
-        pick = lambda v, d: d if v is None else v
-        return FewShotSampler(dataset, pick(ways, self.ways), pick(shots, self.shots),
-                              pick(queries, self.queries), pick(unlabeled, self.unlabeled),
-                              self.rotations, self.normalize, self.shuffle)
+        return self.replace(dataset, **_given(ways=ways, shots=shots, queries=queries,
+                                              unlabeled=unlabeled))
 
     def describe(self) -> dict:
         """JSON-able settings and the dataset summary (saved with runs)."""
@@ -212,6 +238,10 @@ class FewShotSampler(TaskSampler):
         return {"sampler": type(self).__name__, "ways": self.ways, "shots": self.shots,
                 "queries": self.queries, "unlabeled": self.unlabeled,
                 "rotations": self.rotations, "normalize": norm, "shuffle": self.shuffle,
+                "within_group": self.within_group,
+                **({"group_weighting": self.group_weighting,
+                    "groups_eligible": self._groups.eligible} if self.within_group else {}),
+                "augment": dataclasses.asdict(self.augment) if self.augment else None,
                 "classes": self.num_classes, "dataset": self.dataset.describe()}
 
     # ----- sampling
@@ -219,7 +249,11 @@ class FewShotSampler(TaskSampler):
         """Which classes, examples and rotations make up the episode for `key` (pure)."""
         k_cls, k_ex, k_s, k_q, k_u = jax.random.split(key, 5)
         n_base = self.dataset.num_classes
-        chosen = _random_subset(k_cls, self.ways, jnp.ones(self.num_classes, bool))
+        allowed = jnp.ones(self.num_classes, bool)
+        if self._groups is not None:  # one group (alphabet) per episode
+            g = jax.random.categorical(jax.random.fold_in(k_cls, 1), self._groups.logits)
+            allowed = jnp.asarray(self._groups.of_class) == g
+        chosen = _random_subset(k_cls, self.ways, allowed)
         base = chosen % n_base
         rot = chosen // n_base
         per_class = self.shots + self.queries + self.unlabeled
@@ -227,16 +261,26 @@ class FewShotSampler(TaskSampler):
         valid = jnp.arange(m)[None, :] < self._counts[base][:, None]
         ex = _random_subset(k_ex, per_class, valid)  # [ways, per_class] distinct per class
 
-        def refs(k: Array, lo: int, n: int) -> ImageRefs:
+        aug, k_aug = self.augment, jax.random.fold_in(key, 1)
+        class_affine = _augment.sample_params(k_aug, self.ways, aug) \
+            if aug is not None and aug.per_class else None
+
+        def refs(k: Array, lo: int, n: int, which: int) -> ImageRefs:
             pos = jnp.arange(self.ways * n, dtype=jnp.int32)
             if self.shuffle:
                 pos = random_permutation(k, self.ways * n)
             c, j = pos // n, pos % n
-            return ImageRefs(base[c], ex[c, lo + j], rot[c], c)
+            affine = None
+            if class_affine is not None:
+                affine = class_affine[c]
+            elif aug is not None:
+                affine = _augment.sample_params(jax.random.fold_in(k_aug, 1 + which),
+                                                self.ways * n, aug)
+            return ImageRefs(base[c], ex[c, lo + j], rot[c], c, affine)
 
         return EpisodeIndices(
-            refs(k_s, 0, self.shots), refs(k_q, self.shots, self.queries),
-            refs(k_u, self.shots + self.queries, self.unlabeled) if self.unlabeled else None)
+            refs(k_s, 0, self.shots, 0), refs(k_q, self.shots, self.queries, 1),
+            refs(k_u, self.shots + self.queries, self.unlabeled, 2) if self.unlabeled else None)
 
     def batch_indices(self, keys: Array) -> EpisodeIndices:
         """`sample_indices` of every key (compiled once per sampler configuration)."""
@@ -252,7 +296,10 @@ class FewShotSampler(TaskSampler):
 
     def _assemble(self, idx: EpisodeIndices, flat: list[Array]) -> Episode:
         """The episode from its image rows (`_flat_images` of each set of `idx`)."""
-        x = [f.reshape(*r.cls.shape, *self.dataset.image_shape)
+        shape = self.dataset.image_shape
+        x = [f.reshape(*r.cls.shape, *shape) if r.affine is None else
+             _augment.warp(f.reshape(-1, *shape), r.affine.reshape(-1, r.affine.shape[-1]))
+             .reshape(*r.cls.shape, *shape)
              for f, r in zip(flat, _sets(idx), strict=True)]
         return Episode(x[0], idx.support.label, x[1], idx.query.label,
                        x[2] if idx.unlabeled is not None else None)
@@ -286,10 +333,32 @@ class FewShotSampler(TaskSampler):
         compiled = _compiled_batch(batch_size)
         return lambda key: compiled(self, key)
 
+    def plot(self, key: Array, path: str | Path, max_per_row: int = 20) -> Path:
+        """`plot_episode` of the episode for `key`, titled with this sampler's settings (its
+        group when `within_group`, its augmentation) and each label's class name."""
+        from metalearn.tasks.plotting import plot_episode
+
+        idx = self.sample_indices(key)
+        s = jax.device_get(idx.support)
+        names = {int(y): self.dataset.class_names[int(c)] + (f" {90 * int(r)}°" if r else "")
+                 for y, c, r in zip(s.label, s.cls, s.rotation, strict=True)}
+        groups = sorted({self.dataset.groups[int(c)] for c in s.cls})
+        title = (f"{self.ways}-way {self.shots}-shot, {self.queries} queries per class; "
+                 + (f"within {groups[0]}" if self.within_group else
+                    f"classes from {len(groups)} groups"))
+        if self.augment is not None:
+            title += f"; affine augmentation per {'class' if self.augment.per_class else 'image'}"
+        return plot_episode(self.gather(idx), path, max_per_row, title,
+                            [names[y] for y in range(self.ways)])
+
     # ----- fixed episodes
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
         """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
         manifest_kind(Path(path))
+        if self.augment is not None:
+            raise ValueError("export_manifest: this sampler distorts its images (augment="
+                             f"{self.augment}), which a manifest cannot record; export from "
+                             "sampler.replace(augment=None)")
         idx = jax.device_get(self.batch_indices(jax.random.split(key, num_episodes)))
         episodes = []
         ds = self.dataset
@@ -379,6 +448,42 @@ def _sampling_compiler_options() -> dict | None:
     except Exception:  # noqa: BLE001 - an XLA without the option: keep its defaults
         return None
     return CPU_SAMPLING_OPTIONS
+
+
+def _given(**kw: Any) -> dict:
+    """The keyword arguments that are not None."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+class _GroupTable(NamedTuple):
+    """Within-group episodes: the group of each class and log-weights of the groups."""
+
+    of_class: np.ndarray  # int32 [classes (x4 with rotations)]: group index
+    logits: np.ndarray  # float32 [groups]: log P(group); -inf for groups with < ways classes
+    eligible: dict  # group name -> classes, of the groups episodes are drawn from
+
+
+def _group_table(ds: ImageDataset, ways: int, rotations: bool, weighting: str) -> _GroupTable:
+    """Which groups can hold a `ways`-way episode, and how likely each is chosen."""
+    if weighting not in GROUP_WEIGHTING:
+        raise ValueError(f"group_weighting={weighting!r}: use classes (a group is chosen with "
+                         "probability proportional to its classes) or uniform")
+    names, of_base = np.unique(np.asarray(ds.groups, dtype=object).astype(str),
+                               return_inverse=True)
+    reps = 4 if rotations else 1
+    sizes = np.bincount(of_base, minlength=len(names)) * reps
+    ok = sizes >= ways
+    if not ok.any():
+        big = int(np.argmax(sizes))
+        raise ValueError(
+            f"within_group: no group of {ds.name!r} has {ways} classes (the largest, "
+            f"{str(names[big])!r}, has {sizes[big]}{' with rotations' if rotations else ''}); "
+            f"use at most {sizes[big]} ways, or draw each episode's classes across groups")
+    w = np.where(ok, sizes if weighting == "classes" else 1, 0).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        logits = np.log(w / w.sum()).astype(np.float32)
+    return _GroupTable(np.tile(of_base, reps).astype(np.int32), logits,
+                       {str(n): int(k) for n, k in zip(names, sizes, strict=True) if k >= ways})
 
 
 def _sets(idx: EpisodeIndices) -> list[ImageRefs]:

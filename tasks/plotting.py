@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ def _to_display(x: np.ndarray) -> np.ndarray:
 
 
 def plot_episode(episode: Episode, path: str | Path, max_per_row: int = 20,
-                 title: str | None = None) -> Path:
-    """Save a grid of one episode (support rows, then query rows, sorted by label) as a PNG."""
+                 title: str | None = None, label_names: Sequence[str] | None = None) -> Path:
+    """Save a grid of one episode (support rows, then query rows, sorted by label) as a PNG;
+    `label_names[y]` (e.g. the character of each label) is printed under the support images."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -53,6 +55,8 @@ def plot_episode(episode: Episode, path: str | Path, max_per_row: int = 20,
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             if y[c] >= 0:
                 ax.set_title(str(int(y[c])), fontsize=7, pad=2)
+            if label_names is not None and name == "support":
+                ax.set_xlabel(label_names[int(y[c])], fontsize=5, labelpad=1)
         axes[r, 0].set_ylabel(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
