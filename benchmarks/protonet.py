@@ -145,16 +145,25 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
             "source": source}
 
 
-def sampling_share(width: int, batch: int, chunk: int, rounds: int = 10) -> dict:
+def sampling_share(width: int, batch: int, chunk: int, rounds: int = 10,
+                   augment: bool = False) -> dict:
     """Meta-step time with in-step sampling vs from an `EpisodePool`, interleaved rounds in one
-    process (medians), and the sampling alone (`jax.jit(sample_batch)`) for comparison."""
+    process (medians), and the sampling alone (`jax.jit(sample_batch)`) for comparison. With
+    `augment`, also the step whose sampler distorts every image ("augment image") or every
+    class ("augment class") with `tasks.augment`'s default ranges, and those samplings alone."""
+    from metalearn.tasks.augment import Augment
+
     sampler, _ = _sampler(20, 1, 15)
+    samplers = {"sampler": sampler}
+    if augment:
+        samplers["augment image"] = sampler.replace(augment=Augment())
+        samplers["augment class"] = sampler.replace(augment=Augment(per_class=True))
     pool = EpisodePool(sampler.batch_sampler(batch)(jax.random.PRNGKey(1)))
     learner = ProtoNet(channels=width)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
     state = outer.init(learner, sampler, jax.random.PRNGKey(0))
     steps = {name: outer.compiled_steps(learner, s).lower(state, chunk).compile()
-             for name, s in (("sampler", sampler), ("pool", pool))}
+             for name, s in (*samplers.items(), ("pool", pool))}
     alone = jax.jit(lambda s, k: s.sample_batch(k, batch))
     states = {name: jax.tree.map(jnp.copy, state) for name in steps}  # the steps donate them
 
@@ -162,15 +171,16 @@ def sampling_share(width: int, batch: int, chunk: int, rounds: int = 10) -> dict
         states[name], m = steps[name](states[name])
         return m
 
-    fns = {**{name: functools.partial(run, name) for name in steps},
-           "sampling alone": lambda: alone(sampler, jax.random.PRNGKey(2))}
+    fns = {name: functools.partial(run, name) for name in steps}
+    for name, s in samplers.items():
+        fns[f"{name} alone"] = functools.partial(alone, s, jax.random.PRNGKey(2))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds + 1):  # the first round warms up
         for name, f in fns.items():
             t = time.perf_counter()
             jax.block_until_ready(f())
             times[name].append(time.perf_counter() - t)
-    per_step = {k: float(np.median(v[1:])) / (1 if k == "sampling alone" else chunk)
+    per_step = {k: float(np.median(v[1:])) / (1 if k.endswith("alone") else chunk)
                 for k, v in times.items()}
     return {"width": width, **per_step}
 
@@ -292,7 +302,7 @@ def main() -> None:
         print(f"width {w:>3}: meta-step {1e3 * r['sampler']:.0f} ms with in-step sampling, "
               f"{1e3 * r['pool']:.0f} ms from a pool of pre-sampled episodes: sampling "
               f"{1e3 * d:+.1f} ms ({100 * d / r['sampler']:+.1f}%, medians of 10 interleaved "
-              f"rounds); sampling {args.batch} episodes alone: {1e3 * r['sampling alone']:.1f} ms")
+              f"rounds); sampling {args.batch} episodes alone: {1e3 * r['sampler alone']:.1f} ms")
 
 if __name__ == "__main__":
     main()

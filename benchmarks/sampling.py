@@ -5,7 +5,13 @@ Omniglot 20-way 1-shot 15-query, batches of 32, by default on the two minimal ba
 research code samples episodes: a Python loop over episodes, `np.random.choice` per class, images
 stacked and converted per episode. Both produce the same float32 arrays. Prints peak memory.
 
+`--augment` also times the sampler with random affine distortions (`tasks.augment`, Koch et
+al.'s ranges) per image and per class in the same rounds, and then what they cost inside a
+ProtoNet meta-step (8 channels, 20-way 1-shot 15-query, 8 episodes; `protonet.sampling_share`):
+the step with each sampler in interleaved rounds, as a share of the step without augmentation.
+
     python benchmarks/sampling.py [--rounds 10] [--rotations] [--ways 20 --shots 1 ...]
+                                  [--augment [--share-width 8]]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import numpy as np
 
 from metalearn.tasks import FewShotSampler, load_omniglot
+from metalearn.tasks.augment import Augment
 
 
 def numpy_batch(rng: np.random.Generator, images: np.ndarray, counts: np.ndarray, ways: int,
@@ -63,6 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--numpy-block", type=int, default=2, help="NumPy batches per round")
     p.add_argument("--rotations", action="store_true", help="rotated classes (x4) as well")
     p.add_argument("--omniglot", nargs="*", default=None, help="Omniglot folders/zips")
+    p.add_argument("--augment", action="store_true",
+                   help="also time affine augmentation per image and per class, and its share "
+                        "of a ProtoNet meta-step")
+    p.add_argument("--share-width", type=int, default=8,
+                   help="--augment: CNN width of the ProtoNet meta-step")
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -79,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(ours(jax.random.PRNGKey(0)))
     t_compile = time.perf_counter() - t0
+    augmented = {f"augment {k}": sampler.replace(augment=Augment(per_class=k == "class"))
+                 .batch_sampler(a.batch_size) for k in (("image", "class") if a.augment else ())}
+    for f in augmented.values():
+        jax.block_until_ready(f(jax.random.PRNGKey(0)))
     jax.block_until_ready(plain(sampler, jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     numpy_batch(rng, ds.images, ds.counts, a.ways, a.shots, a.queries, 1, a.rotations)
@@ -101,9 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # interleaved rounds (a block of batches back to back per sampler): all samplers see the
     # same load when other processes share the CPU; per-batch times are medians over rounds
-    times: dict[str, list[float]] = {"ours": [], "plain": [], "numpy": []}
+    times: dict[str, list[float]] = {"ours": [], "plain": [], "numpy": [],
+                                     **{k: [] for k in augmented}}
     for r in range(a.rounds):
         times["ours"].append(jax_block(ours, r))
+        for k, f in augmented.items():
+            times[k].append(jax_block(f, r))
         times["plain"].append(jax_block(lambda k: plain(sampler, k), r))
         times["numpy"].append(numpy_block())
     med = {k: float(np.median(v)) for k, v in times.items()}
@@ -117,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
           + f"; compile {t_compile:.2f}s")
     print(line("metalearn jax.jit(sample_batch)   ", "plain"))
     print(line("NumPy per-episode loop            ", "numpy"))
+    for k in augmented:
+        print(line(f"metalearn batch_sampler, {k:<9}", k)
+              + f"; +{1e3 * (med[k] - med['ours']):.1f} ms per batch for the distortion")
     print(f"speed-up vs NumPy: {eps['ours'] / eps['numpy']:.1f}x median "
           f"({min(times['numpy']) / min(times['ours']):.1f}x best rounds; plain jit "
           f"{eps['plain'] / eps['numpy']:.1f}x); goal >= 10x. {a.rounds} rounds of "
@@ -132,8 +154,29 @@ def main(argv: list[str] | None = None) -> dict:
           f"returns {out_mib:.1f} MiB (float32) per batch; NumPy peaks at {np_peak:.1f} MiB "
           f"per batch; peak RSS {rss_jax:.0f} MiB after compiling, {peak_mib():.0f} MiB at the "
           "end (whole process: Python, JAX, dataset, both samplers)")
-    return {"jax_eps": eps["ours"], "jit_eps": eps["plain"], "numpy_eps": eps["numpy"],
-            "speedup": eps["ours"] / eps["numpy"]}
+    out = {"jax_eps": eps["ours"], "jit_eps": eps["plain"], "numpy_eps": eps["numpy"],
+           "speedup": eps["ours"] / eps["numpy"]}
+    if a.augment:
+        out["augment_share"] = augment_share(a.share_width, a.rounds)
+    return out
+
+
+def augment_share(width: int, rounds: int) -> dict:
+    """What augmentation adds to a ProtoNet meta-step (8 episodes), printed as a share of it."""
+    from protonet import sampling_share
+
+    r = sampling_share(width, batch=8, chunk=2, rounds=rounds, augment=True)
+    base = r["sampler"]
+    print(f"ProtoNet meta-step, {width} channels, 20-way 1-shot 15-query, 8 episodes (medians "
+          f"of {rounds} interleaved rounds of 2 steps; load average {os.getloadavg()[0]:.1f}): "
+          f"{1e3 * base:.0f} ms without augmentation; sampling the 8 episodes alone "
+          f"{1e3 * r['sampler alone']:.1f} ms")
+    for k in ("augment image", "augment class"):
+        d = r[k] - base
+        print(f"  with {k[8:]:>5} augmentation: {1e3 * r[k]:.0f} ms ({1e3 * d:+.1f} ms, "
+              f"{100 * d / base:+.1f}% of the step); its sampling alone "
+              f"{1e3 * r[k + ' alone']:.1f} ms")
+    return r
 
 
 if __name__ == "__main__":

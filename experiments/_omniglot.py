@@ -6,13 +6,14 @@ results are comparable row by row.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from metalearn.core import MetaParams
 from metalearn.evaluation import evaluate
 from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
 from metalearn.runs import Run
 from metalearn.seeds import REPORT_SEED
+from metalearn.tasks.augment import from_setting
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.folders import load_omniglot
@@ -35,9 +36,13 @@ def base_omniglot_config(**overrides: Any) -> ConfigDict:
                          "validation_alphabets": ",".join(VALIDATION_ALPHABETS),
                          "test_alphabets": ",".join(TEST_ALPHABETS), "on_error": "raise"})
     c.task = ConfigDict({"ways": 20, "shots": 1, "queries": 5, "unlabeled": 0,
-                         "rotations": True, "normalize": "invert", "eval_queries": 5})
-    # WAYSxSHOTSxQUERIES[+UNLABELED] per class, evaluated on test by `report` besides the
-    # trained setting; +U adds U unlabeled images per class (semi-supervised learners)
+                         "rotations": True, "normalize": "invert", "eval_queries": 5,
+                         "within_group": False, "eval_within_group": False,
+                         "group_weighting": "classes", "augment": "none",
+                         "augment_strength": 1.0})
+    # WAYSxSHOTSxQUERIES[+UNLABELED][@group] per class, evaluated on test by `report` besides
+    # the trained setting; +U adds U unlabeled images per class (semi-supervised learners),
+    # @group draws each episode's classes from one alphabet
     c.report_settings = "20x5x5,5x1x15"
     c.report_episodes = 1000
     c.outer = outer_config("gradient", gradient={"learning_rate": 1e-3}, batch_size=2,
@@ -63,7 +68,18 @@ DOCS = {
     "task.rotations": "training: the 4 rotations of a character are 4 classes",
     "task.normalize": "pixel scaling: unit, centered, standard, invert or none",
     "task.eval_queries": "query images per class in validation and test episodes",
-    "report_settings": "extra test settings WAYSxSHOTSxQUERIES[+UNLABELED], comma-separated",
+    "task.within_group": "training episodes draw their classes from one alphabet (Lake et "
+                         "al.'s within-alphabet task) instead of across alphabets",
+    "task.eval_within_group": "validation and test episodes draw their classes from one "
+                              "alphabet",
+    "task.group_weighting": "within-alphabet episodes: choose the alphabet in proportion to its "
+                            "classes (classes) or uniformly (uniform)",
+    "task.augment": "training images: random affine distortion (Koch et al. 2015) per image "
+                    "(image), one per class of the episode (class), or none",
+    "task.augment_strength": "scales the distortion ranges (1: rotation 10 degrees, shear 0.3, "
+                             "scale 0.2, translation 2/105 of the side)",
+    "report_settings": "extra test settings WAYSxSHOTSxQUERIES[+UNLABELED][@group], "
+                       "comma-separated",
     "report_episodes": "test episodes per report setting",
 }
 
@@ -92,26 +108,45 @@ def samplers(config: ConfigDict, run: Run | None) -> dict[str, FewShotSampler]:
     """Train sampler with rotations as classes; validation/test samplers without."""
     t = config.task
     data = _splits(config, run)
+    opt = lambda k, default: t.get(k, default)  # runs made before the field
+    weighting = opt("group_weighting", "classes")
     train = FewShotSampler(data["train"], t.ways, t.shots, t.queries, t.unlabeled,
-                           rotations=t.rotations, normalize=t.normalize)
+                           rotations=t.rotations, normalize=t.normalize,
+                           within_group=opt("within_group", False), group_weighting=weighting,
+                           augment=from_setting(opt("augment", "none"),
+                                                opt("augment_strength", 1.0)))
     splits = {"train": train}
     for name in ("validation", "test"):
         if name in data:
             splits[name] = FewShotSampler(data[name], t.ways, t.shots, t.eval_queries,
-                                          t.unlabeled, rotations=False, normalize=t.normalize)
+                                          t.unlabeled, rotations=False, normalize=t.normalize,
+                                          within_group=opt("eval_within_group", False),
+                                          group_weighting=weighting)
     return splits
 
 
-def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
-    """'20x5x5,20x1x5+5' -> [(ways, shots, queries, unlabeled), ...] (unlabeled per class)."""
+class Setting(NamedTuple):
+    """One report setting: N-way K-shot, Q queries and U unlabeled per class, within a group."""
+
+    ways: int
+    shots: int
+    queries: int
+    unlabeled: int = 0
+    within_group: bool = False
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """'20x5x5,20x1x5+5,20x1x5@group' -> [Setting(ways, shots, queries, unlabeled, within)]."""
     out = []
     for part in _names(text):
-        head, plus, unl = part.partition("+")
+        body, at, where = part.partition("@")
+        head, plus, unl = body.partition("+")
         nums = head.split("x") + ([unl] if plus else ["0"])
-        if len(nums) != 4 or not all(n.isdigit() for n in nums):
-            raise ValueError(f"report setting {part!r}: expected WAYSxSHOTSxQUERIES or "
-                             "WAYSxSHOTSxQUERIES+UNLABELED, e.g. 5x1x15 or 20x1x5+5")
-        out.append(tuple(int(n) for n in nums))
+        if len(nums) != 4 or not all(n.isdigit() for n in nums) or (at and where != "group"):
+            raise ValueError(f"report setting {part!r}: expected WAYSxSHOTSxQUERIES, "
+                             "optionally +UNLABELED and @group, e.g. 5x1x15, 20x1x5+5 or "
+                             "20x1x5@group")
+        out.append(Setting(*(int(n) for n in nums), within_group=bool(at)))
     return out
 
 
@@ -126,9 +161,13 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     out: dict = {"test_setting": f"{test.ways}-way {test.shots}-shot, {test.queries} queries "
                                  "per class"}
     lines = []
-    for i, (ways, shots, queries, unl) in enumerate(parse_settings(config.report_settings)):
-        sampler = test.with_ways_shots(ways=ways, shots=shots, queries=queries, unlabeled=unl)
-        name, extra = f"{ways}way_{shots}shot", f" + {unl} unlabeled per class" if unl else ""
+    for i, (ways, shots, queries, unl, within) in enumerate(
+            parse_settings(config.report_settings)):
+        sampler = test.replace(ways=ways, shots=shots, queries=queries, unlabeled=unl,
+                               within_group=within)
+        name = f"{ways}way_{shots}shot" + ("_within_group" if within else "")
+        extra = (f" + {unl} unlabeled per class" if unl else "") + \
+            (", within an alphabet" if within else "")
         res = evaluate(exp.evaluator, meta, sampler, jax.random.PRNGKey(REPORT_SEED + i),
                        config.report_episodes, batch_size=config.eval_batch_size,
                        progress=f"test {ways}-way {shots}-shot{extra}" if progress else None)

@@ -10,7 +10,7 @@ from metalearn.runs import Run
 
 def get_config() -> ConfigDict:
     """20-way 1-shot training with rotations as classes, 64-channel CNN, Adam 1e-3."""
-    c = _omniglot.base_omniglot_config(report_settings="20x5x5,5x1x15,20x1x5+5")
+    c = _omniglot.base_omniglot_config(report_settings="20x5x5,5x1x15,20x1x5+5,20x1x5@group")
     c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "refine_steps": 1})
     return c
 

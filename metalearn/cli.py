@@ -82,9 +82,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                       ways=args.ways, shots=args.shots, queries=args.queries,
                                       unlabeled=args.unlabeled, progress=not args.no_progress,
-                                      dataset=args.dataset)
+                                      dataset=args.dataset,
+                                      within_group=True if args.within_group else None)
     where = res.get("split", "manifest") + "".join(
-        f" {k}={v}" for k, v in res.get("setting", {}).items())
+        f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""
     print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}): "
           f"{format_metrics(res)}")
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("unlabeled", "unlabeled images per class (semi-supervised learners)")):
         e.add_argument(f"--{flag}", type=int, default=None,
                        help=f"few-shot runs: {what}; default: the run's")
+    e.add_argument("--within-group", action="store_true",
+                   help="few-shot runs: draw each episode's classes from one group (an "
+                        "alphabet of Omniglot), chosen in proportion to its classes")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_evaluate)

@@ -777,15 +777,17 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, ways: int | None = None, shots: int | None = None,
                  queries: int | None = None, unlabeled: int | None = None,
-                 progress: bool = False, dataset: str | Path | None = None) -> dict:
+                 progress: bool = False, dataset: str | Path | None = None,
+                 within_group: bool | None = None) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
     With the defaults (`episodes`: the run's `test_episodes`, `seed` 0) the test split gives
     exactly the figures `metalearn train` reported. `ways`, `shots`, `queries`, `unlabeled`
     (None keeps the run's) evaluate few-shot runs at another N-way K-shot setting, e.g. with
-    unlabeled images for semi-supervised learners; the result goes to
-    eval_SPLIT_<setting>.json, next to (not over) the default one.
+    unlabeled images for semi-supervised learners, and `within_group` draws each episode's
+    classes from one group (alphabet); the result goes to eval_SPLIT_<setting>.json, next to
+    (not over) the default one.
 
     `dataset` (few-shot image runs) draws the episodes from a dataset of yours instead, in any
     form `tasks.load_dataset` reads: an image folder (or zip), IDX files "IMAGES,LABELS" (or a
@@ -797,7 +799,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     split, sampler = loaded.split_sampler(split)
     name = f"eval_{split}.json"
     setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
-                                 ("unlabeled", unlabeled)) if v is not None}
+                                 ("unlabeled", unlabeled), ("within_group", within_group))
+               if v is not None}
     what = loaded.config.get("experiment") or "this run"
     data_info, label = None, split
     if dataset is not None:
@@ -805,11 +808,11 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
         label = f"dataset:{data_info['name']}"
         name = f"eval_dataset_{data_info['name']}.json"
     elif setting:
-        if not hasattr(sampler, "with_ways_shots"):
+        if not hasattr(sampler, "replace"):
             raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) has no "
-                             "ways/shots/queries/unlabeled settings; they are for few-shot "
-                             "classification runs")
-        sampler = sampler.with_ways_shots(**setting)
+                             "ways/shots/queries/unlabeled/within-group settings; they are for "
+                             "few-shot classification runs")
+        sampler = sampler.replace(**setting)
     if setting:
         try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
             loaded.evaluator.init(jax.random.PRNGKey(0), sampler.example())
@@ -817,14 +820,15 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
             raise ValueError(f"{what} cannot be evaluated at {sampler.ways}-way "
                              f"{sampler.shots}-shot: {e}") from None
         tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
-               + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else ""))
+               + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else "")
+               + ("_within_group" if sampler.within_group else ""))
         name = f"{name.removesuffix('.json')}_{tag}.json"
     res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
                           progress=label if progress else None)
     res = {"split": label, "step": loaded.step, "seed": seed, **res}
     if setting:
         res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
-                                                            "unlabeled")}
+                                                            "unlabeled", "within_group")}
     if data_info is not None:
         res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
@@ -837,7 +841,7 @@ def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, spli
     loaded at the sampler's image size and channels; and what the result file says of it."""
     from metalearn.tasks.formats import load_dataset
 
-    if not all(hasattr(sampler, a) for a in ("with_dataset", "dataset", "ways", "rotations")):
+    if not all(hasattr(sampler, a) for a in ("replace", "dataset", "ways", "rotations")):
         raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) cannot take "
                          "another dataset; dataset evaluation is for few-shot image "
                          "classification runs")
@@ -864,7 +868,7 @@ def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, spli
                          f"({option('shots', 'K')}, {option('queries', 'Q')}) or leave out "
                          "the small classes")
     try:
-        sampler = sampler.with_dataset(ds, **setting)
+        sampler = sampler.replace(ds, **setting)
     except ValueError as e:
         raise ValueError(f"{what} cannot be evaluated on dataset {str(spec)!r}: {e}") from None
     info = {"spec": str(spec), "name": _file_safe(ds.name), "classes": ds.num_classes,

@@ -167,9 +167,18 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
     out = capsys.readouterr().out
     assert "test ways=3 shots=1 queries=2 unlabeled=2 (step 40, 6 episodes, seed 0)" in out
     res = json.loads((run.path / "eval_test_3way_1shot_2query_2unlabeled.json").read_text())
-    assert res["setting"] == {"ways": 3, "shots": 1, "queries": 2, "unlabeled": 2}
+    assert res["setting"] == {"ways": 3, "shots": 1, "queries": 2, "unlabeled": 2,
+                              "within_group": False}
     assert 0 <= res["accuracy"] <= 1 and res["episodes"] == 6
     assert json.loads(default.read_text()) == {"kept": True}
+    # within one alphabet: Tagalog's 17 characters are too few for 20 ways, the others qualify
+    assert main(["evaluate", str(run.path), "--episodes", "4", "--ways", "20",
+                 "--within-group"]) == 0
+    res = json.loads((run.path / "eval_test_20way_1shot_5query_within_group.json").read_text())
+    assert res["setting"]["within_group"] is True and res["episodes"] == 4
+    assert main(["evaluate", str(run.path), "--ways", "48", "--within-group"]) == 2
+    err = capsys.readouterr().err
+    assert "the largest, 'Japanese_(katakana)', has 47); use at most 47 ways" in err
 
 
 @needs_omniglot
@@ -254,14 +263,15 @@ def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_p
     assert from_files["loss"] == pytest.approx(in_memory["loss"], rel=1e-5)
 
 
-def test_report_settings_parse_with_unlabeled():
+def test_report_settings_parse_with_unlabeled_and_within_group():
     from metalearn.experiments._omniglot import parse_settings
     from metalearn.experiments.protonet_omniglot import get_config
 
-    assert parse_settings("20x5x5, 5x1x15,20x1x5+5") == [(20, 5, 5, 0), (5, 1, 15, 0),
-                                                         (20, 1, 5, 5)]
+    assert parse_settings("20x5x5, 5x1x15,20x1x5+5,20x1x5+2@group") == [
+        (20, 5, 5, 0, False), (5, 1, 15, 0, False), (20, 1, 5, 5, False), (20, 1, 5, 2, True)]
     assert parse_settings("") == []
-    assert (20, 1, 5, 5) in parse_settings(get_config().report_settings)
-    for bad in ("20x5", "20x1x5+", "20x1x5+a", "5-way"):
+    assert (20, 1, 5, 5, False) in parse_settings(get_config().report_settings)
+    assert (20, 1, 5, 0, True) in parse_settings(get_config().report_settings)
+    for bad in ("20x5", "20x1x5+", "20x1x5+a", "5-way", "20x1x5@alphabet", "20x1x5@"):
         with pytest.raises(ValueError, match=r"expected WAYSxSHOTSxQUERIES"):
             parse_settings(bad)
