@@ -100,33 +100,32 @@ def grouped():
     return synthetic_dataset(classes=30, examples=6, size=8, groups=3)
 
 
-def test_augmented_episodes_same_key_same_images_per_image_and_per_class(grouped):
+@pytest.mark.parametrize("per_class", [False, True])
+def test_augmented_episodes_same_key_same_images_per_image_and_per_class(grouped, per_class):
+    """The batch sampler equals `vmap(sample)`; the distortion is that of the episode's
+    parameters applied to the undistorted episode (same classes and examples); per class, all
+    images of a label share one transform."""
     base = FewShotSampler(grouped, 4, 2, 3, unlabeled=1, rotations=True)
-    for per_class in (False, True):
-        s = base.replace(augment=Augment(per_class=per_class))
-        keys = jax.random.split(jax.random.PRNGKey(0), 3)
-        a = jax.vmap(s.sample)(keys)
-        b = s.batch_sampler(3)(jax.random.PRNGKey(0))
-        c = s.sample_batch(jax.random.PRNGKey(0), 3)
-        for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c),
-                           strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-5)
-            np.testing.assert_allclose(x, z, atol=1e-5)
-        idx = s.sample_indices(jax.random.PRNGKey(5))
-        plain = base.sample(jax.random.PRNGKey(5))  # the same classes and examples, undistorted
-        np.testing.assert_array_equal(idx.support.cls, base.sample_indices(
-            jax.random.PRNGKey(5)).support.cls)
-        ep = s.gather(idx)
-        assert not np.allclose(ep.query_x, plain.query_x)
-        affine = {n: np.asarray(getattr(idx, n).affine) for n in ("support", "query",
-                                                                   "unlabeled")}
-        labels = {n: np.asarray(getattr(idx, n).label) for n in affine}
+    s = base.replace(augment=Augment(per_class=per_class))
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    both = jax.jit(lambda s, b, k: (jax.vmap(s.sample)(k), s.batch_indices(k),
+                                    jax.vmap(b.sample)(k)))
+    eps, idx, plain = both(s, base, keys)
+    again = s.batch_sampler(3)(jax.random.PRNGKey(0))
+    for x, y in zip(jax.tree.leaves(eps), jax.tree.leaves(again), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    idx = jax.device_get(idx)
+    affine = {n: np.asarray(getattr(idx, n).affine) for n in ("support", "query", "unlabeled")}
+    assert not np.allclose(eps.query_x, plain.query_x)
+    flat = lambda a: a.reshape(-1, *a.shape[2:])
+    np.testing.assert_allclose(flat(eps.query_x), warp(flat(plain.query_x),
+                                                       jnp.asarray(flat(affine["query"]))),
+                               atol=1e-5)
+    labels = {n: np.asarray(getattr(idx, n).label) for n in affine}
+    for e in range(3):
         for y in range(4):
-            rows = np.concatenate([affine[n][labels[n] == y] for n in affine])
-            same = np.all(rows == rows[0])
-            assert same if per_class else not same
-        np.testing.assert_allclose(
-            ep.query_x, warp(plain.query_x, jnp.asarray(affine["query"])), atol=1e-5)
+            rows = np.concatenate([affine[n][e][labels[n][e] == y] for n in affine])
+            assert np.all(rows == rows[0]) == per_class
 
 
 def test_augment_is_for_training_and_manifests_refuse_it(grouped, tmp_path):
