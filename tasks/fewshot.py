@@ -135,10 +135,15 @@ class FewShotSampler(TaskSampler):
     class rotated by 90/180/270 degrees is a new class: 4x the classes), `normalize` ('unit':
     [0, 1], 'centered': [-1, 1], 'invert': 1 - x/255 (ink bright for Omniglot), 'standard':
     dataset mean/std per channel, 'none': 0..255, or a (mean, std) pair on [0, 1] pixels),
-    `shuffle` (random order within the support and query sets). The uint8 images go to the
-    device once, as rows [classes * examples, H*W*C] (with rotations: the four rotated copies,
-    4x the memory, instead of a per-pixel gather every episode). The sampler is a pytree (the
-    images are a leaf), so `jax.jit(f)(sampler, key)` does not embed the images as constants.
+    `shuffle` (random order within the support and query sets), `within_group` (each episode's
+    classes from one group, e.g. an alphabet, chosen with probability proportional to its
+    classes or, with `group_weighting="uniform"`, uniformly; groups with fewer than `ways`
+    classes are never chosen), `augment` (a `tasks.augment.Augment`: random affine
+    distortions per image or per class, their parameters part of the episode's indices so
+    they follow from its key). The uint8 images go to the device once, as rows
+    [classes * examples, H*W*C] (with rotations: the four rotated copies, 4x the memory,
+    instead of a per-pixel gather every episode). The sampler is a pytree (the images are a
+    leaf), so `jax.jit(f)(sampler, key)` does not embed the images as constants.
     """
 
     def __init__(self, dataset: ImageDataset, ways: int, shots: int, queries: int,
@@ -246,7 +251,8 @@ class FewShotSampler(TaskSampler):
 
     # ----- sampling
     def sample_indices(self, key: Array) -> EpisodeIndices:
-        """Which classes, examples and rotations make up the episode for `key` (pure)."""
+        """Which classes, examples and rotations (and distortions) make up the episode for
+        `key` (pure)."""
         k_cls, k_ex, k_s, k_q, k_u = jax.random.split(key, 5)
         n_base = self.dataset.num_classes
         allowed = jnp.ones(self.num_classes, bool)
