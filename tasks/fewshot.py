@@ -344,7 +344,7 @@ class FewShotSampler(TaskSampler):
         group when `within_group`, its augmentation) and each label's class name."""
         from metalearn.tasks.plotting import plot_episode
 
-        idx = self.sample_indices(key)
+        idx = jax.tree.map(lambda a: a[0], self.batch_indices(key[None]))  # compiled, not eager
         s = jax.device_get(idx.support)
         names = {int(y): self.dataset.class_names[int(c)] + (f" {90 * int(r)}°" if r else "")
                  for y, c, r in zip(s.label, s.cls, s.rotation, strict=True)}
@@ -354,7 +354,7 @@ class FewShotSampler(TaskSampler):
                     f"classes from {len(groups)} groups"))
         if self.augment is not None:
             title += f"; affine augmentation per {'class' if self.augment.per_class else 'image'}"
-        return plot_episode(self.gather(idx), path, max_per_row, title,
+        return plot_episode(jax.jit(FewShotSampler.gather)(self, idx), path, max_per_row, title,
                             [names[y] for y in range(self.ways)])
 
     # ----- fixed episodes

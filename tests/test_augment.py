@@ -35,7 +35,8 @@ def test_identity_gives_the_input_back_exactly(images):
     ds = synthetic_dataset(classes=8, examples=5, size=8)
     plain = FewShotSampler(ds, 3, 1, 2, rotations=True)
     off = plain.replace(augment=Augment(strength=0.0))
-    a, b = plain.sample(jax.random.PRNGKey(4)), off.sample(jax.random.PRNGKey(4))
+    sample = jax.jit(lambda s, k: s.sample(k))
+    a, b = sample(plain, jax.random.PRNGKey(4)), sample(off, jax.random.PRNGKey(4))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
@@ -157,6 +158,7 @@ def test_within_group_episodes_draw_their_classes_from_one_group(grouped):
     assert (g_across != g_across[:, :1]).any(axis=1).mean() > 0.8
 
 
+@pytest.mark.slow  # 6 s: two compiles of 3000 episodes; the default run checks one group each
 def test_group_choice_in_proportion_to_classes_or_uniform():
     """Groups of 12, 6 and 3 classes: 4-way episodes never come from the 3-class group; the
     others are chosen 2:1 (classes) or 1:1 (uniform)."""
