@@ -267,7 +267,8 @@ class FewShotSampler(TaskSampler):
         valid = jnp.arange(m)[None, :] < self._counts[base][:, None]
         ex = _random_subset(k_ex, per_class, valid)  # [ways, per_class] distinct per class
 
-        aug, k_aug = self.augment, jax.random.fold_in(key, 1)
+        aug = self.augment
+        k_aug = jax.random.fold_in(key, 1) if aug is not None else None
         class_affine = _augment.sample_params(k_aug, self.ways, aug) \
             if aug is not None and aug.per_class else None
 
@@ -474,8 +475,7 @@ def _group_table(ds: ImageDataset, ways: int, rotations: bool, weighting: str) -
     if weighting not in GROUP_WEIGHTING:
         raise ValueError(f"group_weighting={weighting!r}: use classes (a group is chosen with "
                          "probability proportional to its classes) or uniform")
-    names, of_base = np.unique(np.asarray(ds.groups, dtype=object).astype(str),
-                               return_inverse=True)
+    names, of_base = np.unique(ds.groups, return_inverse=True)
     reps = 4 if rotations else 1
     sizes = np.bincount(of_base, minlength=len(names)) * reps
     ok = sizes >= ways
