@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 from metalearn.core import Episode, InnerLearner, Support, TaskSampler
+
+# the minimal Omniglot sets beside the repository (../shared/data/omniglot)
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background_small1.zip").exists(),
+    reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 
 from metalearn.cli import _message, main
+from tests.helpers import needs_omniglot
 
 QUIET = ["--no-progress"]
 SMALL = ["--set", "test_episodes=20", "--set", "eval_episodes=20", "--set", "eval_every=0",
          "--set", "outer.steps_per_call=1"]
-NEEDS_OMNIGLOT = pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot").exists(),
-    reason="needs ../shared/data/omniglot")
 
 
 def train(rd: Path, *sets: str, resume: bool = False) -> int:
@@ -188,7 +186,7 @@ def test_error_paths_print_one_line_and_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@NEEDS_OMNIGLOT
+@needs_omniglot
 def test_an_experiment_without_a_test_split_runs_end_to_end(tmp_path, capsys):
     rd = tmp_path / "run"
     assert main(["train", "protonet_omniglot", "--run-dir", str(rd), *QUIET,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,8 @@ from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
 from metalearn.seeds import MANIFEST_SEED
+from tests.helpers import needs_omniglot
 from tests.test_learners import images
-
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
 
 
 def _regression(seed: int = 0, s: int = 7, q: int = 5, d: int = 3) -> Episode:
@@ -161,9 +159,6 @@ def test_regression_state_has_no_class_mask_nor_statistics():
 
 # ---------------------------------------------------------------- real data, end to end
 
-needs_omniglot = pytest.mark.skipif(
-    not (OMNIGLOT / "images_background_small1.zip").exists(),
-    reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
 
 
 @pytest.mark.slow  # 60 s; protonet_omniglot's end-to-end test covers the same CLI paths

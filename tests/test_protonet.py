@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,8 @@ from metalearn import nn
 from metalearn.core import Episode, Support
 from metalearn.learners.protonet import MASKED_LOGIT, ProtoNet
 from metalearn.seeds import MANIFEST_SEED
+from tests.helpers import needs_omniglot
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
 WAYS, SHOTS, QUERIES = 4, 2, 3
 
 
@@ -121,9 +120,6 @@ def test_gradients_are_finite_with_masked_columns(model):
 
 # ---------------------------------------------------------------- real data, end to end
 
-needs_omniglot = pytest.mark.skipif(
-    not (OMNIGLOT / "images_background_small1.zip").exists(),
-    reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ from metalearn.tasks.cache import load_npz
 from metalearn.tasks.folders import OMNIGLOT_ENV
 from metalearn.tasks.images import resize_array
 from metalearn.tasks.testing import synthetic_dataset, write_image_tree
+from tests.helpers import OMNIGLOT
 
-OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 LAYOUT_A = {"Greek/character01": 3, "Greek/character02": 3, "Latin/character01": 2}
 
 

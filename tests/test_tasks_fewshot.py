@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import pytest
 from metalearn.core import Episode, check_episode
 from metalearn.tasks import FewShotSampler, from_numpy, plot_episode, read_manifest
 from metalearn.tasks.testing import synthetic_dataset, write_image_tree
+from tests.helpers import OMNIGLOT
 
 WAYS, SHOTS, QUERIES = 4, 2, 3
 N_EPISODES = 64
@@ -347,7 +347,6 @@ def test_random_permutation_is_uniform():
     assert chi2 < 55  # 23 degrees of freedom
 
 
-OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
 
 @pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"Omniglot minimal sets not at {OMNIGLOT}")
