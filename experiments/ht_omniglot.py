@@ -16,7 +16,8 @@ def get_config() -> ConfigDict:
     features of 8 channels. It trained with plain SGD for 4 M single-episode steps; on a CPU
     budget Adam 1e-3 on 2 episodes per step (as ProtoNet here) is used instead."""
     c = _omniglot.base_omniglot_config()
-    c.learner = ConfigDict({"channels": 8, "num_blocks": 4, "trained_blocks": 0, "embed_dim": 32,
+    c.learner = ConfigDict({"channels": 8, "num_blocks": 4, "trained_blocks": 0,
+                            "learned_base": False, "embed_dim": 32,
                             "shared_features": 32, "local_features": 8, "num_layers": 3,
                             "heads": 2, "width_fraction": 1.0, "sequential": True})
     return c
@@ -27,6 +28,8 @@ DOCS = {**_omniglot.DOCS,
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
         "learner.trained_blocks": "first k conv blocks learned, not generated (num_blocks: "
                                   "generate the logits layer only)",
+        "learner.learned_base": "add each generated conv kernel to a learned one (the official "
+                                "code's --add_trainable_weights)",
         "learner.embed_dim": "d: size of the label and weight-placeholder embeddings",
         "learner.shared_features": "channels of the shared image feature extractor (0: none)",
         "learner.local_features": "channels of each layer's activation feature extractor",

@@ -88,6 +88,19 @@ def test_logits_only_keeps_the_trained_blocks():
     assert len(meta1["generators"]) == 2
 
 
+def test_a_learned_base_is_added_to_the_generated_kernels():
+    ht, meta, ep = setup(learned_base=True)
+    assert all("w" in b for b in meta["cnn"]["blocks"])
+    with_base = ht.generated(meta, ep.support())
+    plain = HyperTransformer(**SMALL).generated(meta, ep.support())  # ignores the bases
+    base = meta["cnn"]["blocks"][0]["w"]
+    np.testing.assert_allclose(with_base["blocks"][0]["w"] - plain["blocks"][0]["w"], base,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(with_base["blocks"][0]["w"], base)  # still generated on top
+    grads = jax.grad(lambda m: ht.loss(m, ep, None)[0])(meta)
+    assert float(jnp.abs(grads["cnn"]["blocks"][1]["w"]).sum()) > 0
+
+
 def test_unlabeled_images_shape_the_weights_not_the_statistics():
     ht = HyperTransformer(**SMALL)
     ep = sampler(2).example()
