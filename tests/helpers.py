@@ -54,3 +54,20 @@ class QuadraticLearner(InnerLearner):
         scale = jnp.logspace(0, 1, self.dim)
         v = jnp.sum(scale * (meta["theta"] - self.target()) ** 2)
         return v, {"loss": v}
+
+
+def assert_manifest_scores_like_memory(run_path: Path, tmp_path: Path, episodes: int = 3) -> None:
+    """A run's test episodes exported to a manifest score as the same episodes in memory."""
+    import jax
+
+    from metalearn.evaluation import evaluate_episodes
+    from metalearn.experiment import evaluate_manifest, load_run
+    from metalearn.seeds import MANIFEST_SEED
+
+    loaded = load_run(run_path)
+    test, key = loaded.splits["test"], jax.random.PRNGKey(3)
+    manifest = test.export_manifest(tmp_path / "episodes.json", key, episodes)
+    from_file = evaluate_manifest(run_path, manifest)
+    in_memory = evaluate_episodes(loaded.evaluator, loaded.meta, test.sample_batch(key, episodes),
+                                  jax.random.PRNGKey(MANIFEST_SEED))
+    assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)

@@ -13,8 +13,7 @@ from metalearn.core import Episode, Support
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
-from metalearn.seeds import MANIFEST_SEED
-from tests.helpers import needs_omniglot
+from tests.helpers import assert_manifest_scores_like_memory, needs_omniglot
 from tests.test_learners import images
 
 
@@ -165,8 +164,7 @@ def test_regression_state_has_no_class_mask_nor_statistics():
 @needs_omniglot
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     from metalearn.cli import main
-    from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, evaluate_run, load_run, train
+    from metalearn.experiment import evaluate_run, load_run, train
 
     sets = ["steps=4", "eval_every=0", "eval_episodes=4", "checkpoint_every=0",
             "test_episodes=4", "report_episodes=4", "report_settings=5x1x3",
@@ -186,12 +184,6 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"cannot be evaluated at 6-way 1-shot: .*out_dim >= 6"):
         evaluate_run(run.path, episodes=2, ways=6)
     assert not list(run.path.glob("eval_test_6way*"))
-    test = loaded.splits["test"]
-    key = jax.random.PRNGKey(3)
-    manifest = test.export_manifest(tmp_path / "episodes.json", key, 3)
-    from_file = evaluate_manifest(run.path, manifest)
-    in_memory = evaluate_episodes(loaded.evaluator, loaded.meta, test.sample_batch(key, 3),
-                                  jax.random.PRNGKey(MANIFEST_SEED))
-    assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
+    assert_manifest_scores_like_memory(run.path, tmp_path)
     assert json.loads((run.path / "config.json").read_text())["learner"]["channels"] == 4
 
