@@ -53,7 +53,9 @@ Modes: `trained_blocks = k` keeps the first k conv blocks as ordinary meta-param
 generates the rest (k = `num_blocks`: the paper's "logits only" mode for wide CNNs); the logits
 layer is always generated. `learned_base=True` adds each generated conv kernel to a learned one,
 theta_l = W_l + G_l(...) (the official code's `--add_trainable_weights`, off in its scripts); the
-logits layer gets no base, since class j is a different class in every episode.
+logits layer gets no base, since class j is a different class in every episode. On Omniglot
+at 8 channels it learns far faster than generating the kernels alone (validation 62 % against
+24 % after 2,000 x 4 episodes; README, `ht_omniglot`).
 Semi-supervised: unlabeled support images (`Support.unlabeled_x`) enter as tokens with the
 label embedding xi-hat; they shape the generated weights but not the batch statistics. Labels
 without a support image get masked logits (`MASKED_LOGIT`), so a model generated for 20 ways is
