@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from metalearn.core import Episode, InnerLearner, Support, TaskSampler
+from metalearn.evaluation import evaluate_episodes
+from metalearn.experiment import evaluate_manifest, load_run
+from metalearn.seeds import MANIFEST_SEED
 
 # the minimal Omniglot sets beside the repository (../shared/data/omniglot)
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -58,12 +62,6 @@ class QuadraticLearner(InnerLearner):
 
 def assert_manifest_scores_like_memory(run_path: Path, tmp_path: Path, episodes: int = 3) -> None:
     """A run's test episodes exported to a manifest score as the same episodes in memory."""
-    import jax
-
-    from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, load_run
-    from metalearn.seeds import MANIFEST_SEED
-
     loaded = load_run(run_path)
     test, key = loaded.splits["test"], jax.random.PRNGKey(3)
     manifest = test.export_manifest(tmp_path / "episodes.json", key, episodes)

@@ -166,7 +166,7 @@ def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
 
 # ---------------------------------------------------------------- real data, end to end
 
-@pytest.mark.slow  # 40 s each: compiles training, evaluation and two report settings
+@pytest.mark.slow  # 64 s all-layer, 24 s logits only: compiles training, evaluation, reports
 @needs_omniglot
 @pytest.mark.parametrize("mode", ["all_layers_semi_supervised", "logits_only"])
 def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys):

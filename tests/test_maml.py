@@ -159,7 +159,6 @@ def test_regression_state_has_no_class_mask_nor_statistics():
 # ---------------------------------------------------------------- real data, end to end
 
 
-
 @pytest.mark.slow  # 60 s; protonet_omniglot's end-to-end test covers the same CLI paths
 @needs_omniglot
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):

@@ -121,7 +121,6 @@ def test_gradients_are_finite_with_masked_columns(model):
 # ---------------------------------------------------------------- real data, end to end
 
 
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from metalearn.experiment import train

@@ -347,8 +347,6 @@ def test_random_permutation_is_uniform():
     assert chi2 < 55  # 23 degrees of freedom
 
 
-
-
 @pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"Omniglot minimal sets not at {OMNIGLOT}")
 def test_omniglot_20_way_1_shot_on_held_out_alphabets(tmp_path):
     """The user story: a few lines give held-out-alphabet episodes and a PNG of one."""
