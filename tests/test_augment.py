@@ -101,7 +101,8 @@ def grouped():
     return synthetic_dataset(classes=30, examples=6, size=8, groups=3)
 
 
-@pytest.mark.parametrize("per_class", [False, True])
+# per class: 8-12 s more, in the slow run (the default suite keeps under 10 min)
+@pytest.mark.parametrize("per_class", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_augmented_episodes_same_key_same_images_per_image_and_per_class(grouped, per_class):
     """The batch sampler equals `vmap(sample)`; the distortion is that of the episode's
     parameters applied to the undistorted episode (same classes and examples); per class, all
@@ -187,6 +188,7 @@ def test_within_group_errors_name_the_largest_group_and_the_fix(grouped):
         FewShotSampler(grouped, 3, 1, 1).replace(within=True)
 
 
+@pytest.mark.slow  # 13 s: compiles an augmented episode and draws it
 def test_sampler_plot_names_the_group_and_the_augmentation(grouped, tmp_path, monkeypatch):
     import metalearn.tasks.plotting as plotting
 
