@@ -78,6 +78,21 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [7, 64])
+def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
+    """dw taken a few rows at a time (many chunks, the last one partly past the end) is JAX's
+    own kernel gradient, also vmapped over episodes."""
+    monkeypatch.setattr(nn, "_kernel_grad_rows", lambda c_in, total, k: rows)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 9, 10, 3))
+    w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 4))
+    g = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 9, 10, 4))
+
+    def dw(conv):
+        return jax.vmap(lambda x, g: jax.vjp(conv, x, w)[1](g)[1])(x, g)
+
+    np.testing.assert_allclose(dw(nn.conv2d), dw(nn._conv_same), rtol=1e-4, atol=1e-4)
+
+
 def test_bad_inputs_fail_with_clear_messages():
     params = nn.init_cnn(jax.random.PRNGKey(0), 1, (4,) * 4)
     with pytest.raises(ValueError, match="NHWC"):
