@@ -21,9 +21,15 @@ channels_last, `torch.compile` + channels_last) is checked against the JAX step 
 included on both sides; each variant's time and peak RSS are printed as ratios to ours. Times
 are medians of `--repeats` calls (of `--chunk` steps; the peer: of 2 x repeats steps).
 
+Every timed process runs with glibc's malloc on transparent huge pages (`--malloc hugepages`,
+what the `metalearn` command sets for itself; see `metalearn.cli.hugepages_env`) unless
+`--malloc default`: both frameworks take large buffers from malloc on every step, and with
+4 KB pages each of them faults anew, which costs PyTorch's step about half its time here.
+
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--repeats 10]
                                      [--autodiff-conv] [--sampling-share]
                                      [--learners protonet maml ht ...] [--peer [VARIANT ...]]
+                                     [--malloc hugepages|default]
 """
 
 from __future__ import annotations
@@ -220,6 +226,19 @@ def _run_worker(args: argparse.Namespace, width: int, *extra: str) -> dict:
                  "--chunk", str(args.chunk), "--repeats", str(args.repeats), *extra])
 
 
+def _set_malloc(mode: str) -> None:
+    """Set GLIBC_TUNABLES, which the timed subprocesses inherit, for `--malloc`."""
+    from metalearn.cli import HUGEPAGES_TUNABLE, _thp_mode, hugepages_env
+
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb")]
+    os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
+    env = hugepages_env(os.environ, _thp_mode()) if mode == "hugepages" else None
+    if mode == "hugepages" and env is None:
+        print(f"(huge pages not available here: {HUGEPAGES_TUNABLE} changes nothing)")
+    os.environ.update(env or {})
+
+
 def _torch_available() -> bool:
     import importlib.util
 
@@ -244,8 +263,14 @@ def main() -> None:
                     help="PyTorch variants of the ProtoNet step to time beside it (default: "
                          "eager channels_last compiled when torch is importable; --peer with "
                          "no names: none)")
+    ap.add_argument("--malloc", choices=("hugepages", "default"), default="hugepages",
+                    help="run every timed process (ours and the PyTorch peer) with glibc's "
+                         "malloc on transparent huge pages, as the metalearn command does, or "
+                         "with glibc's default")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker is None:
+        _set_malloc(args.malloc)
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
                                 args.learners[0], args.repeats)))
@@ -255,7 +280,8 @@ def main() -> None:
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
           f"{args.batch} episodes per step, Adam; medians of {args.repeats} calls of "
           f"{args.chunk} steps" + (", automatic conv VJP" if args.autodiff_conv else "")
-          + f"; load average {os.getloadavg()[0]:.2f}")
+          + f"; load average {os.getloadavg()[0]:.2f}; malloc: {args.malloc} (GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r})")
     if not peers and args.peer is None:
         print("(PyTorch not importable: no peer timed; `pip install torch==2.13.0` adds it)")
     for w in args.widths:

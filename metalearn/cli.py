@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -167,10 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hugepages_env(environ: Mapping[str, str], thp_mode: str | None) -> dict[str, str] | None:
+    """`environ` with glibc's malloc on transparent huge pages, or None where that changes
+    nothing (already set, THP mode `always` or `never`, METALEARN_HUGEPAGES=0).
+
+    XLA:CPU takes a compiled step's temporaries (288 MB for an 8-channel ProtoNet step) from
+    malloc on every call, and glibc maps and unmaps blocks that large each time: every 4 KB page
+    faults anew (0.19 s of system time per 8-channel step here). With huge pages advised the
+    step took 352-360 ms against 428-451 ms (PyTorch's CPU step gains 2x the same way).
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (environ.get("METALEARN_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables
+            or thp_mode is None or "[madvise]" not in thp_mode):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGEPAGES_TUNABLE]))}
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode line on Linux with glibc, else None."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return THP_MODE.read_text()
+    except OSError:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metalearn` command."""
     from metalearn.messages import cli_mode
 
+    if argv is None and (env := hugepages_env(os.environ, _thp_mode())) is not None:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # same command
     args = build_parser().parse_args(argv)
     try:
         with cli_mode():

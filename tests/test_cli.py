@@ -9,13 +9,27 @@ import sys
 import jax
 import pytest
 
-from metalearn.cli import main
+from metalearn.cli import hugepages_env, main
 
 
 def test_help_runs():
     out = subprocess.run([sys.executable, "-m", "metalearn.cli", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_the_command_advises_huge_pages_only_where_that_changes_something():
+    """The `metalearn` command re-runs itself with glibc's malloc on transparent huge pages
+    when the kernel only gives them on request; never twice, never against the user's say."""
+    madvise = "always [madvise] never\n"
+    env = hugepages_env({"PATH": "/bin"}, madvise)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert hugepages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, madvise) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    for environ, mode in [(env, madvise), ({"METALEARN_HUGEPAGES": "0"}, madvise),
+                          ({}, "[always] madvise never\n"), ({}, "always madvise [never]\n"),
+                          ({}, None)]:
+        assert hugepages_env(environ, mode) is None
 
 
 def test_list_shows_experiments(capsys):
