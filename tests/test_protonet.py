@@ -149,6 +149,7 @@ def test_loss_falls_on_omniglot_and_split_is_kept(trained_run):
     assert (run.path / "plots" / "learning_curves.png").exists()
 
 
+@pytest.mark.slow  # 17 s; `test_cli.py::test_train_resume_evaluate` covers evaluate by default
 @needs_omniglot
 def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
     """`metalearn evaluate RUN --ways 3 --unlabeled 2`: its own result file, the default kept."""
