@@ -203,8 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metalearn` command."""
     from metalearn.messages import cli_mode
 
-    if argv is None and (env := hugepages_env(os.environ, _thp_mode())) is not None:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # same command
+    if argv is None and sys.executable and (env := hugepages_env(os.environ, _thp_mode())):
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # same command
+        except OSError:
+            pass  # run on with the default malloc
     args = build_parser().parse_args(argv)
     try:
         with cli_mode():
