@@ -235,7 +235,8 @@ def _set_malloc(mode: str) -> None:
     os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
     env = hugepages_env(os.environ, _thp_mode()) if mode == "hugepages" else None
     if mode == "hugepages" and env is None:
-        print(f"(huge pages not available here: {HUGEPAGES_TUNABLE} changes nothing)")
+        print(f"({HUGEPAGES_TUNABLE} not set: the kernel's THP mode is not `madvise`, or "
+              "METALEARN_HUGEPAGES=0)")
     os.environ.update(env or {})
 
 
