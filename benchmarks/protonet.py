@@ -228,12 +228,12 @@ def _run_worker(args: argparse.Namespace, width: int, *extra: str) -> dict:
 
 def _set_malloc(mode: str) -> None:
     """Set GLIBC_TUNABLES, which the timed subprocesses inherit, for `--malloc`."""
-    from metalearn.cli import HUGEPAGES_TUNABLE, _thp_mode, hugepages_env
+    from metalearn.cli import HUGEPAGES_TUNABLE, hugepages_env, thp_mode
 
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
                 if t and not t.startswith("glibc.malloc.hugetlb")]
     os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
-    env = hugepages_env(os.environ, _thp_mode()) if mode == "hugepages" else None
+    env = hugepages_env(os.environ, thp_mode()) if mode == "hugepages" else None
     if mode == "hugepages" and env is None:
         print(f"({HUGEPAGES_TUNABLE} not set: the kernel's THP mode is not `madvise`, or "
               "METALEARN_HUGEPAGES=0)")
@@ -270,12 +270,11 @@ def main() -> None:
                          "with glibc's default")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker is None:
-        _set_malloc(args.malloc)
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
                                 args.learners[0], args.repeats)))
         return
+    _set_malloc(args.malloc)
     peers = args.peer if args.peer is not None else (
         ["eager", "channels_last", "compiled"] if _torch_available() else [])
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "

@@ -189,7 +189,7 @@ def hugepages_env(environ: Mapping[str, str], thp_mode: str | None) -> dict[str,
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGEPAGES_TUNABLE]))}
 
 
-def _thp_mode() -> str | None:
+def thp_mode() -> str | None:
     """The kernel's transparent-huge-page mode line on Linux with glibc, else None."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `metalearn` command."""
     from metalearn.messages import cli_mode
 
-    if argv is None and sys.executable and (env := hugepages_env(os.environ, _thp_mode())):
+    if argv is None and sys.executable and (env := hugepages_env(os.environ, thp_mode())):
         try:
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # same command
         except OSError:

@@ -107,9 +107,11 @@ def _kernel_grad(x: Array, g: Array, k: int) -> Array:
     - many rows: a chunk of rows at a time (`lax.fori_loop`), the chunk's k*k shifted slices
       side by side as a [rows, k*k*C_in] patch matrix and one product with the chunk of g, so
       g is read once rather than k*k times and the patches stay in cache: the four blocks'
-      kernel gradients for 8 episodes of 300 images take 89 vs 146 ms at 8 channels, 1.23 vs
-      1.91 s at 64, against one product per tap over all rows; the ProtoNet meta-step 346 vs
-      392 ms and 4.27 vs 5.90 s.
+      kernel gradients for 8 episodes of 300 images take 89 vs 146 ms at 8 channels and
+      1.13-1.23 vs 1.67-1.91 s at 64, against one product per tap over all rows. In the
+      ProtoNet meta-step (interleaved in one process) that is 320 vs 352 and 385 vs 423 ms at
+      8 channels; at 64 channels three runs gave 4.27 vs 5.90, 4.58 vs 4.29 and 5.17 vs
+      4.99 s: no steady gain there.
     """
     p = k // 2
     c_in, c_out = x.shape[-1], g.shape[-1]
