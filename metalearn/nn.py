@@ -73,22 +73,54 @@ def _conv_same(x: Array, w: Array) -> Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# Inputs with at most this many multiply-adds per output (k * k * C_in) are convolved as a sum
+# of shifted slices times kernel rows (`_conv_taps`) rather than by XLA's convolution.
+TAP_SUM_MAX_TERMS = 36
+
+
+def _conv_taps(x: Array, w: Array) -> Array:
+    """'same' convolution as sum_{i,j,c} x_pad[:, i:i+H, j:j+W, c, None] * w[i, j, c]: one
+    elementwise fusion, for few input channels (`TAP_SUM_MAX_TERMS`)."""
+    k, h, wd = w.shape[0], x.shape[1], x.shape[2]
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = jnp.zeros((*x.shape[:3], w.shape[-1]), jnp.result_type(x, w))
+    for i in range(k):
+        for j in range(k):
+            for c in range(x.shape[-1]):
+                out = out + xp[:, i:i + h, j:j + wd, c:c + 1] * w[i, j, c]
+    return out
+
+
+def _conv(x: Array, w: Array) -> Array:
+    """The 'same' convolution of the forward pass and of the input gradient: XLA's, or the tap
+    sum for few input channels. On this 2-core CPU (8 episodes of 300 images, vmapped) the tap
+    sum takes 9 vs 64 ms for 28x28x1 -> 8 channels, 37 vs 85 ms -> 64, 17 vs 76 ms for 3 -> 8
+    channels and 5 vs 19 ms for 14x14x4 -> 8; at 8 input channels XLA's is as fast or faster
+    (15 vs 16 ms at 14x14 -> 8, 106 vs 74 ms -> 64)."""
+    if w.shape[0] * w.shape[1] * x.shape[-1] <= TAP_SUM_MAX_TERMS:
+        return _conv_taps(x, w)
+    return _conv_same(x, w)
+
+
 @jax.custom_vjp
 def conv2d(x: Array, w: Array) -> Array:
     """Stride-1 'same' convolution of NHWC images with an odd HWIO kernel.
 
-    The VJP is written by hand (`_conv2d_bwd`): dx is a plain convolution, and dw products of
-    row-shifted slices of the padded input with the output gradient (`_kernel_grad`). JAX's
+    The forward pass and dx go through `_conv` (a tap sum for few input channels, else XLA's
+    convolution). The VJP is written by hand (`_conv2d_bwd`): dx is a plain convolution, and dw
+    products of row-shifted slices of the padded input with the output gradient
+    (`_kernel_grad`). JAX's
     automatic kernel gradient is a convolution with the batch as features that XLA:CPU runs far
     slower inside `lax.scan` (8 episodes of [320, 14, 14, 8]: 0.67 s vmapped, 2.4 s as one
     batch, against 63 and 81 ms with one product per tap), and per-tap slices of the 4-D input
     cost more than the products themselves.
     """
-    return _conv_same(x, w)
+    return _conv(x, w)
 
 
 def _conv2d_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _conv_same(x, w), (x, w)
+    return _conv(x, w), (x, w)
 
 
 def _kernel_grad(x: Array, g: Array, k: int) -> Array:
@@ -155,7 +187,7 @@ def _kernel_grad_rows(c_in: int, total: int, k: int) -> int | None:
 def _conv2d_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, w = res
     with jax.named_scope("conv_input_grad"):
-        dx = _conv_same(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+        dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
     with jax.named_scope("conv_kernel_grad"):
         dw = _kernel_grad(x, g, w.shape[0]).astype(w.dtype)
     return dx, dw

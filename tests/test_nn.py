@@ -78,6 +78,21 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3), ((3, 7, 5, 4), 3), ((2, 8, 7, 1), 5)])
+def test_tap_sum_convolution_is_xlas(shape, k):
+    """The tap sum that convolves inputs of few channels is XLA's convolution, for non-square
+    images, 4 channels and a 5x5 kernel, and vmapped over episodes; `_conv` routes to it."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, *shape))
+    w = jax.random.normal(jax.random.PRNGKey(3), (k, k, shape[-1], 6))
+    ref = jax.vmap(nn._conv_same, in_axes=(0, None))(x, w)
+    np.testing.assert_allclose(jax.vmap(nn._conv_taps, in_axes=(0, None))(x, w), ref,
+                               rtol=1e-5, atol=1e-5)
+    assert k * k * shape[-1] <= nn.TAP_SUM_MAX_TERMS
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(nn._conv)(x[0], w))
+    wide = jnp.zeros((3, 3, 8, 2))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(nn._conv)(jnp.zeros((1, 5, 5, 8)), wide))
+
+
 @pytest.mark.parametrize("rows", [7, 64])
 def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
     """dw taken a few rows at a time (many chunks, the last one partly past the end) is JAX's
