@@ -85,10 +85,17 @@ def test_tap_sum_convolution_is_xlas(shape, k):
     x = jax.random.normal(jax.random.PRNGKey(2), (2, *shape))
     w = jax.random.normal(jax.random.PRNGKey(3), (k, k, shape[-1], 6))
     ref = jax.vmap(nn._conv_same, in_axes=(0, None))(x, w)
-    np.testing.assert_allclose(jax.vmap(nn._conv_taps, in_axes=(0, None))(x, w), ref,
-                               rtol=1e-5, atol=1e-5)
+    for conv in (nn._conv_taps, nn._conv):  # fused into consumers, and into its own buffer
+        np.testing.assert_allclose(jax.vmap(conv, in_axes=(0, None))(x, w), ref,
+                                   rtol=1e-5, atol=1e-5)
+    w_each = jnp.stack([w, -w])  # a kernel per episode (MAML, the HyperTransformer)
+    np.testing.assert_allclose(jax.vmap(nn._conv)(x, w_each),
+                               jax.vmap(nn._conv_same)(x, w_each), rtol=1e-5, atol=1e-5)
     assert k * k * shape[-1] <= nn.TAP_SUM_MAX_TERMS
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(nn._conv)(x[0], w))
+    jaxpr = str(jax.make_jaxpr(nn._conv)(x[0], w))  # 6 output channels: into a buffer
+    assert "conv_general_dilated" not in jaxpr and "cond" in jaxpr
+    many_out = jnp.zeros((k, k, shape[-1], nn.TAP_SUM_BUFFER_MAX_CHANNELS + 1))
+    assert "cond" not in str(jax.make_jaxpr(nn._conv)(x[0], many_out))
     wide = jnp.zeros((3, 3, 8, 2))
     assert "conv_general_dilated" in str(jax.make_jaxpr(nn._conv)(jnp.zeros((1, 5, 5, 8)), wide))
 
