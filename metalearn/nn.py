@@ -77,7 +77,7 @@ def _conv_same(x: Array, w: Array) -> Array:
 # of shifted slices times kernel rows (`_conv_taps`) rather than by XLA's convolution; with at
 # most `TAP_SUM_BUFFER_MAX_CHANNELS` output channels the sum is computed once into a buffer
 # (`_computed_once`) rather than fused into each of its consumers.
-TAP_SUM_MAX_TERMS = 36
+TAP_SUM_MAX_TERMS = 27
 TAP_SUM_BUFFER_MAX_CHANNELS = 8
 
 
@@ -105,15 +105,18 @@ def _computed_once(f: Callable[[Array, Array], Array], x: Array, w: Array) -> Ar
 
 
 def _conv(x: Array, w: Array) -> Array:
-    """The 'same' convolution of the forward pass and of the input gradient: XLA's, or the tap
-    sum for few input channels. On this 2-core CPU (8 episodes of 300 images, vmapped) the tap
-    sum takes 9 vs 64 ms for 28x28x1 -> 8 channels, 37 vs 85 ms -> 64, 17 vs 76 ms for 3 -> 8
-    channels and 5 vs 19 ms for 14x14x4 -> 8; at 8 input channels XLA's is as fast or faster
-    (15 vs 16 ms at 14x14 -> 8, 106 vs 74 ms -> 64). In the ProtoNet meta-step (interleaved
-    A/B in one process) the first block's tap sum, fused into its consumers, takes the step
-    from 5.5 to 3.9-4.2 s at 64 channels, 1.72 to 1.31 s at 32 and 532 to 446 ms at 16 (into
-    a buffer: 5.1, 1.50 and 0.47 s); at 8 channels only the buffered sum gains (409 -> 317 and
-    369 -> 288 ms; fused 410 and 387 ms), as in the HyperTransformer's (638 -> 556 ms; fused
+    """The 'same' convolution of the forward pass and of the input gradient: XLA's, or the tap sum
+    for few input channels. On this 2-core CPU (8 episodes of 300 images, vmapped) the tap sum
+    takes 9 vs 64 ms for 28x28x1 -> 8 channels, 37 vs 85 ms -> 64, 17 vs 76 ms for 3 -> 8
+    channels and 5 vs 19 ms for 14x14x4 -> 8; at 8 input channels XLA's is as fast or faster (15
+    vs 16 ms at 14x14 -> 8, 106 vs 74 ms -> 64). 27 terms (3 channels, 3x3: grayscale and RGB
+    images) is the limit because each term is an operation to compile: with 36 (a 4-channel
+    CNN's hidden layers too) jit of a second-order MAML meta-gradient on a 2-block 4-channel CNN
+    took 48 s against 15 s with XLA's convolutions and 20 s with 27. In the ProtoNet meta-step
+    (interleaved A/B in one process) the first block's tap sum, fused into its consumers, takes
+    the step from 5.5 to 3.9-4.2 s at 64 channels, 1.72 to 1.31 s at 32 and 532 to 446 ms at 16
+    (into a buffer: 5.1, 1.50 and 0.47 s); at 8 channels only the buffered sum gains (409 -> 317
+    and 369 -> 288 ms; fused 410 and 387 ms), as in the HyperTransformer's (638 -> 556 ms; fused
     819 ms) and first-order MAML's steps."""
     if w.shape[0] * w.shape[1] * x.shape[-1] > TAP_SUM_MAX_TERMS:
         return _conv_same(x, w)
