@@ -100,7 +100,8 @@ def _computed_once(f: Callable[[Array, Array], Array], x: Array, w: Array) -> Ar
     consumer (batch-norm statistics, normalisation, a scan's stacked residuals) and computes it
     again in each, and removes optimisation barriers before fusing, but never fuses across a
     conditional, so f sits in both branches of one (the predicate only has to be unknown at
-    compile time; both branches are the same)."""
+    compile time; both branches are the same). Under `vmap` with a kernel per example the
+    conditional becomes a select and the sum is fused again, as without it."""
     return jax.lax.cond(jnp.isnan(w.ravel()[0]), f, f, x, w)
 
 
@@ -132,11 +133,10 @@ def conv2d(x: Array, w: Array) -> Array:
     The forward pass and dx go through `_conv` (a tap sum for few input channels, else XLA's
     convolution). The VJP is written by hand (`_conv2d_bwd`): dx is a plain convolution, and dw
     products of row-shifted slices of the padded input with the output gradient
-    (`_kernel_grad`). JAX's
-    automatic kernel gradient is a convolution with the batch as features that XLA:CPU runs far
-    slower inside `lax.scan` (8 episodes of [320, 14, 14, 8]: 0.67 s vmapped, 2.4 s as one
-    batch, against 63 and 81 ms with one product per tap), and per-tap slices of the 4-D input
-    cost more than the products themselves.
+    (`_kernel_grad`). JAX's automatic kernel gradient is a convolution with the batch as
+    features that XLA:CPU runs far slower inside `lax.scan` (8 episodes of [320, 14, 14, 8]:
+    0.67 s vmapped, 2.4 s as one batch, against 63 and 81 ms with one product per tap), and
+    per-tap slices of the 4-D input cost more than the products themselves.
     """
     return _conv(x, w)
 

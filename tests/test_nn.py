@@ -127,7 +127,8 @@ def test_bad_inputs_fail_with_clear_messages():
         nn.init_cnn(jax.random.PRNGKey(0), 1, ())
 
 
-@pytest.mark.parametrize("wrt", [0, 1])
+# with respect to the input: 12 s (the tap sum's terms compiled three times), in the slow run
+@pytest.mark.parametrize("wrt", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_second_derivatives_through_conv2d_match_lax_conv(wrt):
     """Second-order MAML differentiates the hand-written VJP: the gradient of a loss after one
     inner gradient step, L(v - 0.1 grad L(v)), matches JAX's own convolution gradients."""
