@@ -5,7 +5,8 @@ The few-shot CNN here is the one the few-shot literature (Vinyals et al. 2016, S
 
     3x3 conv ('same', no bias) -> batch norm (learned scale and shift) -> ReLU -> 2x2 max-pool
 
-with one configurable channel width. Parameters are a plain pytree
+(the last three computed as one, pooling first: `bn_relu_pool`) with one configurable channel
+width. Parameters are a plain pytree
 `{"blocks": [{"w": [3, 3, C_in, C_out], "scale": [C_out], "shift": [C_out]}, ...]}` so that a
 learner can generate (HyperTransformer) or adapt (MAML) any of them; a conv bias is left out
 because batch norm's shift makes it redundant.
@@ -25,7 +26,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,15 +101,16 @@ def _conv_taps(x: Array, w: Array) -> Array:
     return out
 
 
-def _computed_once(f: Callable[[Array, Array], Array], x: Array, w: Array) -> Array:
-    """f(x, w) written to its own buffer: XLA:CPU fused the tap sum into its consumers
+def _computed_once(f: Callable[..., Any], key: Array, *args: Array) -> Any:
+    """f(*args) written to its own buffers: XLA:CPU fused the tap sum into its consumers
     (batch-norm statistics, normalisation, a scan's stacked residuals: 163 + 142 ms of the
     HyperTransformer's step) and an `optimization_barrier` did not stop it (the same single
     fusion in the compiled HLO, the same step time), but it does not fuse across a
-    conditional, so f sits in both branches of one (the predicate only has to be unknown at
-    compile time; both branches are the same). Under `vmap` with a kernel per example the
-    conditional becomes a select and the sum is fused again, as without it."""
-    return jax.lax.cond(jnp.isnan(w.ravel()[0]), f, f, x, w)
+    conditional, so f sits in both branches of one whose predicate, isnan(key[0]), is only
+    unknown at compile time (both branches are the same). `key` is a parameter (a kernel, a
+    batch-norm scale): under `vmap` with one per example the conditional becomes a select and
+    f is fused again, as without it."""
+    return jax.lax.cond(jnp.isnan(key.ravel()[0]), f, f, *args)
 
 
 def _conv(x: Array, w: Array) -> Array:
@@ -128,7 +130,7 @@ def _conv(x: Array, w: Array) -> Array:
     if w.shape[0] * w.shape[1] * x.shape[-1] > TAP_SUM_MAX_TERMS:
         return _conv_same(x, w)
     if w.shape[-1] <= TAP_SUM_BUFFER_MAX_CHANNELS:
-        return _computed_once(_conv_taps, x, w)
+        return _computed_once(_conv_taps, w, x, w)
     return _conv_taps(x, w)
 
 
@@ -163,52 +165,73 @@ def _kernel_grad(x: Array, g: Array, k: int) -> Array:
 
     - few rows (a patch matrix [R, k*k*C_in] of at most 2**21 entries, e.g. MAML's inner
       steps on a support set): one product per tap over all rows (`lax.map`); second-order
-      MAML's 8-channel meta-step takes 1.72 s this way against 2.38 s with the chunks below.
-    - many rows: a chunk of rows at a time (`lax.fori_loop`), the chunk's k*k shifted slices
-      side by side as a [rows, k*k*C_in] patch matrix and one product with the chunk of g, so
-      g is read once rather than k*k times and the patches stay in cache: the four blocks'
-      kernel gradients for 8 episodes of 300 images take 89 vs 146 ms at 8 channels and
-      1.13-1.23 vs 1.67-1.91 s at 64, against one product per tap over all rows. In the
-      ProtoNet meta-step (interleaved in one process) that is 320 vs 352 and 385 vs 423 ms at
-      8 channels; at 64 channels three runs gave 4.27 vs 5.90, 4.58 vs 4.29 and 5.17 vs
-      4.99 s: no steady gain there.
+      MAML's 8-channel meta-step takes 1.72 s this way against 2.38 s with chunks.
+    - many rows: a few whole images at a time (`_kernel_grad_images`), padded and flattened
+      inside the loop, so that no padded copy of g (the largest array of the backward pass) is
+      written and the patches stay in cache. For 8 episodes of 300 images this takes 28, 31, 9
+      and 4 ms for the four 8-channel blocks' kernel gradients (28x28x1, 14x14x8, 7x7x8 and
+      3x3x8 inputs) against 49, 45, 10 and 5 ms with chunks of rows of the whole padded
+      batch (four padded copies of x and g), and 93 and 488 ms against 267 and 716 ms for the
+      64-channel first and second blocks. (Merging the episodes into one batch was slower:
+      40, 38 and 12 ms for the first three 8-channel blocks; so was XLA's convolution for the
+      kernel gradient, 95 ms for the first block, though 33, 7 and 1 ms for the other three.)
     """
     p = k // 2
     c_in, c_out = x.shape[-1], g.shape[-1]
+    per_image = (x.shape[1] + 2 * p) * (x.shape[2] + 2 * p)
+    rows = _kernel_grad_rows(c_in, c_out, x.shape[0] * per_image, k)
+    if rows is not None:
+        m = max(1, min(x.shape[0], rows // per_image))  # images per chunk
+        whole, tail = divmod(x.shape[0], m)
+
+        def add_chunk(b: Array, dw: Array) -> Array:
+            return dw + _kernel_grad_images(jax.lax.dynamic_slice_in_dim(x, b * m, m),
+                                            jax.lax.dynamic_slice_in_dim(g, b * m, m), k)
+
+        dw = jax.lax.fori_loop(0, whole, add_chunk,
+                               jnp.zeros((k * k * c_in, c_out), jnp.result_type(x, g)))
+        if tail:
+            dw = dw + _kernel_grad_images(x[whole * m:], g[whole * m:], k)
+        return dw.reshape(k, k, c_in, c_out)
     xf = _pad_hw(x, p).reshape(-1, c_in)
     gf = _pad_hw(g, p).reshape(-1, c_out)
-    row = x.shape[2] + 2 * p
-    lo = p * row + p  # the largest tap offset, in rows
-    offsets = [(i - p) * row + (j - p) for i in range(k) for j in range(k)]
-    rows = _kernel_grad_rows(c_in, xf.shape[0], k)
-    if rows is None:  # one product per tap over every row
-        n = xf.shape[0] - 2 * lo
-        gs = gf[lo:lo + n]
-        dw = jax.lax.map(lambda o: jax.lax.dynamic_slice_in_dim(xf, lo + o, n).T @ gs,
-                         jnp.array(offsets))
-        return dw.reshape(k, k, c_in, c_out)
-    chunks = -(-xf.shape[0] // rows)
-    extra = chunks * rows - xf.shape[0]
-    xh = jnp.pad(xf, ((lo, extra + lo), (0, 0)))  # a halo of lo rows on each side
-    gh = jnp.pad(gf, ((0, extra), (0, 0)))
-
-    def add_chunk(b: Array, dw: Array) -> Array:
-        xs = jax.lax.dynamic_slice_in_dim(xh, b * rows, rows + 2 * lo)
-        gs = jax.lax.dynamic_slice_in_dim(gh, b * rows, rows)
-        patches = jnp.concatenate([xs[lo + o:lo + o + rows] for o in offsets], axis=1)
-        return dw + patches.T @ gs
-
-    dw = jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((k * k * c_in, c_out), x.dtype))
+    lo = p * (x.shape[2] + 2 * p) + p  # the largest tap offset, in rows
+    n = xf.shape[0] - 2 * lo
+    gs = gf[lo:lo + n]
+    dw = jax.lax.map(lambda o: jax.lax.dynamic_slice_in_dim(xf, lo + o, n).T @ gs,
+                     jnp.array(_tap_offsets(x.shape[2], k)))
     return dw.reshape(k, k, c_in, c_out)
 
 
-def _kernel_grad_rows(c_in: int, total: int, k: int) -> int | None:
-    """Rows per chunk of `_kernel_grad` (2048, more for few input channels: 16384 at one), or
-    None for one product per tap when the `total` rows' patch matrix has at most 2**21
-    entries."""
+def _tap_offsets(width: int, k: int) -> list[int]:
+    """Row offsets (i - p) L + (j - p) of the k*k taps in images padded by p = k // 2 and
+    flattened, whose padded rows are L = width + 2p pixels long."""
+    p = k // 2
+    return [(i - p) * (width + 2 * p) + (j - p) for i in range(k) for j in range(k)]
+
+
+def _kernel_grad_images(x: Array, g: Array, k: int) -> Array:
+    """sum_r patches(x)[r]^T g[r] [k*k*C_in, C_out] over m whole images: x and g padded and
+    flattened, x transposed to [C_in, rows] with a zero halo, its k*k row-shifted slices
+    stacked as a [k*k*C_in, rows] patch matrix (tap-major) and one product with g's rows (taps
+    of a pixel never leave its padded image; those of the padding read the halo, times zero)."""
+    p = k // 2
+    offsets = _tap_offsets(x.shape[2], k)
+    lo = max(offsets)
+    gf = _pad_hw(g, p).reshape(-1, g.shape[-1])
+    n = gf.shape[0]
+    xt = jnp.pad(_pad_hw(x, p).reshape(n, x.shape[-1]).T, ((0, 0), (lo, lo)))
+    return jnp.concatenate([xt[:, lo + o:lo + o + n] for o in offsets], axis=0) @ gf
+
+
+def _kernel_grad_rows(c_in: int, c_out: int, total: int, k: int) -> int | None:
+    """Padded image rows per chunk of `_kernel_grad`: 32768 / C_in and at most 2**19 / C_out
+    (so that the chunk of g stays in cache), within 1024 and 16384 (measured best at 1 -> 8,
+    1 -> 64, 8 -> 8 and 64 -> 64 channels); or None for one product per tap when the `total`
+    rows' patch matrix has at most 2**21 entries."""
     if total * k * k * c_in <= 2**21:
         return None
-    return max(2048, 16384 // c_in)
+    return min(16384, max(1024, min(32768 // c_in, 2**19 // c_out)))
 
 
 def _conv2d_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
@@ -247,26 +270,70 @@ def max_pool(x: Array, size: int = 2) -> Array:
 
 
 def _max_pool_fwd(x: Array, size: int) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
+    return _pool_select(x, size, lambda v, best: v > best)
+
+
+def _pool_select(x: Array, size: int, better: Callable[[Array, Array], Array]
+                 ) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
+    """Each window's first element that no later one is `better` than, and its position."""
     wins = _pool_windows(x, size)
     index = jnp.int8 if size * size <= 127 else jnp.int32
     best, where = wins[0], jnp.zeros(wins[0].shape, index)
     for i, v in enumerate(wins[1:], 1):
-        take = v > best
+        take = better(v, best)
         best, where = jnp.where(take, v, best), jnp.where(take, index(i), where)
     return best, (where, x.shape)
 
 
 def _max_pool_bwd(size: int, res: tuple[Array, tuple[int, ...]], g: Array) -> tuple[Array]:
+    return (_pool_grad(size, res, g),)
+
+
+def _pool_grad(size: int, res: tuple[Array, tuple[int, ...]], g: Array) -> Array:
+    """The pooled gradient g put back at each window's recorded position (zero elsewhere),
+    written in one pass as [N, Ho, i, Wo, j, C] and reshaped (no stack, no transpose)."""
     where, shape = res
     n, ho, wo, c = g.shape
-    parts = [jnp.where(where == i, g, jnp.zeros((), g.dtype)) for i in range(size * size)]
-    dx = jnp.stack(parts, axis=-2).reshape(n, ho, wo, size, size, c)  # [.., i, j, C]
-    dx = dx.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho * size, wo * size, c)
-    return (jnp.pad(dx, ((0, 0), (0, shape[1] - ho * size), (0, shape[2] - wo * size),
-                         (0, 0))),)
+    pos = (jnp.arange(size, dtype=where.dtype)[:, None] * size
+           + jnp.arange(size, dtype=where.dtype)[None, :]).reshape(size, 1, size, 1)
+    hit = where[:, :, None, :, None, :] == pos  # does window position (i, j) hold the max?
+    dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    return jnp.pad(dx.reshape(n, ho * size, wo * size, c),
+                   ((0, 0), (0, shape[1] - ho * size), (0, shape[2] - wo * size), (0, 0)))
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _signed_pool(x: Array, scale: Array, size: int) -> Array:
+    """`max_pool` in the channels where `scale` [C] >= 0, min-pooling where it is negative
+    (the gradient goes to the chosen element alone, none to `scale`). Forward and backward
+    are each `_computed_once`: fused into their consumers instead (the next block's
+    convolution, its kernel gradient, batch norm's reductions), XLA:CPU recomputed them in
+    each, and the ProtoNet step at 8 channels took 336 against 203 ms (interleaved A/B)."""
+    return _signed_pool_fwd(x, scale, size)[0]
+
+
+def _signed_pool_fwd(x: Array, scale: Array, size: int
+                     ) -> tuple[Array, tuple[Array, tuple[int, ...], Array]]:
+    def pool(x: Array, scale: Array) -> tuple[Array, Array]:
+        negative = scale < 0
+        best, (where, _) = _pool_select(x, size, lambda v, b: jnp.where(negative, v < b, v > b))
+        return best, where
+
+    best, where = _computed_once(pool, scale, x, scale)
+    return best, (where, x.shape, scale)
+
+
+def _signed_pool_bwd(size: int, res: tuple[Array, tuple[int, ...], Array],
+                     g: Array) -> tuple[Array, Array]:
+    where, shape, scale = res
+    dx = _computed_once(lambda where, g: _pool_grad(size, (where, shape), g), scale, where, g)
+    return dx, jnp.zeros_like(scale)
+
+
+_signed_pool.defvjp(_signed_pool_fwd, _signed_pool_bwd)
 
 
 def batch_stats(x: Array) -> BNStats:
@@ -281,6 +348,23 @@ def batch_norm(x: Array, scale: Array, shift: Array, stats: BNStats,
                eps: float = BN_EPS) -> Array:
     """gamma * (x - mu) / sqrt(sigma^2 + eps) + beta with the given statistics."""
     return (x - stats.mean) * (scale * jax.lax.rsqrt(stats.var + eps)) + shift
+
+
+def bn_relu_pool(z: Array, scale: Array, shift: Array, stats: BNStats, size: int = 2) -> Array:
+    """max_pool(relu(batch_norm(z))), the CNN block's tail, computed with the pooling first.
+
+    Batch norm is a per-channel map a (z - mu) + beta with a = gamma / sqrt(sigma^2 + eps), and
+    ReLU is non-decreasing, so max-pooling commutes with both where a >= 0 and becomes
+    min-pooling where a < 0: out = relu(batch_norm(pool(z))), the pooling taking maxima where
+    gamma >= 0 and minima where gamma < 0 (`_signed_pool`). The values are the same (up to
+    the rounding of the normalisation, e.g. a fused multiply-add), and so are the gradients up
+    to which element of a tied window takes them; but the normalisation, ReLU and their
+    backward pass (reductions for gamma, beta and the statistics included) touch a quarter of
+    the elements, and the full-resolution map is read once forward and written once backward.
+    In the ProtoNet meta-step at 8 channels (interleaved A/B in one process) this takes the
+    step from 252 to 198 ms and XLA's temporaries from 288 to 122 MB.
+    """
+    return jax.nn.relu(batch_norm(_signed_pool(z, scale, size), scale, shift, stats))
 
 
 def _check_images(params: PyTree, x: Array) -> None:
@@ -312,9 +396,8 @@ def cnn_forward(params: PyTree, x: Array,
         with jax.named_scope("batch_norm"):
             s = batch_stats(h) if stats is None else stats[i]
             used.append(s)
-            h = batch_norm(h, blk["scale"], blk["shift"], s)
-        with jax.named_scope("relu_pool"):
-            h = max_pool(jax.nn.relu(h))
+        with jax.named_scope("bn_relu_pool"):
+            h = bn_relu_pool(h, blk["scale"], blk["shift"], s)
     return h.reshape(h.shape[0], -1), used
 
 

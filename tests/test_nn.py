@@ -100,14 +100,15 @@ def test_tap_sum_convolution_is_xlas(shape, k):
     assert "conv_general_dilated" in str(jax.make_jaxpr(nn._conv)(jnp.zeros((1, 5, 5, 8)), wide))
 
 
-@pytest.mark.parametrize("rows", [7, 64])
+@pytest.mark.parametrize("rows", [7, 264, 1000, None])
 def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
-    """dw taken a few rows at a time (many chunks, the last one partly past the end) is JAX's
-    own kernel gradient, also vmapped over episodes."""
-    monkeypatch.setattr(nn, "_kernel_grad_rows", lambda c_in, total, k: rows)
-    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 9, 10, 3))
+    """dw taken a few whole images at a time (one image per chunk with 7 rows; two with 264
+    rows of 11 x 12 padded images, then a tail of one; all 5 at once with 1000) or one product
+    per tap over all rows (None) is JAX's own kernel gradient, also vmapped over episodes."""
+    monkeypatch.setattr(nn, "_kernel_grad_rows", lambda c_in, c_out, total, k: rows)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 9, 10, 3))
     w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 4))
-    g = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 9, 10, 4))
+    g = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 9, 10, 4))
 
     def dw(conv):
         return jax.vmap(lambda x, g: jax.vjp(conv, x, w)[1](g)[1])(x, g)
@@ -181,6 +182,42 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_tie():
     hess = jax.grad(lambda x: jnp.vdot(jax.grad(lambda y: jnp.sum(nn.max_pool(y) ** 2))(x),
                                        jnp.ones_like(x)))(x)
     np.testing.assert_array_equal(hess, 2.0 * expected)
+
+
+def _unfused_tail(z, scale, shift, stats):
+    return nn.max_pool(jax.nn.relu(nn.batch_norm(z, scale, shift, stats)))
+
+
+@pytest.mark.parametrize("scale_per_example", [False, True])
+def test_bn_relu_pool_is_the_unfused_block_tail_in_values_and_gradients(scale_per_example):
+    """Pooling first (maxima where the scale is >= 0, minima where it is negative) gives the
+    same values and first- and second-order gradients (z, scale, shift, statistics), vmapped
+    with one scale for all examples (the conditional kept) or one per example (a select)."""
+    z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 6, 4))
+    scale = jnp.array([1.5, -0.5, 0.3, -2.0])
+    scales = scale * jnp.array([1.0, -1.0, 0.5])[:, None] if scale_per_example else scale
+    shift = jnp.array([0.1, 0.2, -0.3, 0.0])
+    stats = nn.BNStats(jnp.array([0.1, -0.2, 0.0, 0.3]), jnp.array([1.0, 0.5, 2.0, 0.8]))
+    axes = (0, 0 if scale_per_example else None, None, None)
+
+    def loss(tail):
+        def f(z, scale, shift, stats):
+            return jnp.sum(jnp.sin(jax.vmap(tail, axes)(z, scale, shift, stats)))
+        return f
+
+    args = (z, scales, shift, stats)
+    np.testing.assert_allclose(jax.jit(jax.vmap(nn.bn_relu_pool, axes))(*args),
+                               jax.vmap(_unfused_tail, axes)(*args), rtol=1e-6, atol=1e-6)
+    grads = [jax.jit(jax.grad(loss(t), argnums=(0, 1, 2, 3)))(*args)
+             for t in (nn.bn_relu_pool, _unfused_tail)]
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def second(tail):  # the gradient of a function of the input gradient
+        return jax.grad(lambda z: jnp.sum(jax.grad(loss(tail))(z, scales, shift, stats) ** 2))
+
+    np.testing.assert_allclose(jax.jit(second(nn.bn_relu_pool))(z), second(_unfused_tail)(z),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_cnn_gradient_under_jit_equals_eager():

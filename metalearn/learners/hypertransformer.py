@@ -255,7 +255,7 @@ class HyperTransformer(InnerLearner):
                     w = w + bn["w"]
             z = nn.conv2d(h, w)
             s = nn.batch_stats(z[:n])  # the labelled support's statistics
-            h = nn.max_pool(jax.nn.relu(nn.batch_norm(z, bn["scale"], bn["shift"], s)))
+            h = nn.bn_relu_pool(z, bn["scale"], bn["shift"], s)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
         _, slices, size = next(shapes)
