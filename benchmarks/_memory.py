@@ -1,4 +1,5 @@
-"""Peak resident memory of this process, for the benchmarks that run each case in a fresh one."""
+"""Peak resident memory of this process, for the benchmarks that run each case in a fresh one:
+over its whole life, or since `reset_peak_rss` (e.g. the steps alone, after compiling)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current resident set (Linux: /proc/self/clear_refs), so that
+    `peak_rss_mb` then reports the peak of what runs after this; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

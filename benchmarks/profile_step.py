@@ -2,8 +2,9 @@
 
 Runs `benchmarks/protonet.py`'s setting (20-way 1-shot, 15 queries per class, 8 episodes per
 step, Adam) for one learner at one width under `jax.profiler`, reads the per-operation events of
-the Perfetto trace, maps each compiled operation to the named scope it came from (`conv`,
-`conv_input_grad`, `conv_kernel_grad`, `batch_norm` (statistics), `bn_relu_pool` in `metalearn.nn`;
+the Perfetto trace, maps each compiled operation to the named scope it came from
+(`conv_pool`: convolution and pooling, `conv_input_grad`, `conv_kernel_grad`, `batch_stats`,
+`bn_relu`: normalisation and ReLU, in `metalearn.nn`;
 `prototypes` in ProtoNet; `sampling` and `optimizer` in the gradient outer loop) and whether it
 is forward or backward, and prints milliseconds per step for each part, their share of the
 summed operation time, the wall time per step, and XLA's buffer sizes (arguments, outputs,
@@ -34,8 +35,8 @@ from protonet import LEARNERS, _sampler, make_learner  # noqa: E402
 
 from metalearn.outer.gradient import GradientOuterLoop  # noqa: E402
 
-SCOPES = ("sampling", "conv_kernel_grad", "conv_input_grad", "conv", "batch_norm",
-          "bn_relu_pool", "prototypes", "optimizer")
+SCOPES = ("sampling", "conv_kernel_grad", "conv_input_grad", "conv_pool", "batch_stats",
+          "bn_relu", "prototypes", "optimizer")
 
 
 def part(op_name: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _memory import peak_rss_mb, reset_peak_rss
 
 BN_EPS = 1e-5
 
@@ -138,12 +139,15 @@ def time_peer(variant: str, rows: np.ndarray, examples: int, width: int, batch: 
     for _ in range(warmup):
         peer.step()
     warm_s = time.perf_counter() - t0
+    warm_peak = peak_rss_mb()
+    reset_peak_rss()
     times, loss = [], float("nan")
     for _ in range(steps):
         t = time.perf_counter()
         loss = peer.step()
         times.append(time.perf_counter() - t)
     return {"seconds_per_step": float(np.median(times)), "warmup_s": warm_s, "loss": loss,
+            "peak_rss_mb": max(warm_peak, peak_rss_mb()), "stepping_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -151,8 +155,6 @@ def main() -> None:
     """Time one variant in this process (nothing else in it); print a JSON line."""
     import argparse
     import json
-
-    from _memory import peak_rss_mb
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="npz from benchmarks/protonet.py")
@@ -165,7 +167,7 @@ def main() -> None:
         rows, examples = f["rows"], int(f["examples"])
     rss0 = peak_rss_mb()
     r = time_peer(args.variant, rows, examples, args.width, args.batch, steps=args.steps)
-    print(json.dumps({**r, "rss_before_mb": rss0, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({**r, "rss_before_mb": rss0}))
 
 if __name__ == "__main__":
     main()

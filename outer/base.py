@@ -33,6 +33,7 @@ from metalearn.core import (
     check_predictions,
 )
 from metalearn.evaluation import evaluate, format_metrics
+from metalearn.memory import release_free_memory
 from metalearn.messages import arg, setting
 from metalearn.runs import Run
 from metalearn.seeds import EVAL_SEED
@@ -222,12 +223,15 @@ class OuterLoop:
             s.run.write_json("config.json", s.config)
         fn = self.compiled_steps(learner, train_sampler, s.mesh)
         bar = _progress(steps, s.step, s.opts.progress)
-        t0, step0 = time.perf_counter(), s.step
+        t0, step0, compiled = time.perf_counter(), s.step, set()
         try:
             while s.step < steps:
                 n = s.chunk(steps)
                 s.state, metrics = fn(s.state, n)
                 loss = s.record(jax.device_get(metrics), n)
+                if n not in compiled:  # a new length was compiled: return what LLVM freed
+                    compiled.add(n)
+                    release_free_memory()
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 if s.due(s.opts.eval_every if s.eval_sampler is not None else 0) \
@@ -272,6 +276,7 @@ class _Session:
         self.last_ckpt: int | None = None
         self.state: OuterState | None = None
         self.step = 0
+        self.evaluated = False
 
     def say(self, text: str) -> None:
         """A status line, when progress output is on."""
@@ -374,6 +379,9 @@ class _Session:
                        self.opts.eval_batch_size, check=False,
                        progress="final evaluation" if final and self.opts.progress else None)
         self.log([{"step": self.step, "split": "eval", **res}])
+        if not self.evaluated:  # the evaluation step was compiled: return what LLVM freed
+            self.evaluated = True
+            release_free_memory()
         return res
 
     def save(self) -> None:

@@ -253,9 +253,8 @@ class HyperTransformer(InnerLearner):
                 w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
                 if self.learned_base:
                     w = w + bn["w"]
-            z = nn.conv2d(h, w)
-            s = nn.batch_stats(z[:n])  # the labelled support's statistics
-            h = nn.bn_relu_pool(z, bn["scale"], bn["shift"], s)
+            s = nn.batch_stats(nn.conv2d(h[:n], w))  # the labelled support's statistics
+            h = nn.conv_bn_relu_pool(h, w, bn["scale"], bn["shift"], s)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
         _, slices, size = next(shapes)
