@@ -134,10 +134,10 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
     t = time.perf_counter()
     compiled = fn.lower(state, chunk).compile()
     compile_s = time.perf_counter() - t
+    release_free_memory()  # as the outer loop does after compiling
     mem = compiled.memory_analysis()
     state, m = compiled(state)  # warm-up
     jax.block_until_ready(m)
-    release_free_memory()  # as the outer loop does after a call that compiled
     compile_peak = peak_rss_mb()
     reset_peak_rss()
     times = []

@@ -4,8 +4,9 @@ XLA compiles a step with LLVM inside this process; the few hundred MB it allocat
 are freed when the compiled step is ready, but glibc's malloc keeps freed memory in its arenas,
 so the process stays that much larger for the rest of the run: an 8-channel ProtoNet step's
 compile took the resident set from 443 to 873 MB, and the step itself then needs 550 MB
-(`benchmarks/protonet.py` measures both). The outer loop calls `release_free_memory` after
-each call that compiled something.
+(`benchmarks/protonet.py` measures both). The outer loop compiles its steps ahead of time and
+calls `release_free_memory` before their first call, so that the step's buffers do not come on
+top of the compiler's leftovers.
 """
 
 from __future__ import annotations

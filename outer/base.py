@@ -223,15 +223,15 @@ class OuterLoop:
             s.run.write_json("config.json", s.config)
         fn = self.compiled_steps(learner, train_sampler, s.mesh)
         bar = _progress(steps, s.step, s.opts.progress)
-        t0, step0, compiled = time.perf_counter(), s.step, set()
+        t0, step0, executables = time.perf_counter(), s.step, {}
         try:
             while s.step < steps:
                 n = s.chunk(steps)
-                s.state, metrics = fn(s.state, n)
+                if n not in executables:  # compiled ahead, so that what LLVM freed is handed
+                    executables[n] = fn.lower(s.state, n).compile()  # back before the first
+                    release_free_memory()  # call's buffers come on top of it
+                s.state, metrics = executables[n](s.state)
                 loss = s.record(jax.device_get(metrics), n)
-                if n not in compiled:  # a new length was compiled: return what LLVM freed
-                    compiled.add(n)
-                    release_free_memory()
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 if s.due(s.opts.eval_every if s.eval_sampler is not None else 0) \

@@ -79,7 +79,7 @@ def test_train_resume_evaluate(tmp_path, capsys):
     (["train", "linreg_sgd", "--set", "outer.kind=evolution", "--set",
       "outer.evolution.learning_rate=0.1"], "Sep_CMA_ES has no learning rate"),
     (["train", "linreg_sgd", "--set", "stepz=1"], "no field 'stepz'"),
-    (["evaluate", "/nonexistent/run"], "not a metalearn run directory"),
+    (["evaluate", "/nonexistent/run"], "does not exist or is not a directory"),
     (["train", "--resume"], "--resume needs --run-dir"),
 ])
 def test_cli_errors_are_clear(argv, msg, capsys, tmp_path):
