@@ -184,20 +184,31 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_tie():
     np.testing.assert_array_equal(hess, 2.0 * expected)
 
 
-def _unfused_block(x, w, scale, shift, stats):
-    return nn.max_pool(jax.nn.relu(nn.batch_norm(nn._conv_same(x, w), scale, shift, stats)))
+def _unfused_block(given):
+    def block(x, w, scale, shift, stats):
+        y = nn._conv_same(x, w)
+        stats = stats if given else nn.batch_stats(y)
+        return nn.max_pool(jax.nn.relu(nn.batch_norm(y, scale, shift, stats)))
+    return block
+
+
+def _block(given):
+    def block(x, w, scale, shift, stats):
+        return nn.conv_bn_relu_pool(x, w, scale, shift, stats if given else None)[0]
+    return block
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-@pytest.mark.parametrize("rows", [None, 5])
+@pytest.mark.parametrize("rows,given", [(None, True), (5, True), (None, False)])
 def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypatch, rows,
-                                                                         per_example):
-    """Pooling first (maxima where the scale is >= 0, minima where it is negative) and the
-    kernel gradient from the pooled gradient give the same values and first- and second-order
-    gradients (x, w, scale, shift, statistics) as conv -> batch norm -> ReLU -> max-pool,
-    on 7x7 maps (floor mode drops a row and a column), with the pooled pixels in one chunk or
-    5 at a time (several chunks and a tail), vmapped with one kernel and scale for all examples
-    (the conditionals kept) or one per example (selects)."""
+                                                                         given, per_example):
+    """Pooling first (maxima where the scale is >= 0, minima where it is negative) gives the
+    same values and first- and second-order gradients (x, w, scale, shift, statistics) as
+    conv -> batch norm -> ReLU -> max-pool, on 7x7 maps (floor mode drops a row and a column):
+    with statistics given (`conv_pool`: the kernel gradient from the pooled gradient, the
+    pooled pixels in one chunk or 5 at a time: several chunks and a tail) or the batch's own;
+    vmapped with one kernel and scale for all examples (the conditionals kept) or one per
+    example (selects)."""
     if rows:
         monkeypatch.setattr(nn, "_pooled_kernel_grad_rows", lambda c_in, c_out: rows)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 7, 2))
@@ -214,10 +225,10 @@ def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypa
     def loss(block):
         return lambda *a: jnp.sum(jnp.sin(jax.vmap(block, axes)(*a)))
 
-    np.testing.assert_allclose(jax.jit(jax.vmap(nn.conv_bn_relu_pool, axes))(*args),
-                               jax.vmap(_unfused_block, axes)(*args), rtol=1e-5, atol=1e-5)
-    grads = [jax.jit(jax.grad(loss(b), argnums=(0, 1, 2, 3, 4)))(*args)
-             for b in (nn.conv_bn_relu_pool, _unfused_block)]
+    ours, ref = _block(given), _unfused_block(given)
+    np.testing.assert_allclose(jax.jit(jax.vmap(ours, axes))(*args),
+                               jax.vmap(ref, axes)(*args), rtol=1e-5, atol=1e-5)
+    grads = [jax.jit(jax.grad(loss(b), argnums=(0, 1, 2, 3, 4)))(*args) for b in (ours, ref)]
     for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -225,9 +236,9 @@ def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypa
         return jax.grad(lambda w: jnp.sum(jax.grad(loss(block), argnums=1)(x, w, *args[2:])
                                           ** 2))
 
-    ref = second(_unfused_block)(w)  # float32 rounding relative to the largest entries
-    np.testing.assert_allclose(jax.jit(second(nn.conv_bn_relu_pool))(w), ref, rtol=1e-4,
-                               atol=1e-5 * float(jnp.abs(ref).max()))
+    expected = second(ref)(w)  # float32 rounding relative to the largest entries
+    np.testing.assert_allclose(jax.jit(second(ours))(w), expected, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(expected).max()))
 
 
 def test_cnn_gradient_under_jit_equals_eager():

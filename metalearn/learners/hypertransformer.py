@@ -254,7 +254,7 @@ class HyperTransformer(InnerLearner):
                 if self.learned_base:
                     w = w + bn["w"]
             s = nn.batch_stats(nn.conv2d(h[:n], w))  # the labelled support's statistics
-            h = nn.conv_bn_relu_pool(h, w, bn["scale"], bn["shift"], s)
+            h, _ = nn.conv_bn_relu_pool(h, w, bn["scale"], bn["shift"], s)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
         _, slices, size = next(shapes)
