@@ -345,16 +345,26 @@ def conv_pool(x: Array, w: Array, scale: Array, size: int = 2) -> Array:
 
 def _conv_pool_fwd(x: Array, w: Array, scale: Array, size: int
                    ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    best, where = _computed_once(functools.partial(_signed_pool_select, size=size), scale,
-                                 _conv(x, w), scale)
+    best, where = _signed_pool_once(_conv(x, w), scale, size)
     return best, (x, w, where, scale)
 
 
-def _signed_pool_select(y: Array, scale: Array, size: int) -> tuple[Array, Array]:
-    """Window maxima of y where scale >= 0, minima where negative, and their positions."""
-    negative = scale < 0
-    best, (where, _) = _pool_select(y, size, lambda v, b: jnp.where(negative, v < b, v > b))
-    return best, where
+def _signed_pool_once(y: Array, scale: Array, size: int) -> tuple[Array, Array]:
+    """Window maxima of y where scale >= 0, minima where negative, and their positions,
+    `_computed_once`."""
+    def pool(y: Array, scale: Array) -> tuple[Array, Array]:
+        negative = scale < 0
+        best, (where, _) = _pool_select(y, size, lambda v, b: jnp.where(negative, v < b, v > b))
+        return best, where
+
+    return _computed_once(pool, scale, y, scale)
+
+
+def _unpool_once(size: int, where: Array, shape: tuple[int, ...], scale: Array,
+                 gp: Array) -> Array:
+    """`_pool_grad`, `_computed_once` (keyed by the batch-norm scale)."""
+    return _computed_once(lambda where, gp: _pool_grad(size, (where, shape), gp), scale, where,
+                          gp)
 
 
 def _conv_pool_bwd(size: int, res: tuple[Array, Array, Array, Array], gp: Array
@@ -363,9 +373,7 @@ def _conv_pool_bwd(size: int, res: tuple[Array, Array, Array, Array], gp: Array
     with jax.named_scope("conv_kernel_grad"):
         dw = _pooled_kernel_grad(x, gp, where, w.shape[0], size).astype(w.dtype)
     with jax.named_scope("conv_input_grad"):
-        shape = (*x.shape[:-1], w.shape[-1])
-        g = _computed_once(lambda where, gp: _pool_grad(size, (where, shape), gp), scale,
-                           where, gp)
+        g = _unpool_once(size, where, (*x.shape[:-1], w.shape[-1]), scale, gp)
         dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
     return dx, dw, jnp.zeros_like(scale)
 
@@ -382,16 +390,14 @@ def _signed_pool(y: Array, scale: Array, size: int) -> Array:
 
 def _signed_pool_fwd(y: Array, scale: Array, size: int
                      ) -> tuple[Array, tuple[Array, tuple[int, ...], Array]]:
-    best, where = _computed_once(functools.partial(_signed_pool_select, size=size), scale, y,
-                                 scale)
+    best, where = _signed_pool_once(y, scale, size)
     return best, (where, y.shape, scale)
 
 
 def _signed_pool_bwd(size: int, res: tuple[Array, tuple[int, ...], Array], gp: Array
                      ) -> tuple[Array, Array]:
     where, shape, scale = res
-    dy = _computed_once(lambda where, gp: _pool_grad(size, (where, shape), gp), scale, where, gp)
-    return dy, jnp.zeros_like(scale)
+    return _unpool_once(size, where, shape, scale, gp), jnp.zeros_like(scale)
 
 
 _signed_pool.defvjp(_signed_pool_fwd, _signed_pool_bwd)
