@@ -21,12 +21,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reset_peak_rss() -> bool:
-    """Start VmHWM afresh from the current resident set (Linux: /proc/self/clear_refs), so that
-    `peak_rss_mb` then reports the peak of what runs after this; False where not possible."""
+def reset_peak_rss() -> float:
+    """The peak so far (`peak_rss_mb`), then VmHWM started afresh from the current resident set
+    (Linux: /proc/self/clear_refs), so that `peak_rss_mb` reports the peak of what runs after
+    this; where that is not possible the peak simply carries on."""
+    peak = peak_rss_mb()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
+    return peak

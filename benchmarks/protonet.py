@@ -138,8 +138,7 @@ def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
     mem = compiled.memory_analysis()
     state, m = compiled(state)  # warm-up
     jax.block_until_ready(m)
-    compile_peak = peak_rss_mb()
-    reset_peak_rss()
+    compile_peak = reset_peak_rss()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -139,8 +139,7 @@ def time_peer(variant: str, rows: np.ndarray, examples: int, width: int, batch: 
     for _ in range(warmup):
         peer.step()
     warm_s = time.perf_counter() - t0
-    warm_peak = peak_rss_mb()
-    reset_peak_rss()
+    warm_peak = reset_peak_rss()
     times, loss = [], float("nan")
     for _ in range(steps):
         t = time.perf_counter()

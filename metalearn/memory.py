@@ -3,7 +3,7 @@
 XLA compiles a step with LLVM inside this process; the few hundred MB it allocates on the way
 are freed when the compiled step is ready, but glibc's malloc keeps freed memory in its arenas,
 so the process stays that much larger for the rest of the run: an 8-channel ProtoNet step's
-compile took the resident set from 443 to 873 MB, and the step itself then needs 550 MB
+compile took the resident set from 446 to 939 MB, and the step itself then needs 550 MB
 (`benchmarks/protonet.py` measures both). The outer loop compiles its steps ahead of time and
 calls `release_free_memory` before their first call, so that the step's buffers do not come on
 top of the compiler's leftovers.

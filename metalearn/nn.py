@@ -165,7 +165,8 @@ def _kernel_grad(x: Array, g: Array, k: int) -> Array:
 
     - few rows (a patch matrix [R, k*k*C_in] of at most 2**21 entries, e.g. MAML's inner
       steps on a support set): one product per tap over all rows (`lax.map`); second-order
-      MAML's 8-channel meta-step takes 1.72 s this way against 2.38 s with chunks.
+      MAML's 8-channel meta-step took 1.72 s this way against 2.38 s with the row chunks of
+      an earlier version.
     - many rows: a few whole images at a time (`_kernel_grad_images`), padded and flattened
       inside the loop, so that no padded copy of g (the largest array of the backward pass) is
       written and the patches stay in cache. For 8 episodes of 300 images this takes 28, 31, 9
@@ -242,10 +243,15 @@ def _kernel_grad_rows(c_in: int, c_out: int, total: int, k: int) -> int | None:
     return min(16384, max(1024, min(32768 // c_in, 2**19 // c_out)))
 
 
+def _input_grad(g: Array, w: Array) -> Array:
+    """dL/dx of a 'same' convolution: g convolved with the flipped, transposed kernel."""
+    with jax.named_scope("conv_input_grad"):
+        return _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+
+
 def _conv2d_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, w = res
-    with jax.named_scope("conv_input_grad"):
-        dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+    dx = _input_grad(g, w)
     with jax.named_scope("conv_kernel_grad"):
         dw = _kernel_grad(x, g, w.shape[0]).astype(w.dtype)
     return dx, dw
@@ -374,7 +380,7 @@ def _conv_pool_bwd(size: int, res: tuple[Array, Array, Array, Array], gp: Array
         dw = _pooled_kernel_grad(x, gp, where, w.shape[0], size).astype(w.dtype)
     with jax.named_scope("conv_input_grad"):
         g = _unpool_once(size, where, (*x.shape[:-1], w.shape[-1]), scale, gp)
-        dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+    dx = _input_grad(g, w)
     return dx, dw, jnp.zeros_like(scale)
 
 
@@ -414,9 +420,9 @@ def _pooled_kernel_grad(x: Array, gp: Array, where: Array, k: int, size: int) ->
     Z = P^T G, P [pixels, (size + k - 1)^2 C_in] the neighbourhoods (strided slices) and
     G [pixels, size^2 C_out] the pooled gradient put at its window position: one product
     over the pooled pixels, a quarter of the full resolution, a few whole images at a time
-    (`_sum_over_chunks`). For 8 episodes of 300 images at 8 channels the four blocks take 16,
-    20, 4 and 1 ms against 44, 35, 9 and 5 ms for the full-resolution gradient and
-    `_kernel_grad` (68 and 296 ms against 145 and 431 ms for the first two 64-channel blocks).
+    (`_sum_over_chunks`). For 8 episodes of 300 images at 8 channels the four blocks take 18,
+    22, 4 and 1 ms against 51, 35, 9 and 4 ms for the full-resolution gradient and
+    `_kernel_grad` (71 and 311 ms against 145 and 445 ms for the first two 64-channel blocks).
     """
     c_in, c_out = x.shape[-1], gp.shape[-1]
     ho, wo, span = gp.shape[1], gp.shape[2], size + k - 1
