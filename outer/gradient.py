@@ -15,9 +15,9 @@ from metalearn.outer.base import OuterLoop, OuterState, initial_meta, option, sh
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
 # fields that only build the named optimizers (refused next to an optax object)
-_NAMED_ONLY = ("learning_rate", "schedule", "warmup_steps", "decay_steps", "end_lr_factor", "b1",
-               "b2", "weight_decay", "momentum")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear")
+_NAMED_ONLY = ("learning_rate", "schedule", "warmup_steps", "decay_steps", "end_lr_factor",
+               "decay_rate", "decay_every", "b1", "b2", "weight_decay", "momentum")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear", "step")
 
 
 @dataclasses.dataclass
@@ -37,6 +37,10 @@ class GradientOuterLoop(OuterLoop):
     warmup_steps: int = option(0, "linear warm-up from 0 over this many steps (0: none)")
     decay_steps: int = option(0, "horizon of cosine/linear/exponential decay (0: the run's steps)")
     end_lr_factor: float = option(0.0, "final rate / learning_rate (cosine, linear schedules)")
+    decay_rate: float = option(0.5, "step: the rate is multiplied by this every decay_every "
+                               "steps; exponential with decay_every: smoothly, by the same law")
+    decay_every: int = option(0, "step / exponential schedules: steps per decay_rate factor "
+                              "(0 with exponential: the rate halves every horizon/4 steps)")
     b1: float = option(0.9, "first-moment decay (adam, adamw, lamb, lion)")
     b2: float = option(0.999, "second-moment decay (adam, adamw, lamb, lion)")
     weight_decay: float = option(0.0, "decoupled weight decay (adamw, lamb, lion)")
@@ -69,6 +73,11 @@ class GradientOuterLoop(OuterLoop):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        if self.decay_every < 0 or (self.schedule == "step" and self.decay_every < 1):
+            raise ValueError(f"schedule={self.schedule!r} needs decay_every >= 1 (steps per "
+                             f"decay_rate factor), got {self.decay_every}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size < 1:
@@ -96,7 +105,12 @@ class GradientOuterLoop(OuterLoop):
             sched = optax.cosine_decay_schedule(lr, horizon, alpha=self.end_lr_factor)
         elif s == "linear":
             sched = optax.linear_schedule(lr, lr * self.end_lr_factor, horizon)
-        else:  # exponential: lr halves every horizon/4 steps
+        elif s == "step":  # Snell et al.'s halving every 2000 episodes: a staircase
+            sched = optax.exponential_decay(lr, self.decay_every, self.decay_rate,
+                                            staircase=True)
+        elif self.decay_every:  # the HyperTransformer scripts' 0.95^(step / 1e5)
+            sched = optax.exponential_decay(lr, self.decay_every, self.decay_rate)
+        else:  # exponential without decay_every: lr halves every horizon/4 steps
             sched = optax.exponential_decay(lr, max(1, horizon // 4), 0.5)
         if self.warmup_steps > 0:
             warm = optax.linear_schedule(0.0, lr, self.warmup_steps)

@@ -4,6 +4,8 @@
     from metalearn import tasks
 
     ds = tasks.load_omniglot()                    # ../shared/data/omniglot or $METALEARN_OMNIGLOT
+    full = tasks.load_protocol("vinyals")         # the full Omniglot (1,623 characters)
+    vinyals = tasks.protocol_split(full, "vinyals")   # 1028 / 172 / 423 characters
     splits = tasks.split_by_group(ds, {"train": 0.75, "test": 0.25}, seed=0)  # by alphabet
     tasks.save_split("run/split.json", splits)    # tasks.load_split(...) rebuilds it later
     train = tasks.FewShotSampler(splits["train"], ways=20, shots=1, queries=15, rotations=True)
@@ -21,6 +23,13 @@ from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs
 from metalearn.tasks.folders import load_image_folder, load_omniglot
 from metalearn.tasks.formats import load_dataset, load_idx, load_tfds, read_idx, write_idx
 from metalearn.tasks.manifest import read_manifest
+from metalearn.tasks.omniglot import (
+    PROTOCOLS,
+    ht_split,
+    lake_split,
+    load_protocol,
+    protocol_split,
+)
 from metalearn.tasks.plotting import plot_episode
 from metalearn.tasks.regression import (
     LinearRegression,
@@ -41,9 +50,9 @@ from metalearn.tasks.splits import (
 
 __all__ = [
     "EpisodeIndices", "FewShotSampler", "ImageDataset", "ImageRefs", "LinearRegression",
-    "RegressionTask", "Sinusoid", "SparseLinearRegression", "TaskPool", "TeacherNetwork",
-    "concat", "from_numpy", "load_dataset", "load_idx", "load_image_folder", "load_omniglot",
-    "load_split",
-    "load_tfds", "plot_episode", "read_idx", "read_manifest", "save_split", "split_by_class",
-    "split_by_group", "split_by_source", "vinyals_split", "write_idx",
+    "PROTOCOLS", "RegressionTask", "Sinusoid", "SparseLinearRegression", "TaskPool",
+    "TeacherNetwork", "concat", "from_numpy", "ht_split", "lake_split", "load_dataset",
+    "load_idx", "load_image_folder", "load_omniglot", "load_protocol", "load_split",
+    "load_tfds", "plot_episode", "protocol_split", "read_idx", "read_manifest", "save_split",
+    "split_by_class", "split_by_group", "split_by_source", "vinyals_split", "write_idx",
 ]

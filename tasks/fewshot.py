@@ -1,12 +1,13 @@
 """N-way K-shot few-shot classification episodes, gathered inside `jit` from a device array.
 
 An episode picks `ways` distinct classes (of the dataset, or of dataset x {0, 90, 180, 270}
-degree rotations when `rotations=True`), then `shots + queries + unlabeled` distinct examples of
-each class, so no query or unlabeled image is a copy of a support image. Classes are taken in a
-random order and labelled by position, so the class->label map is a fresh permutation per
-episode; the support and query sets are also shuffled (a sequence model cannot read the label
-off the position). Everything is `jax.random` on the dense class-major uint8 array held on device
-once; a batch of episodes is a `vmap` over keys.
+degree rotations when `rotations=True`; with `random_rotation=True` each chosen class is turned
+by its own random multiple of 90 degrees instead, an augmentation that adds no classes), then
+`shots + queries + unlabeled` distinct examples of each class, so no query or unlabeled image is
+a copy of a support image. Classes are taken in a random order and labelled by position, so the
+class->label map is a fresh permutation per episode; the support and query sets are also shuffled
+(a sequence model cannot read the label off the position). Everything is `jax.random` on the
+dense class-major uint8 array held on device once; a batch of episodes is a `vmap` over keys.
 
 Fixed evaluation episodes: `export_manifest` writes sampled episodes as JSON or CSV (class,
 example index, rotation, image path and label of every image) and `episodes_from_manifest`
@@ -29,7 +30,7 @@ import numpy as np
 
 import metalearn.tasks.augment as _augment
 from metalearn.core import Array, Episode, TaskSampler
-from metalearn.messages import setting
+from metalearn.messages import in_cli, setting
 from metalearn.tasks.augment import Augment
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.images import read_image_ref
@@ -135,6 +136,9 @@ class FewShotSampler(TaskSampler):
     class rotated by 90/180/270 degrees is a new class: 4x the classes), `normalize` ('unit':
     [0, 1], 'centered': [-1, 1], 'invert': 1 - x/255 (ink bright for Omniglot), 'standard':
     dataset mean/std per channel, 'none': 0..255, or a (mean, std) pair on [0, 1] pixels),
+    `random_rotation` (each class of an episode turned by a random multiple of 90 degrees, all
+    its images alike: a per-class augmentation, the HyperTransformer scripts'
+    `--random_rotate_by_90 --per_label_augmentation`; the classes stay the dataset's),
     `shuffle` (random order within the support and query sets), `within_group` (each episode's
     classes from one group, e.g. an alphabet, chosen with probability proportional to its
     classes or, with `group_weighting="uniform"`, uniformly; groups with fewer than `ways`
@@ -150,7 +154,7 @@ class FewShotSampler(TaskSampler):
                  unlabeled: int = 0, rotations: bool = False,
                  normalize: str | tuple = "unit", shuffle: bool = True,
                  within_group: bool = False, group_weighting: str = "classes",
-                 augment: Augment | None = None,
+                 augment: Augment | None = None, random_rotation: bool = False,
                  _device: tuple[Array, Array] | None = None):
         for f, v, lo in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 1),
                          ("unlabeled", unlabeled, 0)):
@@ -159,6 +163,11 @@ class FewShotSampler(TaskSampler):
         self.dataset, self.ways, self.shots = dataset, int(ways), int(shots)
         self.queries, self.unlabeled = int(queries), int(unlabeled)
         self.rotations, self.shuffle = bool(rotations), bool(shuffle)
+        self.random_rotation = bool(random_rotation)
+        if self.rotations and self.random_rotation:
+            raise ValueError("FewShotSampler: rotations=True (rotations are new classes) and "
+                             "random_rotation=True (a random rotation per class) exclude each "
+                             "other; choose one")
         self.normalize = tuple(normalize) if isinstance(normalize, list) else normalize
         self.within_group, self.group_weighting = bool(within_group), group_weighting
         if augment is not None and not isinstance(augment, Augment):
@@ -168,15 +177,17 @@ class FewShotSampler(TaskSampler):
         _check_request(dataset, ways, shots + queries + unlabeled, self.rotations,
                        (shots, queries, unlabeled))
         h, w, _ = dataset.image_shape
-        if self.rotations and h != w:
-            raise ValueError(f"rotations=True needs square images, got {h}x{w}; resize the "
-                             f"dataset ({setting('image_size', 'data.image_size', '28')}) or use "
-                             f"{setting('rotations', 'task.rotations', 'false')}")
+        if (self.rotations or self.random_rotation) and h != w:
+            flag = "rotations" if self.rotations else "random_rotation"
+            off = setting(flag, "task.rotations", "false") if self.rotations else \
+                ("--set task.rotations=none" if in_cli() else "random_rotation=False")
+            raise ValueError(f"{flag}=True needs square images, got {h}x{w}; resize the dataset "
+                             f"({setting('image_size', 'data.image_size', '28')}) or use {off}")
         self._scale, self._shift = _normalizer(self.normalize, dataset)
         self._groups = _group_table(dataset, self.ways, self.rotations, group_weighting) \
             if self.within_group else None
         if _device is None:
-            _device = (jnp.asarray(_rows(dataset.images, self.rotations)),
+            _device = (jnp.asarray(_rows(dataset.images, self._rotated_rows)),
                        jnp.asarray(dataset.counts))
         self._rows, self._counts = _device
 
@@ -185,7 +196,7 @@ class FewShotSampler(TaskSampler):
         """Leaves: the device images and counts; aux: everything else."""
         aux = (_Ref(self.dataset), self.ways, self.shots, self.queries, self.unlabeled,
                self.rotations, self.normalize, self.shuffle, self.within_group,
-               self.group_weighting, self.augment)
+               self.group_weighting, self.augment, self.random_rotation)
         return (self._rows, self._counts), aux
 
     @classmethod
@@ -193,7 +204,8 @@ class FewShotSampler(TaskSampler):
         """Rebuild without re-validating or re-uploading."""
         obj = cls.__new__(cls)
         ref, obj.ways, obj.shots, obj.queries, obj.unlabeled, obj.rotations, obj.normalize, \
-            obj.shuffle, obj.within_group, obj.group_weighting, obj.augment = aux
+            obj.shuffle, obj.within_group, obj.group_weighting, obj.augment, \
+            obj.random_rotation = aux
         obj.dataset = ref.obj
         obj._rows, obj._counts = leaves
         obj._scale, obj._shift = _normalizer(obj.normalize, obj.dataset)
@@ -207,17 +219,23 @@ class FewShotSampler(TaskSampler):
         """Classes episodes are drawn from (x4 with rotations)."""
         return self.dataset.num_classes * (4 if self.rotations else 1)
 
+    @property
+    def _rotated_rows(self) -> bool:
+        """Whether the device rows hold the four rotated copies of every image."""
+        return self.rotations or self.random_rotation
+
     def replace(self, dataset: ImageDataset | None = None, **changes: Any) -> FewShotSampler:
         """A copy with some settings changed: any argument of the constructor (`ways`, `shots`,
         `queries`, `unlabeled`, `within_group`, `augment`, ...); on the same dataset and
         rotations the device images are shared, not uploaded again."""
         names = ("ways", "shots", "queries", "unlabeled", "rotations", "normalize", "shuffle",
-                 "within_group", "group_weighting", "augment")
+                 "within_group", "group_weighting", "augment", "random_rotation")
         unknown = sorted(set(changes) - set(names))
         if unknown:
             raise TypeError(f"FewShotSampler.replace: unknown settings {unknown}; use {names}")
         kw = {n: changes.get(n, getattr(self, n)) for n in names}
-        same = (dataset is None or dataset is self.dataset) and kw["rotations"] == self.rotations
+        rotated = kw["rotations"] or kw["random_rotation"]
+        same = (dataset is None or dataset is self.dataset) and rotated == self._rotated_rows
         return FewShotSampler(self.dataset if dataset is None else dataset, **kw,
                               _device=(self._rows, self._counts) if same else None)
 
@@ -242,7 +260,8 @@ class FewShotSampler(TaskSampler):
             if isinstance(self.normalize, tuple) else self.normalize
         return {"sampler": type(self).__name__, "ways": self.ways, "shots": self.shots,
                 "queries": self.queries, "unlabeled": self.unlabeled,
-                "rotations": self.rotations, "normalize": norm, "shuffle": self.shuffle,
+                "rotations": self.rotations, "random_rotation": self.random_rotation,
+                "normalize": norm, "shuffle": self.shuffle,
                 "within_group": self.within_group,
                 **({"group_weighting": self.group_weighting,
                     "groups_eligible": self._groups.eligible} if self.within_group else {}),
@@ -262,6 +281,8 @@ class FewShotSampler(TaskSampler):
         chosen = _random_subset(k_cls, self.ways, allowed)
         base = chosen % n_base
         rot = chosen // n_base
+        if self.random_rotation:
+            rot = jax.random.randint(jax.random.fold_in(k_cls, 2), (self.ways,), 0, 4)
         per_class = self.shots + self.queries + self.unlabeled
         m = self.dataset.images.shape[1]
         valid = jnp.arange(m)[None, :] < self._counts[base][:, None]
@@ -314,7 +335,8 @@ class FewShotSampler(TaskSampler):
     def _flat_images(self, r: ImageRefs) -> Array:
         """float32 [..., H*W*C]: the images `r` names, as normalised rows."""
         c, m = self.dataset.num_classes, self.dataset.images.shape[1]
-        rows = (r.rotation * c + r.cls) * m + r.example if self.rotations else r.cls * m + r.example
+        rows = (r.rotation * c + r.cls) * m + r.example if self._rotated_rows \
+            else r.cls * m + r.example
         x = self._rows.at[rows].get(mode="promise_in_bounds")
         # whole uint8 rows first, then the float conversion: without the barrier XLA fuses them
         # into one loop that gathers each float separately (on CPU, batches of 32 20-way

@@ -238,12 +238,14 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def default_omniglot_paths() -> list[Path]:
-    """$METALEARN_OMNIGLOT (paths separated by os.pathsep) or ../shared/data/omniglot/."""
+def default_omniglot_paths(full: bool = False) -> list[Path]:
+    """$METALEARN_OMNIGLOT (paths separated by os.pathsep) or ../shared/data/omniglot/ (the
+    minimal sets; `full`: ../shared/data/omniglot/full/, the 1,623-character Omniglot)."""
     env = os.environ.get(OMNIGLOT_ENV)
     if env:
         return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    return [repo_root().parent / "shared" / "data" / "omniglot"]
+    root = repo_root().parent / "shared" / "data" / "omniglot"
+    return [root / "full" if full else root]
 
 
 def _omniglot_sources(paths: Sequence[Path]) -> list[Path]:
@@ -267,12 +269,14 @@ def _omniglot_sources(paths: Sequence[Path]) -> list[Path]:
 
 def load_omniglot(paths: str | Path | Sequence[str | Path] | None = None,
                   cache_dir: str | Path | None = None, image_size: int | None = 28,
-                  cache: bool = True, on_error: str = "raise") -> ImageDataset:
+                  cache: bool = True, on_error: str = "raise", full: bool = False
+                  ) -> ImageDataset:
     """Omniglot (folders or zips, alphabet/character/*.png): classes "Alphabet/characterNN",
     groups = alphabets, ink black on white as stored; alphabets met twice are loaded once.
+    Without `paths`: the minimal sets, or with `full=True` the full Omniglot (1,623 characters).
     `on_error` as in `load_image_folder` ("skip" leaves out unreadable files with a warning)."""
     if paths is None:
-        paths = default_omniglot_paths()
+        paths = default_omniglot_paths(full)
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     sources = _omniglot_sources([Path(p).expanduser() for p in paths])

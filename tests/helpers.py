@@ -19,6 +19,14 @@ OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(
     not (OMNIGLOT / "images_background_small1.zip").exists(),
     reason=f"minimal Omniglot zips not found in {OMNIGLOT}")
+needs_full_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "full" / "images_evaluation.zip").exists(),
+    reason=f"full Omniglot zips not found in {OMNIGLOT / 'full'}")
+# `--set`s of a quick Omniglot run: the minimal sets, their train and test alphabets, no
+# validation split (one evaluation fewer to compile)
+MINIMAL_NO_VALIDATION = ("data.protocol=minimal",
+                         "data.train_alphabets=Balinese,Early_Aramaic,Korean,Latin",
+                         "data.test_alphabets=Japanese_(katakana),Sanskrit,Tagalog")
 
 
 @dataclasses.dataclass(frozen=True)
