@@ -58,15 +58,16 @@ from metalearn.outer.gradient import GradientOuterLoop
 
 
 def _sampler(ways: int, shots: int, queries: int):
-    """Omniglot training alphabets of the protonet_omniglot experiment, or random images."""
+    """Omniglot training alphabets of the minimal protocol, or random images."""
     from metalearn.tasks.fewshot import FewShotSampler
 
     try:
-        from metalearn.experiments._omniglot import TRAIN_ALPHABETS
         from metalearn.tasks.folders import load_omniglot
+        from metalearn.tasks.omniglot import MINIMAL_ALPHABETS
         from metalearn.tasks.splits import split_by_group
 
-        ds = split_by_group(load_omniglot(), {"train": list(TRAIN_ALPHABETS)})["train"]
+        ds = split_by_group(load_omniglot(),
+                            {"train": list(MINIMAL_ALPHABETS["train"])})["train"]
         source = f"Omniglot train alphabets ({ds.num_classes} x 4 rotations)"
     except FileNotFoundError:
         from metalearn.tasks.testing import synthetic_dataset

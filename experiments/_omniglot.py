@@ -1,7 +1,8 @@
-"""Omniglot by alphabet, shared by the few-shot image experiments (ProtoNet, MAML, ...).
+"""Omniglot under a standard protocol, shared by the few-shot image experiments (ProtoNet, ...).
 
-The same alphabet split, samplers, configuration fields and test report, so that the learners'
-results are comparable row by row.
+The same protocol (`data.protocol`: vinyals, lake, ht or minimal; `metalearn.tasks.omniglot`),
+split, samplers, configuration fields and test report, so that the learners' results are
+comparable row by row.
 """
 
 from __future__ import annotations
@@ -16,27 +17,29 @@ from metalearn.seeds import REPORT_SEED
 from metalearn.tasks.augment import from_setting
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.fewshot import FewShotSampler
-from metalearn.tasks.folders import load_omniglot
-from metalearn.tasks.splits import load_split, save_split, split_by_group
+from metalearn.tasks.omniglot import (
+    PROTOCOLS,
+    ROTATIONS,
+    get_protocol,
+    load_protocol,
+    protocol_split,
+)
+from metalearn.tasks.splits import load_split, save_split
 
 SPLIT_FILE = "split.json"
-# background small 1 minus the validation alphabet trains; the alphabets that only background
-# small 2 has are the test set (Greek and Latin are in both zips and load once).
-TRAIN_ALPHABETS = ("Balinese", "Early_Aramaic", "Korean", "Latin")
-VALIDATION_ALPHABETS = ("Greek",)
-TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
+OLD_RUNS_PROTOCOL = "minimal"  # runs made before data.protocol existed
 
 
 def base_omniglot_config(**overrides: Any) -> ConfigDict:
-    """Data, task, evaluation and report fields: 20-way 1-shot training with rotations."""
+    """Data, task, evaluation and report fields: the Vinyals protocol, 20-way 1-shot."""
     c = base_config(steps=2000, eval_every=500, eval_episodes=50, test_episodes=1000,
                     checkpoint_every=500, log_every=1, eval_batch_size=25)
-    c.data = ConfigDict({"paths": "", "image_size": 28,
-                         "train_alphabets": ",".join(TRAIN_ALPHABETS),
-                         "validation_alphabets": ",".join(VALIDATION_ALPHABETS),
-                         "test_alphabets": ",".join(TEST_ALPHABETS), "on_error": "raise"})
+    c.data = ConfigDict({"protocol": "vinyals", "paths": "", "image_size": 28,
+                         "train_alphabets": "", "validation_alphabets": "",
+                         "test_alphabets": "", "on_error": "raise"})
     c.task = ConfigDict({"ways": 20, "shots": 1, "queries": 5, "unlabeled": 0,
-                         "rotations": True, "normalize": "invert", "eval_queries": 5,
+                         "rotations": "auto", "eval_rotations": "auto",
+                         "normalize": "invert", "eval_ways": 0, "eval_queries": 5,
                          "within_group": False, "eval_within_group": False,
                          "group_weighting": "classes", "augment": "none",
                          "augment_strength": 1.0})
@@ -53,25 +56,35 @@ def base_omniglot_config(**overrides: Any) -> ConfigDict:
 
 
 DOCS = {
-    "data.paths": "Omniglot zips or folders, comma-separated (empty: ../shared/data/omniglot "
-                  "or $METALEARN_OMNIGLOT)",
+    "data.protocol": "the Omniglot protocol: " + "; ".join(
+        f"{p.name}: {p.summary}" for p in PROTOCOLS.values()),
+    "data.paths": "Omniglot zips or folders, comma-separated (empty: the protocol's, "
+                  "../shared/data/omniglot/full or, for minimal, ../shared/data/omniglot; or "
+                  "$METALEARN_OMNIGLOT)",
     "data.image_size": "images are resized to this many pixels a side",
-    "data.train_alphabets": "alphabets to meta-train on, comma-separated",
-    "data.validation_alphabets": "alphabets of the periodic evaluations (empty: none)",
-    "data.test_alphabets": "held-out alphabets of the final test (empty: none)",
+    "data.train_alphabets": "alphabets to meta-train on, comma-separated (empty: the "
+                            "protocol's split; any alphabet given: this alphabet split instead)",
+    "data.validation_alphabets": "alphabets of the periodic evaluations (with train_alphabets)",
+    "data.test_alphabets": "held-out alphabets of the final test (with train_alphabets)",
     "data.on_error": "a file that is not a readable image: raise (stop, naming it) or skip "
                      "(leave it out, with a warning)",
     "task.ways": "classes per episode (N)",
     "task.shots": "labelled support images per class (K)",
     "task.queries": "query images per class in training episodes",
     "task.unlabeled": "unlabeled images per class (semi-supervised learners)",
-    "task.rotations": "training: the 4 rotations of a character are 4 classes",
+    "task.rotations": "training episodes: the 4 rotations of a character are 4 classes "
+                      "(classes), one random rotation per class (augment), none, or auto "
+                      "(the protocol's: vinyals, lake, minimal classes; ht augment)",
+    "task.eval_rotations": "validation and test episodes: classes, none or auto (the "
+                           "protocol's: vinyals classes, the others none)",
     "task.normalize": "pixel scaling: unit, centered, standard, invert or none",
+    "task.eval_ways": "classes per validation and test episode (0: task.ways; ProtoNet only: "
+                      "the other learners' heads have task.ways outputs)",
     "task.eval_queries": "query images per class in validation and test episodes",
     "task.within_group": "training episodes draw their classes from one alphabet (Lake et "
                          "al.'s within-alphabet task) instead of across alphabets",
     "task.eval_within_group": "validation and test episodes draw their classes from one "
-                              "alphabet",
+                              "alphabet (always under the lake protocol)",
     "task.group_weighting": "within-alphabet episodes: choose the alphabet in proportion to its "
                             "classes (classes) or uniformly (uniform)",
     "task.augment": "training images: random affine distortion (Koch et al. 2015) per image "
@@ -88,40 +101,79 @@ def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def protocol_of(config: ConfigDict) -> str:
+    """The run's `data.protocol` (runs made before the field: minimal)."""
+    return config.data.get("protocol", OLD_RUNS_PROTOCOL)
+
+
+def rotation_mode(value: str | bool, default: str, field: str) -> str:
+    """A rotation setting as one of ROTATIONS: 'auto' is the protocol's `default`, and the
+    booleans of runs made before the modes mean classes (true) or none (false)."""
+    if isinstance(value, bool) or value is None:  # `--set task.rotations=none` reads as None
+        return "classes" if value else "none"
+    if value == "auto":
+        return default
+    if value not in ROTATIONS:
+        raise ValueError(f"{field}={value!r}: use auto, {', '.join(ROTATIONS)}")
+    return value
+
+
+def check_config(config: ConfigDict) -> None:
+    """The protocol, rotation and report settings, checked before any data is read."""
+    get_protocol(protocol_of(config))
+    parse_settings(config.get("report_settings", ""))
+    t = config.task
+    rotation_mode(t.rotations, "none", "task.rotations")
+    if rotation_mode(t.get("eval_rotations", "auto"), "none", "task.eval_rotations") == \
+            "augment":
+        raise ValueError("task.eval_rotations=augment: test episodes are not augmented; use "
+                         "classes, none or auto")
+
+
 def _splits(config: ConfigDict, run: Run | None) -> dict[str, ImageDataset]:
-    """Alphabet split of the Omniglot classes; kept in the run so evaluation reuses it."""
+    """The protocol's split of the Omniglot classes (or the alphabet split the config names);
+    kept in the run so evaluation reuses it."""
     d = config.data
-    ds = load_omniglot(paths=_names(d.paths) or None, image_size=d.image_size,
+    protocol = protocol_of(config)
+    ds = load_protocol(protocol, _names(d.paths) or None, image_size=d.image_size,
                        on_error=d.get("on_error", "raise"))  # runs made before the field
     path = run.path / SPLIT_FILE if run is not None else None
     if path is not None and path.exists():
         return load_split(path, ds)
-    parts = {"train": _names(d.train_alphabets), "validation": _names(d.validation_alphabets),
-             "test": _names(d.test_alphabets)}
-    splits = split_by_group(ds, {k: v for k, v in parts.items() if v})
+    alphabets = {"train": _names(d.train_alphabets), "validation": _names(d.validation_alphabets),
+                 "test": _names(d.test_alphabets)}
+    custom = any(alphabets.values())
+    splits = protocol_split(ds, protocol, alphabets if custom else None)
     if path is not None:
-        save_split(path, splits, {"by": "alphabet"})
+        save_split(path, splits, {"protocol": protocol, "by": "alphabet" if custom else protocol})
     return splits
 
 
 def samplers(config: ConfigDict, run: Run | None) -> dict[str, FewShotSampler]:
-    """Train sampler with rotations as classes; validation/test samplers without."""
+    """The train sampler and the validation/test samplers, rotations as the protocol says."""
+    check_config(config)
     t = config.task
+    proto = get_protocol(protocol_of(config))
     data = _splits(config, run)
     opt = lambda k, default: t.get(k, default)  # runs made before the field
     weighting = opt("group_weighting", "classes")
+    train_rot = rotation_mode(t.rotations, proto.train_rotations, "task.rotations")
+    eval_rot = rotation_mode(opt("eval_rotations", "auto"), proto.eval_rotations,
+                             "task.eval_rotations")
     train = FewShotSampler(data["train"], t.ways, t.shots, t.queries, t.unlabeled,
-                           rotations=t.rotations, normalize=t.normalize,
+                           rotations=train_rot == "classes",
+                           random_rotation=train_rot == "augment", normalize=t.normalize,
                            within_group=opt("within_group", False), group_weighting=weighting,
                            augment=from_setting(opt("augment", "none"),
                                                 opt("augment_strength", 1.0)))
     splits = {"train": train}
     for name in ("validation", "test"):
         if name in data:
-            splits[name] = FewShotSampler(data[name], t.ways, t.shots, t.eval_queries,
-                                          t.unlabeled, rotations=False, normalize=t.normalize,
-                                          within_group=opt("eval_within_group", False),
-                                          group_weighting=weighting)
+            splits[name] = FewShotSampler(
+                data[name], opt("eval_ways", 0) or t.ways, t.shots, t.eval_queries, t.unlabeled,
+                rotations=eval_rot == "classes", normalize=t.normalize,
+                within_group=opt("eval_within_group", False) or proto.eval_within_group,
+                group_weighting=weighting)
     return splits
 
 

@@ -14,6 +14,7 @@ import pytest
 from metalearn.cli import main
 from metalearn.tasks import load_dataset, write_idx
 from metalearn.tasks.folders import default_omniglot_paths
+from tests.helpers import MINIMAL_NO_VALIDATION
 
 
 def _images(n_classes: int = 4, per_class: int = 3, size: int = 10, channels: int = 1,
@@ -131,8 +132,9 @@ def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eval_dataset") / "run"
     sets = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=2",
             "eval_batch_size=2", "learner.channels=4", "learner.num_blocks=2",
-            "task.ways=5", "task.queries=2", "task.eval_queries=2", "outer.batch_size=1",
-            "outer.steps_per_call=2", "data.validation_alphabets=", "report_settings="]
+            "task.ways=5", "task.eval_ways=0", "task.queries=2", "task.eval_queries=2",
+            "outer.batch_size=1",
+            "outer.steps_per_call=2", *MINIMAL_NO_VALIDATION, "report_settings="]
     run, _ = train("protonet_omniglot", sets, run_dir=run_dir, progress=False)
     return run.path
 

@@ -15,7 +15,11 @@ from metalearn.nn import CNN, init_transformer, transformer
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.testing import synthetic_dataset
-from tests.helpers import assert_manifest_scores_like_memory, needs_omniglot
+from tests.helpers import (
+    MINIMAL_NO_VALIDATION,
+    assert_manifest_scores_like_memory,
+    needs_omniglot,
+)
 
 SMALL = dict(ways=3, channels=4, num_blocks=2, embed_dim=8, shared_features=4,
              local_features=4, num_layers=2)
@@ -181,7 +185,7 @@ def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys
             "learner.shared_features=4", "learner.local_features=4",
             f"learner.trained_blocks={0 if semi else 4}", f"task.unlabeled={int(semi)}",
             "task.ways=5", "task.queries=2", "task.eval_queries=2", "outer.batch_size=2",
-            "outer.steps_per_call=3", "data.validation_alphabets="]
+            "outer.steps_per_call=3", *MINIMAL_NO_VALIDATION]
     run, summary = train("ht_omniglot", sets, run_dir=tmp_path / "run", progress=False)
     assert summary["test"]["episodes"] == 3 and "test_3way_1shot" in summary
     loaded = load_run(run.path)

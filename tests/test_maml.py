@@ -13,7 +13,11 @@ from metalearn.core import Episode, Support
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
-from tests.helpers import assert_manifest_scores_like_memory, needs_omniglot
+from tests.helpers import (
+    MINIMAL_NO_VALIDATION,
+    assert_manifest_scores_like_memory,
+    needs_omniglot,
+)
 from tests.test_learners import images
 
 
@@ -170,7 +174,7 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
             "learner.channels=4", "learner.inner_steps=1", "learner.eval_inner_steps=2",
             "learner.first_order=true",
             "task.ways=5", "task.queries=2", "task.eval_queries=2", "outer.batch_size=2",
-            "outer.steps_per_call=4", "data.validation_alphabets="]
+            "outer.steps_per_call=4", *MINIMAL_NO_VALIDATION]
     run, summary = train("maml_omniglot", sets, run_dir=tmp_path / "run", progress=False)
     assert summary["test"]["episodes"] == 4 and "test_5way_1shot" in summary
     assert len([r for r in run.metrics() if r["split"] == "train"]) == 4

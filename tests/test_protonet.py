@@ -14,7 +14,7 @@ from metalearn import nn
 from metalearn.core import Episode, Support
 from metalearn.learners.protonet import MASKED_LOGIT, ProtoNet
 from metalearn.seeds import MANIFEST_SEED
-from tests.helpers import needs_omniglot
+from tests.helpers import MINIMAL_NO_VALIDATION, needs_omniglot
 
 WAYS, SHOTS, QUERIES = 4, 2, 3
 
@@ -128,9 +128,10 @@ def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("protonet") / "run"
     # no validation split and no extra report settings: fewer evaluations to compile
     sets = ["steps=40", "eval_every=0", "eval_episodes=8", "checkpoint_every=0",
-            "learner.channels=8", "task.ways=5", "task.queries=3", "outer.batch_size=4",
+            "learner.channels=8", "task.ways=5", "task.eval_ways=0", "task.queries=3",
+            "outer.batch_size=4",
             "outer.gradient.learning_rate=0.003", "outer.steps_per_call=40",
-            "data.validation_alphabets=", "report_settings=", "test_episodes=8"]
+            *MINIMAL_NO_VALIDATION, "report_settings=", "test_episodes=8"]
     run, summary = train("protonet_omniglot", sets, run_dir=run_dir, progress=False)
     return run, summary
 
@@ -178,10 +179,12 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
 
 
 @needs_omniglot
-def test_default_split_holds_out_greek_for_validation():
+def test_minimal_protocol_holds_out_greek_for_validation():
+    from metalearn.experiment import apply_overrides
     from metalearn.experiments import _omniglot, protonet_omniglot
 
-    data = _omniglot._splits(protonet_omniglot.get_config(), None)
+    config = apply_overrides(protonet_omniglot.get_config(), ["data.protocol=minimal"])
+    data = _omniglot._splits(config, None)
     groups = {k: set(v.groups) for k, v in data.items()}
     assert groups["validation"] == {"Greek"}
     assert groups["test"] == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
@@ -266,8 +269,11 @@ def test_report_settings_parse_with_unlabeled_and_within_group():
     assert parse_settings("20x5x5, 5x1x15,20x1x5+5,20x1x5+2@group") == [
         (20, 5, 5, 0, False), (5, 1, 15, 0, False), (20, 1, 5, 5, False), (20, 1, 5, 2, True)]
     assert parse_settings("") == []
-    assert (20, 1, 5, 5, False) in parse_settings(get_config().report_settings)
-    assert (20, 1, 5, 0, True) in parse_settings(get_config().report_settings)
+    # the four published settings: 20-way 1-shot is the test split's, the rest are reported
+    c = get_config()
+    assert (c.task.eval_ways, c.task.shots) == (20, 1)
+    assert {(s.ways, s.shots) for s in parse_settings(c.report_settings)} == {(20, 5), (5, 1),
+                                                                               (5, 5)}
     for bad in ("20x5", "20x1x5+", "20x1x5+a", "5-way", "20x1x5@alphabet", "20x1x5@"):
         with pytest.raises(ValueError, match=r"expected WAYSxSHOTSxQUERIES"):
             parse_settings(bad)
