@@ -135,6 +135,7 @@ class Checkpointer:
                                   f"available steps: {steps}")
         abstract = jax.tree.map(lambda a: np.zeros(np.shape(a), np.asarray(a).dtype),
                                 _to_host(target))
+        self._check_shapes(step, abstract)
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))
@@ -165,6 +166,28 @@ class Checkpointer:
                     "(learner size, population, ...) differs from the one it was saved with")
         return step, state
 
+    def _check_shapes(self, step: int, abstract: PyTree) -> None:
+        """A readable checkpoint whose arrays differ from this run's in name or shape was
+        written with another configuration, not corrupted: say so before restoring (where
+        orbax's failure would read as corruption, and the advice to resume from an older
+        checkpoint would set the healthy newest one aside)."""
+        saved = _saved_shapes(self.directory / str(step) / "state")
+        if saved is None:  # unreadable metadata: the restore below reports it
+            return
+        want = _shapes(abstract)
+        # only the same arrays with other shapes is a verdict: a partial listing may be damage
+        if set(saved) != set(want) or saved == want:
+            return
+        diff = sorted(k for k in want if saved[k] != want[k])
+        key = diff[0]
+        what = (f"an array {'/'.join(key)} of shape {saved[key]} where this run expects "
+                f"{want[key]}")
+        raise CheckpointError(
+            f"checkpoint {self.directory / str(step)} is intact but holds {what}: it was saved "
+            "with another learner or outer-loop configuration than this run's. An override "
+            f"that changes the meta-parameters (their sizes, the optimizer) cannot resume "
+            f"this run; resume without it, or start a new run ({len(diff)} arrays differ)")
+
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with a checkpoint."""
         step = self.latest_step() if step is None else step
@@ -172,3 +195,31 @@ class Checkpointer:
         if not path.exists():
             raise CheckpointError(f"no config saved in checkpoint {self.directory / str(step)}")
         return json.loads(path.read_text())
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+    """A pytree key path as plain names: dict keys, attribute names and indices alike."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every array leaf of `tree` by its key path, with its shape."""
+    return {_key_names(p): tuple(np.shape(v)) for p, v in
+            jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _saved_shapes(path: Path) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+    """The array shapes a saved state holds (from orbax's metadata), or None if unreadable."""
+    ocp = _ocp()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)  # orbax warns of a file it does not need here
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path.absolute())
+        tree = getattr(meta, "item_metadata", meta)
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+        return {_key_names(p): tuple(v.shape) for p, v in leaves}
+    except Exception:  # noqa: BLE001 - any failure: leave the verdict to the restore
+        return None
+    finally:
+        absl.setLevel(level)

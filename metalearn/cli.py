@@ -64,7 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          from_step=args.from_step)
     if not is_primary():
         return 0
-    print(f"run directory: {run.path}")
+    if args.no_progress:  # with progress, `train` said it before it started
+        print(f"run directory: {run.path}")
     for split in ("validation", "test"):
         if isinstance(summary.get(split), dict):
             print(f"{split:>10}: {format_metrics(summary[split])}  "
@@ -82,6 +83,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.manifest and args.dataset:
         raise ValueError("--manifest and --dataset cannot be combined: a manifest lists its "
                          "own episodes; give one of them")
+    # flags checked before the run and its data load: an impossible count fails at once
+    for flag, lo in (("episodes", 1), ("ways", 1), ("shots", 1), ("queries", 1),
+                     ("unlabeled", 0)):
+        v = getattr(args, flag)
+        if v is not None and v < lo:
+            raise ValueError(f"--{flag} {v}: must be at least {lo} (omit it for the run's own)")
     if args.manifest:
         res = experiment.evaluate_manifest(args.run_dir, args.manifest)
     else:
@@ -218,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"metalearn: error: {_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # one line, not JAX's traceback; the run's files are kept
+        if args.debug:
+            raise
+        print(f"metalearn: {e}" if str(e) else "metalearn: interrupted", file=sys.stderr)
+        return 130
 
 
 def _message(e: Exception) -> str:

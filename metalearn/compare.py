@@ -277,7 +277,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare", help="compare runs: a Markdown table of results and overlaid learning curves",
         description="Compare run directories: one table row per run (headline results as "
-                    "mean ± 95%% CI, accuracy in percent) and one PNG per metric with every "
+                    "mean ± 95% CI, accuracy in percent) and one PNG per metric with every "
                     "run's learning curves.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run directories made by `metalearn train`")

@@ -137,7 +137,9 @@ def format_value(x: Any, ci: Any = None, digits: int = 4) -> str:
         return str(x)
     big = len(str(int(abs(x)))) if abs(x) < 1e15 else 0  # digits before the point
     s = f"{x:.{digits}f}" if abs(x) < 100 else f"{x:.{max(digits, big)}g}"
-    return s + (f" ± {format_value(ci, digits=digits)}" if isinstance(ci, int | float) else "")
+    # a CI of one episode is undefined (NaN): shown as nothing rather than "± nan"
+    return s + (f" ± {format_value(ci, digits=digits)}"
+                if isinstance(ci, int | float) and math.isfinite(ci) else "")
 
 
 def format_metrics(res: dict, digits: int = 4) -> str:

@@ -430,7 +430,9 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
             raise ValueError(f"{override(key, text)}: {e}") from None
         if cur is not None and val is not None and not isinstance(val, type(cur)) and not (
                 isinstance(cur, float) and isinstance(val, int)):
-            raise TypeError(f"{override(key, text)}: expected a {type(cur).__name__} "
+            kind = type(cur).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise TypeError(f"{override(key, text)}: expected {article} {kind} "
                             f"(current value {cur!r}), got {type(val).__name__}")
         with node.ignore_type():
             node[leaf] = val
@@ -542,15 +544,41 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
     if progress:
         print(f"run directory: {run.path}", flush=True)
     exp = build_experiment(config, run)
-    if not resume:  # a resume rewrites config.json only once it has trained (below)
+    tasks = {k: s.describe() for k, s in exp.splits.items()}
+    if not resume:  # a resume rewrites config.json and tasks.json once it has trained (below)
         run.write_json("config.json", config.to_dict())
-    run.write_json("tasks.json", {k: s.describe() for k, s in exp.splits.items()})
-    result = meta_train(config, exp, run, resume, progress, from_step)
-    if resume:
-        run.write_json("config.json", config.to_dict())
-    summary = summarize_run(config, exp, run, result, progress)
+        run.write_json("tasks.json", tasks)
+    try:
+        result = meta_train(config, exp, run, resume, progress, from_step)
+        if resume:
+            run.write_json("config.json", config.to_dict())
+            run.write_json("tasks.json", tasks)
+        summary = summarize_run(config, exp, run, result, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(run, config.steps)) from None
     run.write_json("summary.json", summary)
     return run, summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`: its message says where the run stands and how to continue."""
+
+
+def interrupted_message(run: Run, steps: int) -> str:
+    """Where an interrupted run stands: the step its metrics reached, its newest checkpoint
+    and the command (or call) that continues it."""
+    ckpts = sorted(int(p.name) for p in run.checkpoint_dir.glob("*") if p.name.isdigit()) \
+        if run.checkpoint_dir.is_dir() else []
+    reached = max((r["step"] for r in run.metrics() if r.get("split") == "train"), default=0)
+    cont = (f"`metalearn train --run-dir {run.path} --resume`" if in_cli() else
+            f"train(run_dir={str(run.path)!r}, resume=True)")
+    if not ckpts:
+        return (f"interrupted at step {reached} of {steps}, before the first checkpoint: "
+                f"nothing to resume; start again with a new run directory or delete {run.path}")
+    what = ("training had finished; the final evaluation did not" if ckpts[-1] >= steps else
+            f"its last checkpoint is step {ckpts[-1]}")
+    return (f"interrupted at step {reached} of {steps} ({what}, in {run.checkpoint_dir}); "
+            f"continue with {cont}")
 
 
 def meta_train(config: ConfigDict, exp: Experiment, run: Run, resume: bool = False,

@@ -243,7 +243,8 @@ class OuterLoop:
         finally:
             bar.close()
         dt = time.perf_counter() - t0
-        sps = (s.step - step0) / dt if dt > 0 else float("nan")
+        # a resume of a finished run trains no step: its speed is the summary's, if it has one
+        sps = (s.step - step0) / dt if s.step > step0 and dt > 0 else s.earlier_speed()
         s.save()
         final_eval = s.evaluate(final=True) if s.eval_sampler is not None else None
         if s.run:
@@ -298,7 +299,7 @@ class _Session:
             if self.ckpt is None:
                 raise ValueError("resume=True needs the run_dir of the run to continue")
             done, state = self.ckpt.restore(state, from_step)
-            if done >= steps:
+            if done > steps:
                 raise ValueError(f"the run is already at step {done} >= steps={steps}; "
                                  f"raise {setting('steps')} to train further")
             later = [s for s in self.ckpt.steps() if s > done]
@@ -307,7 +308,9 @@ class _Session:
                 self.say(f"checkpoints {later} set aside in {self.run.path / REJECTED_DIR}")
             state = jax.tree.map(jnp.asarray, state)
             self.run.truncate_metrics(done)
-            self.say(f"resuming from step {done} of {steps} ({self.ckpt.directory})")
+            self.say(f"resuming from step {done} of {steps} ({self.ckpt.directory})" if
+                     done < steps else f"training finished at step {done}: running the final "
+                     "evaluation only")
         elif self.run is not None and self.run.holds_a_run():
             held = (f"checkpoints up to step {self.ckpt.latest_step()}"
                     if self.ckpt.latest_step() is not None else
@@ -321,7 +324,7 @@ class _Session:
         self.state, self.step = state, int(state.step)
         self.history = self.run.metrics() if self.run else []
         self.last_ckpt = self.ckpt.latest_step() if self.ckpt else None
-        if self.step >= steps:
+        if self.step >= steps and not resume:
             raise ValueError(f"the run is already at step {self.step} >= steps={steps}; "
                              f"raise {setting('steps')} to train further")
 
@@ -337,6 +340,12 @@ class _Session:
     def due(self, every: int) -> bool:
         """True when the current step is a multiple of `every` (> 0)."""
         return every > 0 and self.step % every == 0
+
+    def earlier_speed(self) -> float:
+        """steps_per_second of the run's summary.json (NaN when there is none)."""
+        if self.run is not None and (self.run.path / "summary.json").exists():
+            return float(self.run.read_json("summary.json").get("steps_per_second", "nan"))
+        return float("nan")
 
     def record(self, metrics: dict, n: int) -> float:
         """Log the metrics of `n` steps; stop on a non-finite loss. Returns the last loss."""

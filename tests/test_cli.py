@@ -119,3 +119,30 @@ def test_a_run_made_from_python_without_an_eval_sampler_names_its_splits(tmp_pat
         in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--split", "train", "--episodes", "10"]) == 0
     assert "train (step 2, 10 episodes" in capsys.readouterr().out
+
+
+def test_small_output_defects_stay_fixed(tmp_path, capsys):
+    """`compare --help` shows 95% (not 95%%); one episode shows no "± nan"; a run with progress
+    names its run directory once."""
+    from metalearn.evaluation import format_metrics
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CI" in " ".join(out.split()) and "%%" not in out
+    assert format_metrics({"loss": 0.5, "loss_ci95": float("nan"), "episodes": 1}) == \
+        "loss=0.5000"
+    rd = tmp_path / "run"
+    assert main(["train", "linreg_sgd", "--run-dir", str(rd), "--set", "steps=2",
+                 "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
+    assert capsys.readouterr().out.count("run directory:") == 1
+
+
+@pytest.mark.parametrize("flag,value", [("episodes", "0"), ("ways", "0"), ("shots", "-1"),
+                                        ("unlabeled", "-2")])
+def test_evaluate_refuses_impossible_counts_before_reading_the_run(tmp_path, capsys, flag,
+                                                                    value):
+    """`--episodes 0` once meant the run's 1,000; now every count is checked first, even for a
+    run directory that does not exist (nothing is read before the check)."""
+    assert main(["evaluate", str(tmp_path / "nothing-here"), f"--{flag}", value]) == 2
+    assert f"--{flag} {value}: must be at least" in capsys.readouterr().err

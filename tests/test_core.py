@@ -102,7 +102,7 @@ def test_overrides_parse_and_reject():
         apply_overrides(c, ["stepz=3"])
     with pytest.raises(KeyError, match="'nope' is not a config section"):
         apply_overrides(c, ["nope.x=3"])
-    with pytest.raises(TypeError, match="expected a int"):
+    with pytest.raises(TypeError, match="expected an int"):
         apply_overrides(c, ["steps=abc"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(c, ["steps"])

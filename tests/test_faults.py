@@ -76,6 +76,41 @@ def test_nan_stop_keeps_a_good_checkpoint_and_resumes_with_a_lower_rate(tmp_path
         "learning_rate"] == 1e-6  # written once the resume succeeded
 
 
+def test_resume_of_a_finished_run_runs_its_missing_final_evaluation(tmp_path, capsys):
+    """A run whose training finished but whose final evaluation did not (a bad report setting,
+    an interrupt) is finished by `--resume`: no step trained, the same test figures."""
+    rd = tmp_path / "run"
+    assert train(rd, "--set", "steps=4", "--set", "checkpoint_every=2") == 0
+    summary = json.loads((rd / "summary.json").read_text())
+    losses = train_losses(rd)
+    (rd / "summary.json").unlink()  # as if stopped during the final test
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(rd), *SMALL]) == 0
+    assert "training finished at step 4: running the final evaluation only" in \
+        capsys.readouterr().out
+    again = json.loads((rd / "summary.json").read_text())
+    assert again["test"] == summary["test"] and train_losses(rd) == losses
+    assert again["steps_per_second"] == "nan"  # unknown: its summary was lost
+    assert train(rd, "--set", "steps=4", "--set", "test_episodes=30", resume=True) == 0
+    third = json.loads((rd / "summary.json").read_text())
+    assert third["test"]["episodes"] == 30 and third["steps_per_second"] == "nan"
+
+
+def test_resume_with_other_shapes_is_not_called_corrupt(tmp_path, capsys):
+    """An override that changes the meta-parameters' shapes: a message of its own, and no
+    advice to resume from an older checkpoint (which would set the healthy newest aside)."""
+    rd = tmp_path / "run"
+    assert train(rd, "--set", "steps=4", "--set", "checkpoint_every=2") == 0
+    before = snapshot(rd)
+    capsys.readouterr()
+    assert train(rd, "--set", "task.dim=7", "--set", "steps=6", resume=True) == 2
+    err = capsys.readouterr().err
+    assert "is intact but holds an array" in err and "where this run expects" in err, err
+    assert "corrupt" not in err and "--from-step" not in err
+    assert snapshot(rd) == before
+    assert train(rd, "--set", "steps=6", resume=True) == 0  # without the override it goes on
+
+
 def test_nan_hint_never_advises_what_is_in_force(tmp_path, capsys):
     assert train(tmp_path / "r", *DIVERGE, "--set", "outer.gradient.clip_norm=1e30") == 2
     err = capsys.readouterr().err
@@ -172,6 +207,31 @@ def test_kill_mid_run_then_resume_is_exact(tmp_path):
     assert train_losses(rd) == train_losses(ref)
 
 
+def test_ctrl_c_prints_one_line_with_the_resume_command_and_loses_nothing(tmp_path):
+    """SIGINT to a real run: exit 130, one line naming the step, the last checkpoint and the
+    command that continues; the run then resumes and finishes."""
+    rd = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "metalearn.cli", "train", "linreg_sgd", *QUIET,
+                             *SMALL, "--set", "steps=100000", "--set", "checkpoint_every=50",
+                             "--run-dir", str(rd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(checkpoints(rd)) < 2 and time.time() - t0 < 180 and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    last = checkpoints(rd)[-1]
+    assert lines[0].startswith("metalearn: interrupted at step ")
+    assert f"its last checkpoint is step {last}" in lines[0]
+    assert f"continue with `metalearn train --run-dir {rd} --resume`" in lines[0]
+    out = _cli("train", "--resume", "--run-dir", str(rd), *QUIET, "--set", f"steps={last + 5}")
+    assert out.returncode == 0, out.stderr
+    assert len(train_losses(rd)) == last + 5
+
+
 def test_error_paths_print_one_line_and_no_traceback(tmp_path):
     rd = tmp_path / "run"
     assert train(rd, "--set", "steps=2", "--set", "checkpoint_every=1") == 0
@@ -191,8 +251,10 @@ def test_an_experiment_without_a_test_split_runs_end_to_end(tmp_path, capsys):
     rd = tmp_path / "run"
     assert main(["train", "protonet_omniglot", "--run-dir", str(rd), *QUIET,
                  "--set", "steps=2", "--set", "learner.channels=4", "--set", "task.ways=5",
-                 "--set", "task.queries=2", "--set", "task.eval_queries=2",
-                 "--set", "data.test_alphabets=", "--set", "eval_episodes=2",
+                 "--set", "task.eval_ways=0", "--set", "task.queries=2",
+                 "--set", "task.eval_queries=2", "--set", "data.protocol=minimal",
+                 "--set", "data.train_alphabets=Balinese,Korean",
+                 "--set", "data.validation_alphabets=Greek", "--set", "eval_episodes=2",
                  "--set", "checkpoint_every=0"]) == 0
     summary = json.loads((rd / "summary.json").read_text())
     assert "validation" in summary and "test" not in summary
