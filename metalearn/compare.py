@@ -233,7 +233,8 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         if r.summary is None:
             notes.append(f"{r.label} has no summary.json: it is still training or was stopped "
                          "before its end (`metalearn train --resume --run-dir "
-                         f"{r.path}` continues it from its last checkpoint); only its learning "
+                         f"{r.path}` continues it from its last checkpoint, or runs the final "
+                         "evaluation of a run whose training finished); only its learning "
                          "curves are compared.")
         if not r.records:
             notes.append(f"{r.label} has logged no metrics ({r.path / 'metrics.jsonl'} is "

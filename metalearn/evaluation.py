@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,16 +38,30 @@ def _episode_metrics_fn(learner: InnerLearner):
     return jax.jit(lambda meta, episodes, key: episode_losses(learner, meta, episodes, key)[1])
 
 
-_CACHE: dict[Any, Any] = {}
+# compiled evaluation functions by learner (or sampler and batch size), the most recently used
+# kept: a study that evaluates many learners must not hold every program and sampler's data
+_CACHE: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+CACHE_SIZE = 16
+
+
+def _compiled(key: Any, make: Callable[[], Any]) -> Any:
+    """`make()` compiled once per hashable `key` (least recently used dropped past CACHE_SIZE);
+    an unhashable key compiles per call."""
+    try:
+        fn = _CACHE.pop(key, None)
+    except TypeError:
+        return make()
+    _CACHE[key] = fn = fn if fn is not None else make()
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return fn
 
 
 def episode_metrics(learner: InnerLearner, meta: MetaParams, episodes: Episode,
                     key: Array) -> dict[str, np.ndarray]:
     """Per-episode metrics of a batch of episodes (leading axis), as NumPy arrays."""
-    try:  # learners are frozen dataclasses: equal configs share one compiled function
-        fn = _CACHE.get(learner) or _CACHE.setdefault(learner, _episode_metrics_fn(learner))
-    except TypeError:  # unhashable learner: compile per call site
-        fn = _episode_metrics_fn(learner)
+    # learners are frozen dataclasses: equal configs share one compiled function
+    fn = _compiled(learner, lambda: _episode_metrics_fn(learner))
     return {k: np.asarray(v) for k, v in fn(meta, episodes, key).items()}
 
 
@@ -57,14 +73,8 @@ def batch_sampler(sampler: TaskSampler, batch_size: int):
     """
     if hasattr(sampler, "batch_sampler"):
         return sampler.batch_sampler(batch_size)
-    try:
-        fn = _CACHE.get((sampler, batch_size))
-    except TypeError:  # unhashable sampler
-        return jax.jit(lambda key: sampler.sample_batch(key, batch_size))
-    if fn is None:
-        fn = _CACHE[(sampler, batch_size)] = jax.jit(
-            lambda key: sampler.sample_batch(key, batch_size))
-    return fn
+    return _compiled((sampler, batch_size),
+                     lambda: jax.jit(lambda key: sampler.sample_batch(key, batch_size)))
 
 
 def _chunks(key: Array, episodes: int, batch_size: int):

@@ -165,3 +165,23 @@ def test_top_level_exports_resolve():
         "GradientOuterLoop"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         metalearn.Nope  # noqa: B018
+
+
+def test_compiled_evaluators_are_bounded_and_reused():
+    """The cache of compiled evaluation functions keeps the most recent CACHE_SIZE entries:
+    many learners do not pile up programs, and a learner evaluated again gives the same
+    figures."""
+    from metalearn import evaluation
+    from tests.helpers import ConstantSampler, QuadraticLearner
+
+    sampler, key = ConstantSampler(), jax.random.PRNGKey(0)
+    first = evaluation.evaluate(QuadraticLearner(dim=2), {"theta": jnp.ones(2)}, sampler, key,
+                                episodes=4, batch_size=2)
+    for dim in range(3, 3 + evaluation.CACHE_SIZE + 4):
+        evaluation.evaluate(QuadraticLearner(dim=dim), {"theta": jnp.ones(dim)}, sampler, key,
+                            episodes=2, batch_size=2)
+    assert len(evaluation._CACHE) <= evaluation.CACHE_SIZE
+    assert QuadraticLearner(dim=2) not in evaluation._CACHE  # the oldest left first
+    again = evaluation.evaluate(QuadraticLearner(dim=2), {"theta": jnp.ones(2)}, sampler, key,
+                                episodes=4, batch_size=2)
+    assert again == first
