@@ -714,7 +714,8 @@ class LoadedRun(NamedTuple):
         if split is None:
             raise ValueError(f"{self.path} has no held-out split to evaluate (its splits: "
                              f"{sorted(self.splits) or 'none'}); choose one ({arg('split')})"
-                             + ("" if in_cli() else " or pass sampler=..."))
+                             + ("" if in_cli() else
+                                " or reload it with load_run(..., samplers={'test': ...})"))
         return split
 
     def split_sampler(self, split: str | None = None) -> tuple[str, TaskSampler]:
@@ -734,15 +735,22 @@ class LoadedRun(NamedTuple):
 
 
 def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner | None = None,
-             sampler: TaskSampler | None = None, outer: Any = None) -> LoadedRun:
+             sampler: TaskSampler | None = None, outer: Any = None,
+             samplers: dict[str, TaskSampler] | None = None) -> LoadedRun:
     """Reload a trained run (made by `metalearn train` or `OuterLoop.run(run_dir=...)`).
 
     The learner, samplers and outer loop are rebuilt from the run's config: an experiment's by
-    its `build`, a Python run's from the specs config.json records. What cannot be rebuilt (a
-    class defined in a script, an optax or evosax object) is passed here: `learner`, `sampler`
-    (the training sampler, for the shapes of the meta-parameters) or `outer`. `step` picks a
-    checkpoint (default: the latest).
+    its `build`, a Python run's from the specs config.json records (a `FewShotSampler` on
+    images read from files is rebuilt by reading them again). What cannot be rebuilt (a class
+    defined in a script, an optax or evosax object, data made in memory) is passed here:
+    `learner`, `sampler` (the training sampler, for the shapes of the meta-parameters),
+    `samplers` (samplers by split name, e.g. {"eval": test}: they replace or add splits) or
+    `outer`. `step` picks a checkpoint (default: the latest).
     """
+    samplers = dict(samplers or {})
+    if sampler is not None:
+        samplers.setdefault("train", sampler)
+    sampler = samplers.get("train")
     run = Run(path, create=False)
     config = read_config(run)
     if config.get("experiment"):
@@ -755,10 +763,7 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
         learner = learner or _rebuild(config, "learner", run.path, "learner")
         splits = {}
         for name, spec in config.samplers.to_dict().items():
-            given = sampler if name == "train" else None
-            if given is not None or spec is None:
-                if given is not None:
-                    splits[name] = given
+            if name in samplers or spec is None:
                 continue
             try:
                 splits[name] = rebuild(spec)
@@ -772,6 +777,7 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
             except ValueError:
                 pass  # scored with the learner itself
         key = _key_from_spec(config.key.to_dict())
+    splits.update(samplers)
     if outer is None:
         try:
             outer = build_outer(config.outer, config.steps)

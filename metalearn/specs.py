@@ -1,11 +1,11 @@
 """Objects as JSON and back: the settings of frozen-dataclass learners, models and samplers.
 
 A run made from Python records its learner and samplers this way in config.json, so that
-`metalearn.load_run` and `metalearn evaluate` can rebuild them. A dataclass becomes
-{"type": "module.QualName", "fields": {...}}, its fields recursively; what cannot be written
-as JSON (arrays, functions, objects of other classes) is recorded by its class and `repr` alone,
-and rebuilding it raises `NotRebuildable` naming it.
-"""
+`metalearn.load_run` and `metalearn evaluate` can rebuild them. A dataclass becomes {"type":
+"module.QualName", "fields": {...}}, its fields recursively; an object with a `spec()` method (a
+`FewShotSampler`, an `ImageDataset` read from files) gives its own such recipe; what cannot be
+written as JSON (arrays, functions, objects of other classes) is recorded by its class and
+`repr` alone, and rebuilding it raises `NotRebuildable` naming it."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def object_spec(obj: Any) -> Any:
         return [object_spec(v) for v in obj]
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
         return {k: object_spec(v) for k, v in obj.items()}
+    own = getattr(obj, "spec", None)  # objects that know how to be rebuilt say so
+    if callable(own) and not isinstance(obj, type):
+        made = own()
+        return made if made is not None else {CLASS: class_path(obj), OPAQUE: repr(obj)[:200]}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {CLASS: class_path(obj),
                 FIELDS: {f.name: object_spec(getattr(obj, f.name))

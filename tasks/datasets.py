@@ -29,6 +29,8 @@ class ImageDataset:
     sources: list[str] | None = None  # dataset each class came from (for splits by dataset)
     paths: list[list[str]] | None = None  # where each example was read from (manifests)
     name: str = "dataset"
+    # how to read it again: {"loader": "module.function", "args": {...}} (None: it cannot be)
+    origin: dict | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images)
@@ -107,7 +109,16 @@ class ImageDataset:
         flat = self.images.reshape(c * m, *self.image_shape)
         out = np.stack([resize_array(im, hw) for im in flat]) if len(flat) else \
             np.zeros((0, *hw, ch), np.uint8)
-        return dataclasses.replace(self, images=out.reshape(c, m, *hw, ch))
+        return dataclasses.replace(self, images=out.reshape(c, m, *hw, ch), origin=None)
+
+    def spec(self) -> dict | None:
+        """A JSON-able recipe that `reload` turns into this dataset again: its loader call and
+        its classes (None for a dataset made in memory, which has no loader to call)."""
+        if self.origin is None:
+            return None
+        return {"type": f"{reload.__module__}.reload",
+                "fields": {"origin": self.origin, "classes": list(self.class_names),
+                           "name": self.name}}
 
     def describe(self) -> dict:
         """JSON-able summary: name, classes, groups, image shape, examples per class (min, max)."""
@@ -188,3 +199,14 @@ def from_numpy(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str
     else:
         gs = [str(groups[int(u)]) for u in uniq]
     return ImageDataset(out, counts, names, gs, [name] * len(uniq), None, name=name)
+
+
+def reload(origin: dict, classes: Sequence[str], name: str) -> ImageDataset:
+    """The dataset `ImageDataset.spec` describes: its loader called again (cached loads are
+    quick), restricted to `classes` in that order."""
+    import importlib
+
+    module, _, func = origin["loader"].rpartition(".")
+    loader = getattr(importlib.import_module(module), func)
+    ds = loader(**{k: list(v) if isinstance(v, tuple) else v for k, v in origin["args"].items()})
+    return dataclasses.replace(ds.select(list(classes)), name=name)

@@ -268,6 +268,20 @@ class FewShotSampler(TaskSampler):
                 "augment": dataclasses.asdict(self.augment) if self.augment else None,
                 "classes": self.num_classes, "dataset": self.dataset.describe()}
 
+    def spec(self) -> dict | None:
+        """How `metalearn.specs.rebuild` makes this sampler again (a run's config.json records
+        it): its settings and its dataset's loader call; None when the dataset was made in
+        memory and cannot be read again."""
+        from metalearn.specs import class_path, object_spec
+
+        data = self.dataset.spec()
+        if data is None:
+            return None
+        names = ("ways", "shots", "queries", "unlabeled", "rotations", "normalize", "shuffle",
+                 "within_group", "group_weighting", "augment", "random_rotation")
+        return {"type": class_path(self),
+                "fields": {"dataset": data, **{n: object_spec(getattr(self, n)) for n in names}}}
+
     # ----- sampling
     def sample_indices(self, key: Array) -> EpisodeIndices:
         """Which classes, examples and rotations (and distortions) make up the episode for

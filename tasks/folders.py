@@ -208,13 +208,16 @@ def load_image_folder(path: str | Path | Sequence[str | Path],
                                  f"{', '.join(map(str, paths))}")
             return _decode_classes(classes, image_size, channels, name, on_error)
 
+    origin = {"loader": f"{__name__}.load_image_folder",
+              "args": {"path": [str(p.resolve()) for p in paths], "image_size": image_size,
+                       "channels": channels, "name": name, "on_error": on_error}}
     if not cache:
-        return build()
+        return dataclasses.replace(build(), origin=origin)
     key = {"kind": "folder", "sources": [_stat(p) for p in paths], "image_size": image_size,
            "channels": channels, "name": name}
     if on_error != "raise":  # skipping changes the result; "raise" keeps older cache keys valid
         key["on_error"] = on_error
-    return cached(key, build, cache_dir, name)
+    return dataclasses.replace(cached(key, build, cache_dir, name), origin=origin)
 
 
 def _stat(p: Path) -> list:
@@ -282,7 +285,11 @@ def load_omniglot(paths: str | Path | Sequence[str | Path] | None = None,
     sources = _omniglot_sources([Path(p).expanduser() for p in paths])
     ds = load_image_folder(sources, image_size=image_size, channels=1, name="omniglot",
                            cache_dir=cache_dir, cache=cache, on_error=on_error)
-    return dataclasses.replace(ds, sources=[_source_of(refs) for refs in ds.paths])
+    origin = {"loader": f"{__name__}.load_omniglot",
+              "args": {"paths": [str(p.resolve()) for p in sources], "image_size": image_size,
+                       "on_error": on_error}}
+    return dataclasses.replace(ds, sources=[_source_of(refs) for refs in ds.paths],
+                               origin=origin)
 
 
 def _source_of(refs: list[str]) -> str:

@@ -1,6 +1,6 @@
 """Research scripting: experiments outside the package, runs made from Python, user optax and
 evosax objects, the deployed loss in both loops, label checks, errors in the caller's terms,
-and the README's "Write your own" example, run as written."""
+and the guide's "Write your own" example (docs/guide.md), run as written."""
 
 from __future__ import annotations
 
@@ -45,30 +45,31 @@ def blobs(monkeypatch):
 
 
 def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The "Write your own" section of the guide the README links to."""
+    text = (ROOT / "docs" / "guide.md").read_text()
     start = text.index("## Write your own")
     end = text.index("\n## ", start + 3)
     return text[start:end]
 
 
 def _readme_commands(kind: str) -> list[list[str]]:
-    """The README example's commands that start with `kind` (metalearn, python), as argv."""
+    """The guide's example's commands that start with `kind` (metalearn, python), as argv."""
     blocks = re.findall(r"```bash\n(.*?)```", _readme_section(), re.S)
     lines = [line.split("#")[0].strip() for b in blocks for line in b.splitlines()]
     return [shlex.split(line) for line in lines if line.startswith(kind + " ")]
 
 
 def test_readme_example_code_is_the_example_files():
-    """Every Python block of the README's example is in examples/, as written there."""
+    """Every Python block of the guide's example is in examples/, as written there."""
     sources = "".join(p.read_text() for p in EXAMPLES.glob("*.py"))
     blocks = re.findall(r"```python\n(.*?)```", _readme_section(), re.S)
     assert len(blocks) >= 3
     for block in blocks:
-        assert block.strip() in sources, f"README code not in examples/: {block[:80]!r}"
+        assert block.strip() in sources, f"guide code not in examples/: {block[:80]!r}"
 
 
 def test_readme_example_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    """The README example's metalearn commands run (20 steps): trains with both loops,
+    """The guide's example's metalearn commands run (20 steps): trains with both loops,
     evaluates and compares from the CLI."""
     commands = _readme_commands("metalearn")
     assert [c[1] for c in commands] == ["train", "train", "evaluate", "compare"]
@@ -87,7 +88,7 @@ def test_readme_example_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow  # 20 s: its parts (user optax/evosax objects, load_run) are tested above
 def test_readme_example_python_script_runs(tmp_path, monkeypatch, capsys):
-    """The README example's Python script trains with both loops and reloads its runs."""
+    """The guide's example's Python script trains with both loops and reloads its runs."""
     [argv] = _readme_commands("python")
     shutil.copytree(EXAMPLES, tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
@@ -280,3 +281,34 @@ def test_protonet_on_an_mlp_embedding_is_the_prototype_formula(blobs):
     np.testing.assert_allclose(np.asarray(logits)[:, :3], want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"give an embedding model.*ProtoNet\(embedding=MLP"):
         ProtoNet().init(jax.random.PRNGKey(0), ep)
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "omniglot" /
+                         "images_background_small1.zip").exists(),
+                    reason="minimal Omniglot zips not found")
+def test_readme_from_python_runs_and_is_evaluated_from_the_command_line(tmp_path, monkeypatch,
+                                                                        capsys):
+    """The README's "From Python" block as written (4 steps instead of 500), then `metalearn
+    evaluate` on its run: the FewShotSampler is rebuilt from config.json by reading the images
+    again, and scores what `load_run(...).evaluate()` does."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## From Python")
+    block = re.findall(r"```python\n(.*?)```", text[start:], re.S)[0]
+    assert "steps=500" in block and "eval_every=100" in block
+    block = block.replace("steps=500", "steps=4").replace("eval_every=100", "eval_every=2")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    assert (tmp_path / "episode.png").exists()
+    capsys.readouterr()
+    assert main(["evaluate", "runs/mine", "--episodes", "20", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "runs" / "mine" / "eval_eval.json").read_text())
+    again = load_run("runs/mine").evaluate(episodes=20)
+    assert res["accuracy"] == pytest.approx(again["accuracy"], abs=1e-9), out
+    loaded = load_run("runs/mine")
+    assert loaded.splits["eval"].dataset.name == "omniglot:test"
+    # per-split samplers given to load_run replace or add splits; test is the default one
+    five = loaded.splits["eval"].replace(ways=5)
+    with_test = load_run("runs/mine", samplers={"test": five})
+    assert with_test.default_split == "test"
+    assert with_test.evaluate(episodes=10)["episodes"] == 10
