@@ -553,11 +553,31 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
         if resume:
             run.write_json("config.json", config.to_dict())
             run.write_json("tasks.json", tasks)
+        if progress and (plan := final_episodes(config, exp)):
+            print(plan, flush=True)
         summary = summarize_run(config, exp, run, result, progress)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(run, config.steps)) from None
     run.write_json("summary.json", summary)
     return run, summary
+
+
+def final_episodes(config: ConfigDict, exp: Experiment) -> str:
+    """What the final evaluation will run, said before it starts (it can take longer than a
+    short training): the test episodes and, where the config has them, the report's."""
+    parts, total = [], 0
+    if "test" in exp.splits:
+        parts.append(f"test {config.test_episodes} episodes")
+        total += config.test_episodes
+    settings = config.get("report_settings")
+    if exp.report is not None and isinstance(settings, str) and settings.strip():
+        n = len([x for x in settings.split(",") if x.strip()])
+        each = config.get("report_episodes", 0)
+        parts.append(f"report {n} setting{'s' if n != 1 else ''} x {each} episodes")
+        total += n * each
+    if not parts:
+        return ""
+    return f"final evaluation: {' + '.join(parts)} ({total} episodes)"
 
 
 class Interrupted(KeyboardInterrupt):

@@ -10,8 +10,11 @@ grouped into compiled calls, nor on a stop and resume in between.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -228,8 +231,10 @@ class OuterLoop:
             while s.step < steps:
                 n = s.chunk(steps)
                 if n not in executables:  # compiled ahead, so that what LLVM freed is handed
-                    executables[n] = fn.lower(s.state, n).compile()  # back before the first
-                    release_free_memory()  # call's buffers come on top of it
+                    with _compile_notice(bar if s.opts.progress else None,
+                                         f"compiling the meta-step ({n} steps a call)"):
+                        executables[n] = fn.lower(s.state, n).compile()  # back before the
+                    release_free_memory()  # first call's buffers come on top of it
                 s.state, metrics = executables[n](s.state)
                 loss = s.record(jax.device_get(metrics), n)
                 bar.update(n)
@@ -398,6 +403,33 @@ class _Session:
         if self.ckpt is not None:
             self.ckpt.save(self.step, self.state, self.config)
             self.last_ckpt = self.step
+
+
+COMPILE_NOTICE_S = 3.0  # a compilation slower than this says so while it runs
+
+
+@contextlib.contextmanager
+def _compile_notice(bar: Any | None, what: str) -> Iterator[None]:
+    """Say `what ...` once a compilation has taken COMPILE_NOTICE_S, and then how long it took:
+    a large step compiles for a minute or more with the progress bar standing still."""
+    if bar is None:
+        yield
+        return
+    t0, said = time.perf_counter(), threading.Event()
+
+    def say() -> None:
+        said.set()
+        bar.write(f"{what} ...")
+
+    timer = threading.Timer(COMPILE_NOTICE_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if said.is_set():
+            bar.write(f"{what}: done in {time.perf_counter() - t0:.0f} s")
 
 
 class _NoBar:

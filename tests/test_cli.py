@@ -146,3 +146,37 @@ def test_evaluate_refuses_impossible_counts_before_reading_the_run(tmp_path, cap
     run directory that does not exist (nothing is read before the check)."""
     assert main(["evaluate", str(tmp_path / "nothing-here"), f"--{flag}", value]) == 2
     assert f"--{flag} {value}: must be at least" in capsys.readouterr().err
+
+
+def test_a_slow_compilation_says_so(tmp_path, capsys, monkeypatch):
+    """A compilation longer than COMPILE_NOTICE_S prints what it compiles and then its time
+    (here the threshold is 0 s); with --no-progress nothing is said."""
+    from metalearn.outer import base
+
+    monkeypatch.setattr(base, "COMPILE_NOTICE_S", 0.0)
+    assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "a"), "--set", "steps=2",
+                 "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert "compiling the meta-step (2 steps a call) ..." in said
+    assert "compiling the meta-step (2 steps a call): done in" in said
+    assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "b"), "--set", "steps=2",
+                 "--set", "test_episodes=4", "--set", "eval_every=0", "--no-progress"]) == 0
+    assert "compiling" not in capsys.readouterr().out
+
+
+def test_the_final_evaluation_says_how_many_episodes_come(tmp_path, capsys):
+    """Before the final test and report run, one line says how many episodes they hold."""
+    from metalearn.experiment import final_episodes
+    from metalearn.experiments import protonet_omniglot
+
+    config = protonet_omniglot.get_config()
+
+    class Exp:  # the parts of an Experiment that final_episodes reads
+        splits, report = {"train": None, "test": None}, staticmethod(lambda *a, **k: {})
+
+    assert final_episodes(config, Exp) == ("final evaluation: test 1000 episodes + report 3 "
+                                           "settings x 1000 episodes (4000 episodes)")
+    assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "a"), "--set", "steps=2",
+                 "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
+    assert "final evaluation: test 4 episodes (4 episodes)" in capsys.readouterr().out
