@@ -30,6 +30,7 @@ from metalearn.runs import (
     reference_lines,
     save_figure,
     series,
+    split_label,
     splits_of,
     style_axis,
 )
@@ -198,8 +199,8 @@ def comparison_figure(runs: Sequence[RunRecord], metric: str) -> Any | None:
         refs = [ref for p in curve_panels(r.records) if p.metric == metric for ref in p.references]
         for (name, suffix), ls in zip(refs, ["--", ":", "-."] * len(refs), strict=False):
             for split, y in reference_lines(r.records, name):
-                ax.axhline(y, ls=ls, lw=1, color=color,
-                           label=f"{r.label}: {suffix}" + (f" ({split})" if split else ""))
+                where = f" ({split_label(split)})" if split else ""
+                ax.axhline(y, ls=ls, lw=1, color=color, label=f"{r.label}: {suffix}{where}")
                 shown.append(y)
     if not shown:
         plt.close(fig)
@@ -207,7 +208,8 @@ def comparison_figure(runs: Sequence[RunRecord], metric: str) -> Any | None:
     style_axis(ax, metric, shown)
     handles, labels = ax.get_legend_handles_labels()
     styles = [Line2D([], [], color="gray", lw=0.8, label="train (moving average)"),
-              Line2D([], [], color="gray", lw=1.5, marker="o", ms=3, label="eval")]
+              Line2D([], [], color="gray", lw=1.5, marker="o", ms=3,
+                     label=split_label("eval"))]
     ax.legend(handles=handles + styles, labels=labels + [h.get_label() for h in styles],
               fontsize=8)
     fig.tight_layout()

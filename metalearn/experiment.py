@@ -22,10 +22,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime
+import difflib
 import importlib
 import importlib.util
 import pkgutil
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -328,7 +330,10 @@ def resolve_experiment(ref: str) -> tuple[str, str]:
         if found:
             return ref.rsplit(".", 1)[1], ref
     names = [n for n, _ in list_experiments()]
-    raise ValueError(f"unknown experiment {ref!r}; available: {', '.join(names)} (see "
+    close = difflib.get_close_matches(ref, names, n=1)
+    raise ValueError(f"unknown experiment {ref!r}"
+                     f"{f' (did you mean {close[0]}?)' if close else ''}; available: "
+                     f"{', '.join(names)} (see "
                      "`metalearn list`), or give an importable module (mypkg.my_exp) or a "
                      "Python file (path/to/my_exp.py) that defines get_config() and build()")
 
@@ -417,6 +422,8 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
         if leaf not in node:
             where = [f"{'.'.join([*parts[:-1], k, leaf])}" for k, v in node.items()
                      if isinstance(v, ConfigDict) and leaf in v]
+            where = where or ['.'.join([*parts[:-1], k]) for k in
+                              difflib.get_close_matches(leaf, list(node.keys()), n=1)]
             hint = f" (did you mean {' or '.join(where)}?)" if where else ""
             raise KeyError(f"{override(key)}: no field {leaf!r}{hint}; fields here: "
                            f"{sorted(node.keys())}")
@@ -540,10 +547,16 @@ def train(name: str, sets: Sequence[str] = (), seed: int | None = None,
         raise FileExistsError(
             f"{path} already holds a run (metrics.jsonl or checkpoints/); continue it with "
             f"{cont}, or choose a new run directory ({arg('run_dir')}) or delete that one")
+    made = not path.exists()
     run = Run(path)
     if progress:
         print(f"run directory: {run.path}", flush=True)
-    exp = build_experiment(config, run)
+    try:
+        exp = build_experiment(config, run)
+    except BaseException:
+        if made:  # a check that failed while building leaves no directory behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     tasks = {k: s.describe() for k, s in exp.splits.items()}
     if not resume:  # a resume rewrites config.json and tasks.json once it has trained (below)
         run.write_json("config.json", config.to_dict())

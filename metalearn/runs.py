@@ -202,6 +202,12 @@ def grid_shape(n: int, max_columns: int = MAX_COLUMNS) -> tuple[int, int]:
     return -(-n // cols), cols
 
 
+def split_label(split: str) -> str:
+    """A split's name in a figure: the periodic evaluations (logged as `eval`) are on the
+    validation split (the test split only where an experiment has none)."""
+    return {"eval": "validation"}.get(split, split)
+
+
 def split_color(split: str) -> str:
     """The colour of a split in a single run's figure (eval C0, train C1, as before)."""
     return {"eval": "C0", "train": "C1"}.get(split, "C4")
@@ -248,12 +254,14 @@ def curves_figure(records: Sequence[dict]) -> Any | None:
                 ms, mv, w = moving_average(s, v)
                 ax.plot(ms, mv, lw=1.5, color=c, label=f"train ({w}-step mean)")
             else:
-                ax.plot(s, v, label=split, marker="o" if split != "train" else None, ms=3,
+                ax.plot(s, v, label=split_label(split),
+                        marker="o" if split != "train" else None, ms=3,
                         lw=1, color=c)
         for i, (name, suffix) in enumerate(panel.references):
             for split, y in reference_lines(records, name):  # dash-dot: a non-train split
                 ax.axhline(y, ls="--" if split in ("", "train") else "-.", lw=1,
-                           color=f"C{i + 2}", label=f"{suffix} ({split})" if split else suffix)
+                           color=f"C{i + 2}",
+                           label=f"{suffix} ({split_label(split)})" if split else suffix)
                 shown.append(y)
         style_axis(ax, k, shown)
     fig.tight_layout()

@@ -180,3 +180,17 @@ def test_the_final_evaluation_says_how_many_episodes_come(tmp_path, capsys):
     assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "a"), "--set", "steps=2",
                  "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
     assert "final evaluation: test 4 episodes (4 episodes)" in capsys.readouterr().out
+
+
+def test_misspelt_names_get_a_did_you_mean_and_failed_checks_leave_no_directory(tmp_path,
+                                                                                capsys):
+    assert main(["train", "protonet_omniglt"]) == 2
+    assert "unknown experiment 'protonet_omniglt' (did you mean protonet_omniglot?)" in \
+        capsys.readouterr().err
+    assert main(["config", "linreg_sgd", "--set", "stpes=3"]) == 2
+    assert "no field 'stpes' (did you mean steps?)" in capsys.readouterr().err
+    rd = tmp_path / "never"
+    assert main(["train", "protonet_omniglot", "--run-dir", str(rd), "--no-progress",
+                 "--set", "data.protocol=minimal", "--set", "report_settings=20x1"]) == 2
+    assert "report setting '20x1'" in capsys.readouterr().err
+    assert not rd.exists()

@@ -98,7 +98,7 @@ def test_figures_overlay_every_run(runs, tmp_path):
     assert [ln.get_color() for ln in ax.lines] == ["C0", "C0", "C1", "C1"]
     assert sorted(ln.get_marker() for ln in ax.lines) == ["None", "None", "o", "o"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend[:2] == ["a", "b"] and "eval" in legend
+    assert legend[:2] == ["a", "b"] and "validation" in legend and "eval" not in legend
     assert cmp.comparison_figure([cmp.read_run(runs[0])], "accuracy") is None
 
 
@@ -175,9 +175,9 @@ def test_plot_curves_grid_and_constant_baselines_as_reference_lines(tmp_path):
     assert {ax.get_subplotspec().get_gridspec().get_geometry() for ax in fig.axes} == {(2, 3)}
     loss = next(ax for ax in fig.axes if ax.get_title() == "loss")
     refs = {ln.get_label(): ln for ln in loss.lines if ln.get_linestyle() in ("--", "-.")}
-    assert set(refs) == {"gd (eval)", "gd (train)", "lstsq"}
+    assert set(refs) == {"gd (validation)", "gd (train)", "lstsq"}
     assert np.allclose(refs["gd (train)"].get_ydata(), 0.2074)
-    assert refs["lstsq"].get_linestyle() == "--" and refs["gd (eval)"].get_linestyle() == "-."
+    assert refs["lstsq"].get_linestyle() == "--" and refs["gd (validation)"].get_linestyle() == "-."
     p = run.plot_curves()
     assert p == run.path / "plots" / "learning_curves.png" and p.read_bytes()[:8] == PNG
     from PIL import Image
