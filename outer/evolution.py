@@ -159,9 +159,11 @@ class EvolutionOuterLoop(OuterLoop):
             raise ValueError(
                 f"{self.strategy} keeps a {dim} x {dim} covariance ({gib:.1f} GiB in float32, "
                 f"O(d^3) work per generation), above max_full_covariance_dim="
-                f"{self.max_full_covariance_dim}. Use strategy='Sep_CMA_ES' (diagonal "
-                "covariance) or 'Open_ES' for this many meta-parameters, or raise "
-                "outer.max_full_covariance_dim if you have the memory")
+                f"{self.max_full_covariance_dim}. Use "
+                f"{setting('strategy', 'outer.evolution.strategy', 'Sep_CMA_ES')} (diagonal "
+                "covariance) or Open_ES for this many meta-parameters, or raise "
+                f"{setting('max_full_covariance_dim', 'outer.evolution.max_full_covariance_dim')}"
+                " if you have the memory")
         cls = getattr(algorithms, self.strategy)
         kw = {}
         if self.strategy in ADAM_STRATEGIES:

@@ -188,3 +188,20 @@ def test_sharded_and_unsharded_steps_agree():
     out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT.format(root=root)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert "SHARDED_OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_full_covariance_refusal_names_settings_that_exist(tmp_path, capsys):
+    """CMA-ES over too many meta-parameters: the fix names the key `--set` accepts (and the
+    constructor argument in Python)."""
+    from metalearn.cli import main
+
+    loop = EvolutionOuterLoop(strategy="CMA_ES", max_full_covariance_dim=4)
+    with pytest.raises(ValueError, match="raise max_full_covariance_dim=... if you have"):
+        loop.init(QuadraticLearner(dim=8), ConstantSampler(), jax.random.PRNGKey(0))
+    assert main(["train", "linreg_sgd", "--no-progress", "--run-dir", str(tmp_path / "r"),
+                 "--set", "outer.kind=evolution",
+                 "--set", "outer.evolution.strategy=CMA_ES",
+                 "--set", "outer.evolution.max_full_covariance_dim=2"]) == 2
+    err = capsys.readouterr().err
+    assert "raise --set outer.evolution.max_full_covariance_dim=..." in err, err
+    assert "--set outer.evolution.strategy=Sep_CMA_ES" in err
