@@ -27,7 +27,7 @@ what the `metalearn` command sets for itself; see `metalearn.cli.hugepages_env`)
 4 KB pages each of them faults anew, which costs PyTorch's step about half its time here.
 
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--repeats 10]
-                                     [--autodiff-conv] [--sampling-share]
+                                     [--ops auto|cpu|xla] [--sampling-share]
                                      [--learners protonet maml ht ...] [--peer [VARIANT ...]]
                                      [--malloc hugepages|default]
 """
@@ -118,14 +118,11 @@ def make_learner(name: str, width: int) -> InnerLearner:
                 first_order=name == "fomaml")
 
 
-def worker(width: int, batch: int, chunk: int, autodiff_conv: bool,
+def worker(width: int, batch: int, chunk: int, ops: str,
            learner_name: str = "protonet", repeats: int = 10) -> dict:
     """Steps/s (median of `repeats` calls of `chunk` steps) and memory of one learner at one
     width (run in a fresh process)."""
-    if autodiff_conv:  # the plain lax convolution, to show what the hand-written VJP buys
-        from metalearn import nn
-
-        nn.conv2d = nn._conv_same
+    os.environ["METALEARN_OPS"] = ops  # the CNN block: metalearn.cpu_ops' kernels or XLA's
     sampler, source = _sampler(20, 1, 15)
     learner = make_learner(learner_name, width)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
@@ -259,8 +256,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2, help="meta-steps per compiled call")
     ap.add_argument("--repeats", type=int, default=10,
                     help="timed calls (medians; the PyTorch peer times 2x as many steps)")
-    ap.add_argument("--autodiff-conv", action="store_true",
-                    help="use JAX's automatic conv VJP instead of the hand-written one")
+    ap.add_argument("--ops", default="auto", choices=("auto", "cpu", "xla"),
+                    help="the CNN block: metalearn.cpu_ops' kernels (cpu; auto on a CPU) or "
+                         "XLA's own convolution and pooling (xla)")
     ap.add_argument("--sampling-share", action="store_true",
                     help="also train from a pool of pre-sampled episodes; print sampling's share")
     ap.add_argument("--learners", nargs="+", default=["protonet"], choices=LEARNERS,
@@ -276,7 +274,7 @@ def main() -> None:
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.autodiff_conv,
+        print(json.dumps(worker(args.worker, args.batch, args.chunk, args.ops,
                                 args.learners[0], args.repeats)))
         return
     _set_malloc(args.malloc)
@@ -284,7 +282,7 @@ def main() -> None:
         ["eager", "channels_last", "compiled"] if _torch_available() else [])
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
           f"{args.batch} episodes per step, Adam; medians of {args.repeats} calls of "
-          f"{args.chunk} steps" + (", automatic conv VJP" if args.autodiff_conv else "")
+          f"{args.chunk} steps" + (f", ops={args.ops}" if args.ops != "auto" else "")
           + f"; load average {os.getloadavg()[0]:.2f}; malloc: {args.malloc} (GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '')!r})")
     if not peers and args.peer is None:
@@ -293,7 +291,7 @@ def main() -> None:
         base = None
         for name in args.learners:
             r = _run_worker(args, w, "--learners", name,
-                            *(["--autodiff-conv"] if args.autodiff_conv else []))
+                            "--ops", args.ops)
             base = base or r
             ratio = (f", {r['seconds_per_step'] / base['seconds_per_step']:.2f}x the time and "
                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x the peak RSS of "

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn import nn
+from metalearn import cpu_ops, nn
 
 
 def _images(n: int = 6, size: int = 28, channels: int = 1, seed: int = 0) -> jax.Array:
@@ -72,8 +72,8 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
     x = jax.random.normal(jax.random.PRNGKey(2), shape)
     w = jax.random.normal(jax.random.PRNGKey(3), (k, k, shape[-1], 5))
     g = jax.random.normal(jax.random.PRNGKey(4), (*shape[:3], 5))
-    _, vjp = jax.vjp(nn.conv2d, x, w)
-    _, vjp_ref = jax.vjp(nn._conv_same, x, w)
+    _, vjp = jax.vjp(cpu_ops.conv2d, x, w)
+    _, vjp_ref = jax.vjp(nn.conv_same, x, w)
     for a, b in zip(vjp(g), vjp_ref(g), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -84,20 +84,22 @@ def test_tap_sum_convolution_is_xlas(shape, k):
     images, 3 channels and a 5x5 kernel, and vmapped over episodes; `_conv` routes to it."""
     x = jax.random.normal(jax.random.PRNGKey(2), (2, *shape))
     w = jax.random.normal(jax.random.PRNGKey(3), (k, k, shape[-1], 6))
-    ref = jax.vmap(nn._conv_same, in_axes=(0, None))(x, w)
-    for conv in (nn._conv_taps, nn._conv):  # fused into consumers, and into its own buffer
+    ref = jax.vmap(nn.conv_same, in_axes=(0, None))(x, w)
+    # fused into consumers, and into its own buffer
+    for conv in (cpu_ops._conv_taps, cpu_ops._conv):
         np.testing.assert_allclose(jax.vmap(conv, in_axes=(0, None))(x, w), ref,
                                    rtol=1e-5, atol=1e-5)
     w_each = jnp.stack([w, -w])  # a kernel per episode (MAML, the HyperTransformer)
-    np.testing.assert_allclose(jax.vmap(nn._conv)(x, w_each),
-                               jax.vmap(nn._conv_same)(x, w_each), rtol=1e-5, atol=1e-5)
-    assert k * k * shape[-1] <= nn.TAP_SUM_MAX_TERMS
-    jaxpr = str(jax.make_jaxpr(nn._conv)(x[0], w))  # 6 output channels: into a buffer
+    np.testing.assert_allclose(jax.vmap(cpu_ops._conv)(x, w_each),
+                               jax.vmap(nn.conv_same)(x, w_each), rtol=1e-5, atol=1e-5)
+    assert k * k * shape[-1] <= cpu_ops.TAP_SUM_MAX_TERMS
+    jaxpr = str(jax.make_jaxpr(cpu_ops._conv)(x[0], w))  # 6 output channels: into a buffer
     assert "conv_general_dilated" not in jaxpr and "cond" in jaxpr
-    many_out = jnp.zeros((k, k, shape[-1], nn.TAP_SUM_BUFFER_MAX_CHANNELS + 1))
-    assert "cond" not in str(jax.make_jaxpr(nn._conv)(x[0], many_out))
+    many_out = jnp.zeros((k, k, shape[-1], cpu_ops.TAP_SUM_BUFFER_MAX_CHANNELS + 1))
+    assert "cond" not in str(jax.make_jaxpr(cpu_ops._conv)(x[0], many_out))
     wide = jnp.zeros((3, 3, 8, 2))
-    assert "conv_general_dilated" in str(jax.make_jaxpr(nn._conv)(jnp.zeros((1, 5, 5, 8)), wide))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(cpu_ops._conv)(jnp.zeros((1, 5, 5, 8)),
+                                                                         wide))
 
 
 @pytest.mark.parametrize("rows", [7, 264, 1000, None])
@@ -105,7 +107,7 @@ def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
     """dw taken a few whole images at a time (one image per chunk with 7 rows; two with 264
     rows of 11 x 12 padded images, then a tail of one; all 5 at once with 1000) or one product
     per tap over all rows (None) is JAX's own kernel gradient, also vmapped over episodes."""
-    monkeypatch.setattr(nn, "_kernel_grad_rows", lambda c_in, c_out, total, k: rows)
+    monkeypatch.setattr(cpu_ops, "_kernel_grad_rows", lambda c_in, c_out, total, k: rows)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 9, 10, 3))
     w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 4))
     g = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 9, 10, 4))
@@ -113,7 +115,7 @@ def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
     def dw(conv):
         return jax.vmap(lambda x, g: jax.vjp(conv, x, w)[1](g)[1])(x, g)
 
-    np.testing.assert_allclose(dw(nn.conv2d), dw(nn._conv_same), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw(cpu_ops.conv2d), dw(nn.conv_same), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_fail_with_clear_messages():
@@ -148,16 +150,16 @@ def test_second_derivatives_through_conv2d_match_lax_conv(wrt):
 
         return jax.jit(jax.grad(after_step, argnums=(0, 1)))(x, w)
 
-    for a, b in zip(meta_grad(nn.conv2d), meta_grad(nn._conv_same), strict=True):
+    for a, b in zip(meta_grad(cpu_ops.conv2d), meta_grad(nn.conv_same), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # and a Hessian-vector product of the kernel
     v = jax.random.normal(jax.random.PRNGKey(8), w.shape)
     hvp = lambda conv: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w)) * t)), (w,),
                                (v,))[1]
-    np.testing.assert_allclose(hvp(nn.conv2d), hvp(nn._conv_same), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hvp(cpu_ops.conv2d), hvp(nn.conv_same), rtol=1e-4, atol=1e-5)
     rev = lambda conv: jax.grad(lambda w: jnp.vdot(
         jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w)) * t))(w), v))(w)
-    np.testing.assert_allclose(rev(nn.conv2d), hvp(nn._conv_same), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rev(cpu_ops.conv2d), hvp(nn.conv_same), rtol=1e-4, atol=1e-5)
 
 
 def test_max_pool_takes_window_maxima_and_routes_gradients_to_them():
@@ -185,16 +187,16 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_tie():
 
 
 def _unfused_block(given):
+    """conv -> batch norm -> ReLU -> max-pool as written: the block on XLA's ops."""
     def block(x, w, scale, shift, stats):
-        y = nn._conv_same(x, w)
-        stats = stats if given else nn.batch_stats(y)
-        return nn.max_pool(jax.nn.relu(nn.batch_norm(y, scale, shift, stats)))
+        return nn.conv_bn_relu_pool(x, w, scale, shift, stats if given else None, ops="xla")[0]
     return block
 
 
 def _block(given):
+    """The block on the CPU kernels: pooled first (`cpu_ops.conv_bn_relu_pool`)."""
     def block(x, w, scale, shift, stats):
-        return nn.conv_bn_relu_pool(x, w, scale, shift, stats if given else None)[0]
+        return cpu_ops.conv_bn_relu_pool(x, w, scale, shift, stats if given else None)[0]
     return block
 
 
@@ -210,7 +212,7 @@ def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypa
     vmapped with one kernel and scale for all examples (the conditionals kept) or one per
     example (selects)."""
     if rows:
-        monkeypatch.setattr(nn, "_pooled_kernel_grad_rows", lambda c_in, c_out: rows)
+        monkeypatch.setattr(cpu_ops, "_pooled_kernel_grad_rows", lambda c_in, c_out: rows)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 7, 2))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
     scale = jnp.array([1.5, -0.5, 0.3, -2.0])
@@ -256,3 +258,32 @@ def test_cnn_gradient_under_jit_equals_eager():
     for a, b in zip(jax.tree.leaves(grad(meta["params"])),
                     jax.tree.leaves(jax.jit(grad)(meta["params"])), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cnn_on_cpu_kernels_and_on_xla_ops_agree_in_value_and_gradient(monkeypatch):
+    """The two ways of computing the CNN (`ops`): the same features, the same gradients of
+    every parameter, with the batch's statistics and with given ones."""
+    model = {o: nn.CNN(4, 3, out_dim=5, ops=o) for o in ("cpu", "xla")}
+    x = _images(6, 28, 1, seed=3)
+    params = model["cpu"].init(jax.random.PRNGKey(0), x)
+    _, stats = model["xla"].apply(params, x[:3])
+    for given in (None, stats):
+        def features(p, m, given=given):
+            return m.apply(p, x, given)[0]
+
+        outs = {o: jax.jit(features, static_argnums=1)(params, m) for o, m in model.items()}
+        np.testing.assert_allclose(outs["cpu"], outs["xla"], rtol=1e-4, atol=1e-4)
+        loss = lambda p, m, f=features: jnp.sum(jnp.sin(f(p, m)))
+        grads = {o: jax.jit(jax.grad(loss), static_argnums=1)(params, m)
+                 for o, m in model.items()}
+        for a, b in zip(jax.tree.leaves(grads["cpu"]), jax.tree.leaves(grads["xla"]),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert nn.resolve_ops() == "cpu" and nn.resolve_ops("xla") == "xla"  # CPU backend here
+    monkeypatch.setenv(nn.OPS_ENV, "xla")
+    assert nn.resolve_ops() == "xla" and nn.resolve_ops("cpu") == "cpu"
+    monkeypatch.setenv(nn.OPS_ENV, "gpu")
+    with pytest.raises(ValueError, match="ops='gpu': use one of auto, cpu, xla"):
+        nn.resolve_ops()
+    with pytest.raises(ValueError, match="CNN ops='fast'"):
+        nn.CNN(ops="fast")
