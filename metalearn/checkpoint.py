@@ -8,9 +8,13 @@ or fails to read is reported with its path, and older good steps are offered as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -112,8 +116,9 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(_to_host(state))}
         if config is not None:
             args["config"] = ocp.args.JsonSave(config)
-        self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
-        self._mngr.wait_until_finished()
+        with _interrupt_after():  # a Ctrl-C mid-save would leave orbax's threads half done
+            self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+            self._mngr.wait_until_finished()
         return self.directory / str(step)
 
     def restore(self, target: PyTree, step: int | None = None) -> tuple[int, PyTree]:
@@ -223,3 +228,24 @@ def _saved_shapes(path: Path) -> dict[tuple[str, ...], tuple[int, ...]] | None:
         return None
     finally:
         absl.setLevel(level)
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished,
+    then raise it: a checkpoint is written whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda sig, frame: got.append(sig))
+    except ValueError:  # not settable here (an embedding interpreter): save as it comes
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt

@@ -148,6 +148,7 @@ def test_evaluate_refuses_impossible_counts_before_reading_the_run(tmp_path, cap
     assert f"--{flag} {value}: must be at least" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two runs; the notice is timing-driven, the message is what is checked
 def test_a_slow_compilation_says_so(tmp_path, capsys, monkeypatch):
     """A compilation longer than COMPILE_NOTICE_S prints what it compiles and then its time
     (here the threshold is 0 s); with --no-progress nothing is said."""

@@ -207,6 +207,7 @@ def test_kill_mid_run_then_resume_is_exact(tmp_path):
     assert train_losses(rd) == train_losses(ref)
 
 
+@pytest.mark.slow  # 15 s: a real run in a subprocess, interrupted and resumed
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_loses_nothing(tmp_path):
     """SIGINT to a real run: exit 130, one line naming the step, the last checkpoint and the
     command that continues; the run then resumes and finishes."""

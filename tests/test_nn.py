@@ -260,6 +260,7 @@ def test_cnn_gradient_under_jit_equals_eager():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 10 s; the block-level test above compares the two paths too
 def test_the_cnn_on_cpu_kernels_and_on_xla_ops_agree_in_value_and_gradient(monkeypatch):
     """The two ways of computing the CNN (`ops`): the same features, the same gradients of
     every parameter, with the batch's statistics and with given ones."""

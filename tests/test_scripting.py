@@ -283,6 +283,7 @@ def test_protonet_on_an_mlp_embedding_is_the_prototype_formula(blobs):
         ProtoNet().init(jax.random.PRNGKey(0), ep)
 
 
+@pytest.mark.slow  # 30-60 s: a ProtoNet run, its reload and CLI evaluation
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "omniglot" /
                          "images_background_small1.zip").exists(),
                     reason="minimal Omniglot zips not found")
