@@ -36,8 +36,8 @@ _EXPORTS = {
     # evaluation, runs, experiments
     "evaluate": "metalearn.evaluation", "evaluate_episodes": "metalearn.evaluation",
     "Run": "metalearn.runs", "Checkpointer": "metalearn.checkpoint",
-    "train": "metalearn.experiment", "evaluate_run": "metalearn.experiment",
-    "load_run": "metalearn.experiment", "LoadedRun": "metalearn.experiment",
+    "train": "metalearn.experiment", "evaluate_run": "metalearn.reload",
+    "load_run": "metalearn.reload", "LoadedRun": "metalearn.reload",
     "Experiment": "metalearn.experiment", "format_metrics": "metalearn.evaluation",
 }
 # `metalearn.compare` is the module of `metalearn compare` (its function: metalearn.compare.compare)

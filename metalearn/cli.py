@@ -77,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from metalearn import experiment
+    from metalearn import reload
     from metalearn.evaluation import format_metrics
 
     if args.manifest and args.dataset:
@@ -90,9 +90,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if v is not None and v < lo:
             raise ValueError(f"--{flag} {v}: must be at least {lo} (omit it for the run's own)")
     if args.manifest:
-        res = experiment.evaluate_manifest(args.run_dir, args.manifest)
+        res = reload.evaluate_manifest(args.run_dir, args.manifest)
     else:
-        res = experiment.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
+        res = reload.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                       ways=args.ways, shots=args.shots, queries=args.queries,
                                       unlabeled=args.unlabeled, progress=not args.no_progress,
                                       dataset=args.dataset,

@@ -199,7 +199,7 @@ class OuterLoop:
         # a run made from Python (not by an experiment) records what it can to be reloaded
         from_python = run_dir is not None and not (config or {}).get("experiment")
         if from_python:
-            from metalearn.experiment import python_run_config
+            from metalearn.reload import python_run_config
 
             config = python_run_config(self, learner, train_sampler, eval_sampler, eval_learner,
                                        key, steps, options, config)

@@ -11,7 +11,7 @@ import pytest
 
 from metalearn.core import Episode, InnerLearner, Support, TaskSampler
 from metalearn.evaluation import evaluate_episodes
-from metalearn.experiment import evaluate_manifest, load_run
+from metalearn.reload import evaluate_manifest, load_run
 from metalearn.seeds import MANIFEST_SEED
 
 # the minimal Omniglot sets beside the repository (../shared/data/omniglot)

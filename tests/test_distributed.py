@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from metalearn.distributed import settings_from_env
-from metalearn.experiment import load_run
+from metalearn.reload import load_run
 
 TIMEOUT = 300  # seconds per process
 SMALL = ["--set", "outer.batch_size=4", "--set", "test_episodes=20", "--set", "eval_episodes=20",

@@ -197,7 +197,7 @@ def test_a_dataset_too_small_for_the_episodes_is_refused(tiny_run, tmp_path, cap
     assert "episodes need 5 shots + 2 queries = 7 images per class, but class '0' has only 6 " \
            "(0 of 3 classes have 7 or more); evaluate with fewer images per class (--shots K, " \
            "--queries Q)" in err, err
-    from metalearn.experiment import evaluate_run  # from Python: the argument, not the flag
+    from metalearn.reload import evaluate_run  # from Python: the argument, not the flag
 
     with pytest.raises(ValueError, match=r"evaluate with fewer ways: ways=3$"):
         evaluate_run(tiny_run, dataset=tmp_path / "three.npz")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from metalearn.core import Episode
-from metalearn.experiment import apply_overrides, evaluate_run, load_module, train
+from metalearn.experiment import apply_overrides, load_module, train
 from metalearn.experiments import icl_gd
 from metalearn.learners.gd import GradientDescent
 from metalearn.learners.lsa import LSA, gd_construction
+from metalearn.reload import evaluate_run
 from metalearn.runs import Run
 from metalearn.tasks.regression import LinearRegression
 

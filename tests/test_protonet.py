@@ -227,7 +227,7 @@ def test_bad_manifests_fail_on_the_command_line_naming_file_and_entry(trained_ru
 @pytest.mark.slow  # 13 s; manifests from JSON are also checked in test_tasks_fewshot
 def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
     from metalearn.evaluation import evaluate_episodes
-    from metalearn.experiment import evaluate_manifest, load_run
+    from metalearn.reload import evaluate_manifest, load_run
     from metalearn.tasks.images import ZIP_SEP
 
     run, _ = trained_run

@@ -1,0 +1,333 @@
+"""Runs made from Python and reloading any run: what config.json records for an
+`OuterLoop.run(run_dir=...)` run, `load_run` (learner, samplers, meta-parameters back from a run
+directory), and the evaluations of a saved run that `metalearn evaluate` offers (a split, another
+few-shot setting, a dataset of your own, a manifest of fixed episodes).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.checkpoint import Checkpointer, CheckpointError
+from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler
+from metalearn.experiment import (
+    CUSTOM,
+    SHARED_OUTER_FIELDS,
+    ConfigDict,
+    Experiment,
+    _CustomObjectError,
+    _outer_classes,
+    _section_fields,
+    base_config,
+    build_experiment,
+    build_outer,
+    evaluate_split,
+    outer_config,
+    read_config,
+    used_outer,
+)
+from metalearn.messages import arg, in_cli, option
+from metalearn.runs import Run
+from metalearn.seeds import MANIFEST_SEED
+from metalearn.specs import class_path, object_spec, rebuild
+
+# ---------------------------------------------------------------- runs made from Python
+
+
+def loop_config(loop: Any) -> ConfigDict:
+    """The `outer` config that builds a loop like `loop` (what a run made from Python records);
+    objects given in place of names are recorded as 'custom: <class>'."""
+    kinds = {cls: k for k, cls in _outer_classes().items()}
+    kind = next((k for cls, k in kinds.items() if type(loop) is cls), None)
+    if kind is None:
+        return ConfigDict({"kind": CUSTOM + class_path(loop)})
+    section = {k: getattr(loop, k) for k in _section_fields(type(loop))}
+    section = {k: v if v is None or isinstance(v, bool | int | float | str) else
+               CUSTOM + class_path(v) for k, v in section.items()}
+    shared = {k: getattr(loop, k) for k in SHARED_OUTER_FIELDS}
+    shared["shard"] = {None: "auto"}.get(loop.shard, loop.shard)
+    return used_outer(outer_config(kind, **{kind: section}, **shared))
+
+
+def _key_spec(key: Array) -> dict:
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    return {"typed": bool(typed), "data": np.asarray(data).tolist()}
+
+
+def _key_from_spec(spec: dict) -> Array:
+    data = jnp.asarray(spec["data"], jnp.uint32)
+    return jax.random.wrap_key_data(data) if spec["typed"] else data
+
+
+def python_run_config(loop: Any, learner: InnerLearner, train_sampler: TaskSampler,
+                      eval_sampler: TaskSampler | None, eval_learner: InnerLearner | None,
+                      key: Array, steps: int, options: Any, user_config: dict | None) -> dict:
+    """config.json of a run made with `OuterLoop.run(run_dir=...)`: the base fields, the outer
+    loop, and the learner and samplers as specs that `load_run` can rebuild."""
+    c = base_config(experiment=None, experiment_source=None, seed=None, steps=steps,
+                    eval_every=options.eval_every, eval_episodes=options.eval_episodes,
+                    eval_batch_size=options.eval_batch_size,
+                    test_episodes=options.eval_episodes,
+                    checkpoint_every=options.checkpoint_every, log_every=options.log_every,
+                    outer=loop_config(loop)).to_dict()
+    c.update(made_by="OuterLoop.run", key=_key_spec(key), learner=object_spec(learner),
+             eval_learner=object_spec(eval_learner) if eval_learner is not None else None,
+             samplers={"train": object_spec(train_sampler),
+                       "eval": object_spec(eval_sampler) if eval_sampler is not None else None},
+             user_config=user_config)
+    return c
+
+
+# ---------------------------------------------------------------- reloading runs
+
+
+class LoadedRun(NamedTuple):
+    """A trained run reloaded by `load_run`: its learner, meta-parameters and config."""
+
+    path: Path
+    config: ConfigDict
+    learner: InnerLearner
+    meta: MetaParams
+    step: int  # the meta-step of the checkpoint
+    splits: dict[str, TaskSampler]  # an experiment's splits; a Python run's train / eval
+    experiment: Experiment | None  # None for a run made from Python
+    evaluator: InnerLearner  # scores evaluations (the experiment's eval_learner, else learner)
+
+    @property
+    def default_split(self) -> str:
+        """The split `evaluate` reads by default: test, else the run's evaluation split."""
+        split = next((s for s in ("test", "validation", "eval") if s in self.splits), None)
+        if split is None:
+            raise ValueError(f"{self.path} has no held-out split to evaluate (its splits: "
+                             f"{sorted(self.splits) or 'none'}); choose one ({arg('split')})"
+                             + ("" if in_cli() else
+                                " or reload it with load_run(..., samplers={'test': ...})"))
+        return split
+
+    def split_sampler(self, split: str | None = None) -> tuple[str, TaskSampler]:
+        """(name, sampler) of one of the run's splits (default: `default_split`)."""
+        split = split or self.default_split
+        if split not in self.splits:
+            raise ValueError(f"split {split!r} not available for {self.path}; choose one of "
+                             f"{sorted(self.splits)}")
+        return split, self.splits[split]
+
+    def evaluate(self, split: str | None = None, episodes: int | None = None, seed: int = 0,
+                 sampler: TaskSampler | None = None, progress: str | None = None) -> dict:
+        """Figures on one of the run's splits (default: test) or on `sampler`: the episodes of
+        the test seed, so that seed 0 repeats what `metalearn train` reported."""
+        sampler = sampler or self.split_sampler(split)[1]
+        return evaluate_split(self.config, self, self.meta, seed, episodes, sampler, progress)
+
+
+def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner | None = None,
+             sampler: TaskSampler | None = None, outer: Any = None,
+             samplers: dict[str, TaskSampler] | None = None) -> LoadedRun:
+    """Reload a trained run (made by `metalearn train` or `OuterLoop.run(run_dir=...)`).
+
+    The learner, samplers and outer loop are rebuilt from the run's config: an experiment's by
+    its `build`, a Python run's from the specs config.json records (a `FewShotSampler` on
+    images read from files is rebuilt by reading them again). What cannot be rebuilt (a class
+    defined in a script, an optax or evosax object, data made in memory) is passed here:
+    `learner`, `sampler` (the training sampler, for the shapes of the meta-parameters),
+    `samplers` (samplers by split name, e.g. {"eval": test}: they replace or add splits) or
+    `outer`. `step` picks a checkpoint (default: the latest).
+    """
+    samplers = dict(samplers or {})
+    if sampler is not None:
+        samplers.setdefault("train", sampler)
+    sampler = samplers.get("train")
+    run = Run(path, create=False)
+    config = read_config(run)
+    if config.get("experiment"):
+        exp = build_experiment(config, run)
+        learner = learner or exp.learner
+        splits, evaluator = dict(exp.splits), exp.eval_learner or learner
+        key = jax.random.PRNGKey(config.seed)
+    else:
+        exp = None
+        learner = learner or _rebuild(config, "learner", run.path, "learner")
+        splits = {}
+        for name, spec in config.samplers.to_dict().items():
+            if name in samplers or spec is None:
+                continue
+            try:
+                splits[name] = rebuild(spec)
+            except ValueError as e:
+                if name == "train":
+                    raise _not_rebuildable(run.path, "train sampler", "sampler", e) from None
+        evaluator = learner
+        if config.get("eval_learner"):
+            try:
+                evaluator = rebuild(config.eval_learner.to_dict())
+            except ValueError:
+                pass  # scored with the learner itself
+        key = _key_from_spec(config.key.to_dict())
+    splits.update(samplers)
+    if outer is None:
+        try:
+            outer = build_outer(config.outer, config.steps)
+        except _CustomObjectError as e:
+            raise _not_rebuildable(run.path, "outer loop", "outer", e) from None
+    template = outer.init(learner, splits.get("train") or sampler, key)
+    with Checkpointer(run.checkpoint_dir, max_to_keep=None, create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise CheckpointError(f"no checkpoint in {run.checkpoint_dir}: the run stopped "
+                                  "before its first checkpoint (or was never trained)")
+        done, state = ckpt.restore(template, step)
+    state = jax.tree.map(jnp.asarray, state)
+    return LoadedRun(run.path, config, learner, outer.meta_params(state), done, splits, exp,
+                     evaluator)
+
+
+def _rebuild(config: ConfigDict, field: str, path: Path, arg_name: str) -> Any:
+    try:
+        return rebuild(config[field].to_dict())
+    except ValueError as e:
+        raise _not_rebuildable(path, field, arg_name, e) from None
+
+
+def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> ValueError:
+    return ValueError(
+        f"{path} was made from Python and its {what} cannot be rebuilt from config.json: "
+        f"{why}. Reload it in Python, passing the object: metalearn.load_run({str(path)!r}, "
+        f"{arg_name}=...)" + (" (the command line cannot)" if in_cli() else ""))
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
+                 seed: int = 0, ways: int | None = None, shots: int | None = None,
+                 queries: int | None = None, unlabeled: int | None = None,
+                 progress: bool = False, dataset: str | Path | None = None,
+                 within_group: bool | None = None) -> dict:
+    """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
+    split), or on a dataset of your own; saves eval_SPLIT.json in the run.
+
+    With the defaults (`episodes`: the run's `test_episodes`, `seed` 0) the test split gives
+    exactly the figures `metalearn train` reported. `ways`, `shots`, `queries`, `unlabeled`
+    (None keeps the run's) evaluate few-shot runs at another N-way K-shot setting, e.g. with
+    unlabeled images for semi-supervised learners, and `within_group` draws each episode's
+    classes from one group (alphabet); the result goes to eval_SPLIT_<setting>.json, next to
+    (not over) the default one.
+
+    `dataset` (few-shot image runs) draws the episodes from a dataset of yours instead, in any
+    form `tasks.load_dataset` reads: an image folder (or zip), IDX files "IMAGES,LABELS" (or a
+    folder holding one pair), or a .npz with x and y. Its images are resized and converted to
+    the run's image size and channels and go through the `split` sampler's preprocessing and
+    episode settings; the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the
+    dataset's folder or file stem), with the dataset's spec and class count."""
+    loaded = load_run(run_dir)
+    split, sampler = loaded.split_sampler(split)
+    name = f"eval_{split}.json"
+    setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
+                                 ("unlabeled", unlabeled), ("within_group", within_group))
+               if v is not None}
+    what = loaded.config.get("experiment") or "this run"
+    data_info, label = None, split
+    if dataset is not None:
+        sampler, data_info = _dataset_sampler(sampler, dataset, setting, split, what)
+        label = f"dataset:{data_info['name']}"
+        name = f"eval_dataset_{data_info['name']}.json"
+    elif setting:
+        if not hasattr(sampler, "replace"):
+            raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) has no "
+                             "ways/shots/queries/unlabeled/within-group settings; they are for "
+                             "few-shot classification runs")
+        sampler = sampler.replace(**setting)
+    if setting:
+        try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
+            loaded.evaluator.init(jax.random.PRNGKey(0), sampler.example())
+        except ValueError as e:
+            raise ValueError(f"{what} cannot be evaluated at {sampler.ways}-way "
+                             f"{sampler.shots}-shot: {e}") from None
+        tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
+               + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else "")
+               + ("_within_group" if sampler.within_group else ""))
+        name = f"{name.removesuffix('.json')}_{tag}.json"
+    res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
+                          progress=label if progress else None)
+    res = {"split": label, "step": loaded.step, "seed": seed, **res}
+    if setting:
+        res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
+                                                            "unlabeled", "within_group")}
+    if data_info is not None:
+        res["dataset"] = {**data_info, "sampler_of": split}
+    Run(run_dir, create=False).write_json(name, res)
+    return res
+
+
+def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, split: str,
+                     what: str) -> tuple[TaskSampler, dict]:
+    """The `split` sampler's episode settings (and `setting`'s changes) on the dataset `spec`,
+    loaded at the sampler's image size and channels; and what the result file says of it."""
+    from metalearn.tasks.formats import load_dataset
+
+    if not all(hasattr(sampler, a) for a in ("replace", "dataset", "ways", "rotations")):
+        raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) cannot take "
+                         "another dataset; dataset evaluation is for few-shot image "
+                         "classification runs")
+    h, w, ch = sampler.dataset.image_shape
+    ds = load_dataset(spec, image_size=(h, w), channels=ch)
+    ways = setting.get("ways", sampler.ways)
+    per = {k: setting.get(k, getattr(sampler, k)) for k in ("shots", "queries", "unlabeled")}
+    n_rot = 4 if sampler.rotations else 1
+    if ways > ds.num_classes * n_rot:
+        rot = f" x 4 rotations = {ds.num_classes * 4}" if n_rot > 1 else ""
+        given = "" if "ways" in setting else f" (the run's {split} setting)"
+        raise ValueError(f"dataset {str(spec)!r} has {ds.num_classes} classes{rot}, fewer than "
+                         f"the {ways} ways of an episode{given}; evaluate with fewer ways: "
+                         f"{option('ways', ds.num_classes * n_rot)}")
+    need = sum(per.values())
+    if ds.num_classes and int(ds.counts.min()) < need:
+        small = int(np.argmin(ds.counts))
+        enough = int((ds.counts >= need).sum())
+        parts = " + ".join(f"{per[k]} {k}" for k in per if per[k] or k != "unlabeled")
+        raise ValueError(f"dataset {str(spec)!r}: episodes need {parts} = {need} images per "
+                         f"class, but class {ds.class_names[small]!r} has only "
+                         f"{int(ds.counts[small])} ({enough} of {ds.num_classes} classes have "
+                         f"{need} or more); evaluate with fewer images per class "
+                         f"({option('shots', 'K')}, {option('queries', 'Q')}) or leave out "
+                         "the small classes")
+    try:
+        sampler = sampler.replace(ds, **setting)
+    except ValueError as e:
+        raise ValueError(f"{what} cannot be evaluated on dataset {str(spec)!r}: {e}") from None
+    info = {"spec": str(spec), "name": _file_safe(ds.name), "classes": ds.num_classes,
+            "examples": ds.num_examples, "image_shape": [h, w, ch]}
+    return sampler, info
+
+
+def _file_safe(name: str) -> str:
+    """`name` as part of a file name: letters, digits, '-', '_' and '.' only."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "dataset"
+
+
+def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "test") -> dict:
+    """Evaluate a trained run on the fixed episodes of a manifest file.
+
+    The episodes' images are read and preprocessed by the run's own `split` sampler, so they
+    go through exactly the training preprocessing. Saves eval_manifest_NAME.json in the run.
+    """
+    from metalearn.evaluation import evaluate_episodes
+
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    loaded = load_run(run_dir)
+    sampler = loaded.splits.get(split, loaded.splits.get("train"))
+    if not hasattr(sampler, "episodes_from_manifest"):
+        raise ValueError(f"the samplers of {loaded.config.get('experiment') or run_dir!r} "
+                         f"({type(sampler).__name__}) cannot read episode manifests; manifests "
+                         "are for few-shot image tasks")
+    episodes = sampler.episodes_from_manifest(manifest)
+    res = evaluate_episodes(loaded.evaluator, loaded.meta, episodes,
+                            jax.random.PRNGKey(MANIFEST_SEED))
+    res = {"split": f"manifest:{manifest.name}", "step": loaded.step, **res}
+    Run(run_dir, create=False).write_json(f"eval_manifest_{manifest.stem}.json", res)
+    return res
