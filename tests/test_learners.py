@@ -7,7 +7,8 @@ loop, finite meta-gradients, `vmap` over a population of meta-parameters (the ev
 path) equal to a loop, same seed same numbers through both outer loops, and the claimed
 permutation behaviour of the support set.
 
-Registered: ProtoNet (on the CNN, and on an MLP embedding); MAML (second order, and first
+Registered: ProtoNet (on the CNN, and on an MLP embedding); the Continual HyperTransformer and
+its Constant ProtoNet baseline (on sequences of two tasks); MAML (second order, and first
 order with Meta-SGD step sizes) on the CNN, the MLP and the linear model (ANIL, the head-only
 option, has its own tests in test_maml.py); LSA (linear and softmax); the multi-state Hebbian
 network (a random genome) and its Adam baseline; the explicit in-context baselines of
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 
 from metalearn.core import InnerLearner, Support, TaskSampler, batch_loss
+from metalearn.learners.continual import ConstPN, ContinualHyperTransformer
 from metalearn.learners.gd import GradientDescent, LeastSquares
 from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Network
 from metalearn.learners.hypertransformer import HyperTransformer
@@ -35,6 +37,7 @@ from metalearn.learners.protonet import ProtoNet
 from metalearn.nn import CNN, MLP, Linear
 from metalearn.outer.evolution import EvolutionOuterLoop
 from metalearn.outer.gradient import GradientOuterLoop
+from metalearn.tasks.continual import ContinualSampler
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.regression import LinearRegression
 from metalearn.tasks.testing import synthetic_dataset
@@ -46,6 +49,12 @@ WAYS = 3
 def images() -> TaskSampler:
     """3-way 2-shot 2-query episodes of 8x8 synthetic images."""
     return FewShotSampler(synthetic_dataset(classes=12, examples=6, size=8), WAYS, 2, 2)
+
+
+@cache
+def sequences() -> TaskSampler:
+    """Two 3-way 2-shot 2-query tasks in sequence (continual learners), 8x8 images."""
+    return ContinualSampler(images(), tasks=2)
 
 
 @cache
@@ -88,6 +97,13 @@ LEARNERS = [
     Entry("ht_logits_only", HyperTransformer(ways=WAYS, channels=4, num_blocks=1,
                                              trained_blocks=1, embed_dim=8, shared_features=0,
                                              local_features=4, num_layers=1), images),
+    # the order of tasks is what a continual learner learns from: not order invariant
+    Entry("continual_ht", ContinualHyperTransformer(ways=WAYS, tasks=2, channels=4, num_blocks=1,
+                                                    embed_dim=8, shared_features=4,
+                                                    local_features=4, num_layers=1),
+          sequences, order_invariant=False),
+    Entry("const_pn", ConstPN(ways=WAYS, tasks=2, channels=4, num_blocks=2), sequences,
+          order_invariant=False),
     Entry("maml_linear", MAML(Linear(), inner_steps=3, inner_lr=0.05, lr_mode="scalar"),
           regression),
     Entry("maml_mlp_metasgd", MAML(MLP((8,)), inner_steps=2, lr_mode="per_param"), regression),
@@ -107,8 +123,8 @@ TRAINABLE = [e for e in LEARNERS if e.trainable]
 # and population checks compile both loops for 5-30 s each: they run by default for one
 # learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
 SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline"}
-SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "maml_cnn", "protonet", "lsa",
-              "lsa_softmax", "maml_mlp_metasgd", "hebbian"}
+SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "continual_ht", "const_pn",
+              "maml_cnn", "protonet", "lsa", "lsa_softmax", "maml_mlp_metasgd", "hebbian"}
 
 
 def with_slow(entries: list[Entry], slow: set[str]) -> list:

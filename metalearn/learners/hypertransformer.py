@@ -176,6 +176,11 @@ class HyperTransformer(InnerLearner):
             raise ValueError(f"episodes have {int(jnp.max(y)) + 1} classes but the "
                              f"HyperTransformer generates a {self.ways}-way logits layer; set "
                              f"{setting('ways', 'learner.ways', str(int(jnp.max(y)) + 1))} or more")
+        return self._init_meta(key, x, logits=True)
+
+    def _init_meta(self, key: Array, x: Array, logits: bool) -> MetaParams:
+        """The meta-parameters for images like `x`: a generator per generated conv layer and,
+        with `logits`, one for the logits layer (last)."""
         k_cnn, k_shared, k_gen = jax.random.split(key, 3)
         cnn = self.cnn.init(k_cnn, x)
         blocks = [{"scale": b["scale"], "shift": b["shift"],
@@ -187,26 +192,31 @@ class HyperTransformer(InnerLearner):
             widths = [x.shape[-1]] + [self.shared_features] * 4
             meta["shared"] = [nn.init_conv(k, a, b) for k, a, b in
                               zip(ks, widths[:-1], widths[1:], strict=True)]
-        shapes = self._layer_shapes(x)
-        for i, (k, (c_in, slices, size)) in enumerate(zip(jax.random.split(k_gen, len(shapes)),
-                                                          shapes, strict=True)):
-            logits = i == len(shapes) - 1
-            n_conv = 1 if logits else 2
-            local = n_conv * self.local_features
-            width = self._token_width(size, local)
-            kf, kt, kl, kp = jax.random.split(k, 4)
-            fe_widths = [c_in] + [self.local_features] * n_conv
-            labels = jax.random.normal(kl, (self.ways + 1, self.embed_dim))
-            meta["generators"].append({
-                "features": [nn.init_conv(kk, a, b) for kk, a, b in zip(
-                    jax.random.split(kf, n_conv), fe_widths[:-1], fe_widths[1:], strict=True)],
-                "transformer": [_matched(lay) if logits else lay for lay in nn.init_transformer(
-                    kt, width, self.num_layers, self.heads, self.width_fraction)],
-                "labels": labels,
-                # the logits generator's placeholder j starts as a copy of label j's embedding
-                "placeholders": labels[:self.ways] + 0.0 if logits else
-                jax.random.normal(kp, (slices, self.embed_dim))})
+        shapes = self._layer_shapes(x)[:None if logits else -1]
+        meta["generators"] = [
+            self._init_generator(k, c_in, slices, size, logits and i == len(shapes) - 1)
+            for i, (k, (c_in, slices, size)) in enumerate(
+                zip(jax.random.split(k_gen, len(shapes)), shapes, strict=True))]
         return meta
+
+    def _init_generator(self, key: Array, c_in: int, slices: int, size: int,
+                        logits: bool) -> dict:
+        """G_l: the activation features h^l, the transformer, label embeddings xi (`ways` + 1,
+        the last for "unlabeled") and placeholders mu_j of one generated layer."""
+        n_conv = 1 if logits else 2
+        width = self._token_width(size, n_conv * self.local_features)
+        kf, kt, kl, kp = jax.random.split(key, 4)
+        fe_widths = [c_in] + [self.local_features] * n_conv
+        labels = jax.random.normal(kl, (self.ways + 1, self.embed_dim))
+        return {
+            "features": [nn.init_conv(kk, a, b) for kk, a, b in zip(
+                jax.random.split(kf, n_conv), fe_widths[:-1], fe_widths[1:], strict=True)],
+            "transformer": [_matched(lay) if logits else lay for lay in nn.init_transformer(
+                kt, width, self.num_layers, self.heads, self.width_fraction)],
+            "labels": labels,
+            # the logits generator's placeholder j starts as a copy of label j's embedding
+            "placeholders": labels[:self.ways] + 0.0 if logits else
+            jax.random.normal(kp, (slices, self.embed_dim))}
 
     # ----- generation
     def _shared(self, meta: MetaParams, x: Array) -> Array:
@@ -221,35 +231,51 @@ class HyperTransformer(InnerLearner):
         return jnp.mean(h, axis=(1, 2))
 
     def _generate(self, gen: dict, acts: Array, token_labels: Array, shared: Array,
-                  slices: int, size: int) -> Array:
-        """Weight slices [slices, size] from the tokens of the support samples."""
+                  slices: int, size: int, previous: Array | None = None) -> Array:
+        """Weight slices [slices, size] from the tokens of the support samples; `previous`
+        [slices, size] fills each placeholder token where its slice is read (the Continual
+        HyperTransformer's theta_{t-1}), zeros otherwise."""
         n_conv = len(gen["features"])
         local = _conv_features(gen["features"], acts, (2, 1)[:n_conv])
         feats = jnp.concatenate([gen["labels"][token_labels], local, shared], axis=-1)
         width = self._token_width(size, local.shape[-1])
         samples = jnp.pad(feats, ((0, 0), (0, width - feats.shape[-1])))
-        holders = jnp.pad(gen["placeholders"], ((0, 0), (0, width - self.embed_dim)))
+        holders = gen["placeholders"] if previous is None else jnp.concatenate(
+            [gen["placeholders"], previous.astype(feats.dtype)], axis=-1)
+        holders = jnp.pad(holders, ((0, 0), (0, width - holders.shape[-1])))
         out = nn.transformer(gen["transformer"], jnp.concatenate([holders, samples]),
                              self.heads)
         return out[:slices, self.embed_dim:self.embed_dim + size]
 
-    def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
-        """Generate the CNN layer by layer; returns its parameters and the support statistics."""
+    def _tokens(self, support: Support) -> tuple[Array, Array]:
+        """The support images, unlabeled ones last, and their token labels (`ways`: none)."""
         n = support.x.shape[0]
         x = support.x if support.unlabeled_x is None else jnp.concatenate(
             [support.x, support.unlabeled_x])
         labels = jnp.concatenate([support.y, jnp.full((x.shape[0] - n,), self.ways,
                                                       support.y.dtype)])
+        return x, labels
+
+    def _generate_blocks(self, meta: MetaParams, x: Array, labels: Array, n: int,
+                         previous: list[Array] | None = None
+                         ) -> tuple[list[dict], list, Array, Array, list[Array]]:
+        """The conv blocks, generated in order from tokens of `x` (the first `n` labelled:
+        their statistics normalise every block): (blocks, statistics, output activations,
+        shared features, each generated layer's raw slices). `previous`: one [slices, size]
+        array per generated conv layer for the placeholder tokens (`_generate`)."""
         shared = self._shared(meta, x)
-        shapes = iter(self._layer_shapes(support.x[:1]))
+        shapes = iter(self._layer_shapes(x[:1]))
         gens = iter(meta["generators"])
-        blocks, stats, h = [], [], x
+        prev = iter(previous or [])
+        blocks, stats, raws, h = [], [], [], x
         for i, bn in enumerate(meta["cnn"]["blocks"]):
             if i < self.trained_blocks:
                 w = bn["w"]
             else:
                 c_in, slices, size = next(shapes)
-                raw = self._generate(next(gens), h, labels, shared, slices, size)
+                raw = self._generate(next(gens), h, labels, shared, slices, size,
+                                     next(prev) if previous is not None else None)
+                raws.append(raw)
                 w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
                 if self.learned_base:
                     w = w + bn["w"]
@@ -257,8 +283,14 @@ class HyperTransformer(InnerLearner):
             h, _ = nn.conv_bn_relu_pool(h, w, bn["scale"], bn["shift"], s)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
-        _, slices, size = next(shapes)
-        raw = self._generate(next(gens), h, labels, shared, slices, size)
+        return blocks, stats, h, shared, raws
+
+    def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
+        """Generate the CNN layer by layer; returns its parameters and the support statistics."""
+        x, labels = self._tokens(support)
+        blocks, stats, h, shared, _ = self._generate_blocks(meta, x, labels, support.x.shape[0])
+        _, slices, size = self._layer_shapes(support.x[:1])[-1]
+        raw = self._generate(meta["generators"][-1], h, labels, shared, slices, size)
         head = {"w": raw[:, :-1].T / math.sqrt(size - 1), "b": raw[:, -1]}
         present = jnp.zeros((self.ways,), bool).at[support.y].set(True)
         return {"params": {"blocks": blocks, "head": head}, "stats": stats, "present": present}

@@ -1,0 +1,227 @@
+"""The Continual HyperTransformer's recursion and losses against a step-by-step reference, the
+task- and class-incremental masking, and the continual sampler's class bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.core import Episode
+from metalearn.learners.continual import ConstPN, ContinualHyperTransformer, label_logits
+from metalearn.learners.hypertransformer import HyperTransformer
+from metalearn.learners.protonet import MASKED_LOGIT
+from metalearn.tasks.continual import ContinualSampler
+from metalearn.tasks.fewshot import FewShotSampler
+from metalearn.tasks.testing import synthetic_dataset
+
+T, N, K, Q = 3, 3, 2, 2
+SMALL = dict(channels=4, num_blocks=2, embed_dim=8, shared_features=4, local_features=4,
+             num_layers=1)
+
+
+@cache
+def base() -> FewShotSampler:
+    return FewShotSampler(synthetic_dataset(classes=16, examples=6, size=8), N, K, Q)
+
+
+@cache
+def sequence() -> Episode:
+    return ContinualSampler(base(), tasks=T).sample(jax.random.PRNGKey(0))
+
+
+@cache
+def cht() -> tuple[ContinualHyperTransformer, dict]:
+    learner = ContinualHyperTransformer(ways=N, tasks=T, **SMALL)
+    meta = learner.init(jax.random.PRNGKey(1), sequence())
+    # a nonzero theta_{-1}, so that feeding weights back is not a no-op anywhere
+    meta["initial"] = [jax.random.normal(jax.random.PRNGKey(2), a.shape) for a in
+                       meta["initial"]]
+    return learner, meta
+
+
+def _chunk(a, t, n):
+    return a[t * n:(t + 1) * n]
+
+
+def test_theta_t_depends_on_theta_t_minus_1_and_s_t_only():
+    learner, meta = cht()
+    ep = sequence()
+    other = jax.random.uniform(jax.random.PRNGKey(9), ep.support_x[:N * K].shape)
+    changed = ep.support_x.at[:N * K].set(other)  # a different S_0
+    rec = jax.jit(learner.generated)
+    a = rec(meta, ep.support())
+    b = rec(meta, ep.support()._replace(x=changed))
+    w = lambda g: np.asarray(g["blocks"][0]["w"])
+    assert not np.allclose(w(a[0]), w(b[0]))
+    assert not np.allclose(w(a[1]), w(b[1]))  # S_0 reaches theta_1 through theta_0
+    indep = dataclasses.replace(learner, recurrent=False)
+    gen = jax.jit(indep.generated)
+    c = gen(meta, ep.support())
+    d = gen(meta, ep.support()._replace(x=changed))
+    np.testing.assert_array_equal(w(c[1]), w(d[1]))  # without the recursion it does not
+    # a later support set leaves the earlier weights alone
+    late = ep.support_x.at[-N * K:].set(other)
+    e = rec(meta, ep.support()._replace(x=late))
+    np.testing.assert_array_equal(w(a[0]), w(e[0]))
+    np.testing.assert_array_equal(w(a[1]), w(e[1]))
+
+
+def test_one_task_with_zero_initial_weights_is_the_hypertransformer():
+    """T = 1 and theta_{-1} = 0: the conv weights are the HyperTransformer's, generated from the
+    same meta-parameters; the loss is ProtoNet's on the generated CNN's embeddings."""
+    ep = ContinualSampler(base(), tasks=1).sample(jax.random.PRNGKey(3))
+    learner = ContinualHyperTransformer(ways=N, tasks=1, **SMALL)
+    meta = learner.init(jax.random.PRNGKey(4), ep)
+    assert all(not np.any(a) for a in meta["initial"])
+    ht = HyperTransformer(ways=N, **SMALL)
+    y = learner._within(ep.support_y)[1]
+    ht_meta = {**ht.init(jax.random.PRNGKey(4), ep._replace(support_y=y)), **{
+        k: meta[k] for k in ("cnn", "shared")}}
+    ht_meta["generators"] = meta["generators"] + ht_meta["generators"][-1:]
+    want = ht.generated(ht_meta, ep.support()._replace(y=y))["blocks"]
+    got = learner.generated(meta, ep.support())[0]["blocks"]
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_allclose(g["w"], h["w"], rtol=1e-5, atol=1e-6)
+    # the loss: cross-entropy of -||f(q) - c_k||^2 over the task's prototypes
+    emb_s, stats = learner.embedding.apply({"blocks": got}, ep.support_x)
+    emb_q, _ = learner.embedding.apply({"blocks": got}, ep.query_x, stats)
+    qy = learner._within(ep.support_y)[1][0] * 0 + jnp.searchsorted(
+        learner._within(ep.support_y)[0], ep.query_y)
+    protos = jnp.stack([emb_s[y == k].mean(0) for k in range(N)])
+    logits = -jnp.sum((emb_q[:, None] - protos[None]) ** 2, -1)
+    nll = -jax.nn.log_softmax(logits)[jnp.arange(len(qy)), qy]
+    loss, metrics = learner.loss(meta, ep, None)
+    np.testing.assert_allclose(loss, jnp.mean(nll), rtol=1e-4)
+    np.testing.assert_allclose(metrics["accuracy"], jnp.mean(jnp.argmax(logits, 1) == qy))
+
+
+@pytest.mark.parametrize("prototypes", ["frozen", "recomputed"])
+def test_unroll_matches_a_step_by_step_reference(prototypes):
+    learner, meta = cht()
+    learner = dataclasses.replace(learner, prototypes=prototypes)
+    ep = sequence()
+    thetas = jax.jit(learner.generated)(meta, ep.support())
+    emb = learner.embedding
+
+    def embed_fn(t):
+        stats = emb.apply(thetas[t], _chunk(ep.support_x, t, N * K))[1]
+        return lambda x: np.asarray(emb.apply(thetas[t], x, stats)[0])
+
+    want = {k: np.zeros((T, T)) for k in ("ci_accuracy", "ti_accuracy", "ci_loss", "ti_loss")}
+    for t in range(T):
+        f = embed_fn(t)
+        protos, plabels, ptask = [], [], []
+        for s in range(t + 1):
+            g = f if prototypes == "recomputed" else embed_fn(s)
+            xs, ys = _chunk(ep.support_x, s, N * K), np.asarray(_chunk(ep.support_y, s, N * K))
+            e = g(xs)
+            for c in np.unique(ys):
+                protos.append(e[ys == c].mean(0))
+                plabels.append(c)
+                ptask.append(s)
+        protos, plabels, ptask = map(np.asarray, (protos, plabels, ptask))
+        for tau in range(t + 1):
+            eq = f(_chunk(ep.query_x, tau, N * Q))
+            qy = np.asarray(_chunk(ep.query_y, tau, N * Q))
+            d = -((eq[:, None] - protos[None]) ** 2).sum(-1)
+            for kind, allowed in (("ci", np.ones(len(protos), bool)), ("ti", ptask == tau)):
+                classes = plabels[allowed]  # every class once here (no class comes back)
+                lg = d[:, allowed]
+                logp = lg - np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1,
+                                   keepdims=True)) - lg.max(1, keepdims=True)
+                col = np.array([list(classes).index(y) for y in qy])
+                want[f"{kind}_loss"][t, tau] = -logp[np.arange(len(qy)), col].mean()
+                want[f"{kind}_accuracy"][t, tau] = np.mean(classes[lg.argmax(1)] == qy)
+    got = jax.jit(learner.unroll)(meta, ep)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=2e-3, atol=2e-4, err_msg=k)
+    loss, metrics = learner.loss(meta, ep, None)
+    np.testing.assert_allclose(loss, want["ci_loss"].sum() / (T * (T + 1) / 2), rtol=1e-3)
+    np.testing.assert_allclose(metrics["accuracy"], want["ci_accuracy"][-1].mean(), atol=1e-6)
+
+
+def test_class_incremental_logits_pool_a_class_and_task_incremental_mask_others():
+    d = jnp.array([[-1.0, -2.0, -3.0, -4.0]])  # one query, four prototypes
+    labels = jnp.array([0, 1, 0, 4])  # class 0 has two prototypes; label 4 = none
+    everything = jnp.ones((1, 4), bool)
+    out = label_logits(d, labels, everything, 4)
+    np.testing.assert_allclose(out[0, 0], jnp.logaddexp(-1.0, -3.0), rtol=1e-6)
+    assert out[0, 1] == -2.0 and out[0, 2] == MASKED_LOGIT and out[0, 3] == MASKED_LOGIT
+    task_only = jnp.array([[False, True, True, False]])  # the query's task: prototypes 1, 2
+    out = label_logits(d, labels, task_only, 4)
+    assert out[0, 0] == -3.0 and out[0, 1] == -2.0
+
+
+def test_frozen_and_recomputed_agree_for_a_fixed_embedding():
+    """ConstPN's embedding does not change with the task, except its batch statistics: with
+    one task there is nothing to recompute."""
+    ep = ContinualSampler(base(), tasks=1).sample(jax.random.PRNGKey(5))
+    a = ConstPN(ways=N, tasks=1, channels=4, num_blocks=2)
+    meta = a.init(jax.random.PRNGKey(0), ep)
+    b = dataclasses.replace(a, prototypes="recomputed")
+    np.testing.assert_allclose(a.loss(meta, ep, None)[0], b.loss(meta, ep, None)[0], rtol=1e-5)
+
+
+# ----- the sampler
+
+
+def _refs(sampler, seed=0):
+    s, q, chosen = jax.jit(sampler.sample_refs)(jax.random.PRNGKey(seed))
+    return jax.tree.map(np.asarray, s), jax.tree.map(np.asarray, q), np.asarray(chosen)
+
+
+@pytest.mark.parametrize("pool", [0, 5, N])
+def test_sampler_class_bookkeeping(pool):
+    sampler = ContinualSampler(base(), tasks=T, pool=pool)
+    s, q, chosen = _refs(sampler)
+    P = pool or T * N
+    assert len(set(chosen.tolist())) == P
+    for t in range(T):
+        ys, yq = _chunk(s.label, t, N * K), _chunk(q.label, t, N * Q)
+        assert len(set(ys.tolist())) == N and set(yq.tolist()) == set(ys.tolist())
+        assert all(np.sum(ys == c) == K for c in set(ys.tolist()))
+        for r, y in ((s, ys), (q, yq)):  # a label is one dataset class, in every task
+            np.testing.assert_array_equal(_chunk(r.cls, t, len(y)), chosen[y] % 16)
+        # support and query images of a class within a task are distinct
+        for c in set(ys.tolist()):
+            a = _chunk(s.example, t, N * K)[ys == c]
+            b = _chunk(q.example, t, N * Q)[yq == c]
+            assert len(set(a.tolist()) | set(b.tolist())) == K + Q
+    tasks = [set(_chunk(s.label, t, N * K).tolist()) for t in range(T)]
+    if pool == 0:  # every task new classes, labels 0..T*N-1 in task order
+        assert set().union(*tasks) == set(range(T * N))
+        assert all(tasks[t] == set(range(t * N, (t + 1) * N)) for t in range(T))
+    elif pool == N:  # every task the same classes
+        assert all(x == tasks[0] for x in tasks)
+    else:
+        assert set().union(*tasks) <= set(range(pool))
+
+
+def test_sampler_is_seeded_and_jit_equals_eager():
+    sampler = ContinualSampler(base(), tasks=T)
+    a = sampler.sample(jax.random.PRNGKey(7))
+    b = jax.jit(lambda smp, k: smp.sample(k))(sampler, jax.random.PRNGKey(7))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    c = sampler.sample(jax.random.PRNGKey(8))
+    assert not np.array_equal(a.support_y, c.support_y)
+    assert a.support_x.shape == (T * N * K, 8, 8, 1) and a.query_x.shape == (T * N * Q, 8, 8, 1)
+
+
+def test_sampler_and_learner_errors_name_the_fix():
+    with pytest.raises(ValueError, match="pool=20 classes must lie between"):
+        ContinualSampler(base(), tasks=2, pool=20)
+    with pytest.raises(ValueError, match="the dataset has 16"):
+        ContinualSampler(base(), tasks=6)
+    with pytest.raises(ValueError, match="multiple of tasks x ways"):
+        ContinualHyperTransformer(ways=N, tasks=4, **SMALL).init(jax.random.PRNGKey(0),
+                                                                 sequence())
+    with pytest.raises(ValueError, match="prototypes='stale'"):
+        ConstPN(prototypes="stale")
+    with pytest.raises(ValueError, match="no logits layer"):
+        ContinualHyperTransformer(num_blocks=2, trained_blocks=2)
