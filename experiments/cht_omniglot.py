@@ -29,7 +29,7 @@ from metalearn.tasks.continual import ContinualSampler
 METHODS = ("cht", "constpn")
 HT_FIELDS = ("channels", "num_blocks", "trained_blocks", "learned_base", "embed_dim",
              "shared_features", "local_features", "num_layers", "heads", "width_fraction",
-             "sequential", "prototypes", "objective")
+             "sequential", "prototypes", "objective", "merged")
 
 
 def get_config() -> ConfigDict:
@@ -44,7 +44,7 @@ def get_config() -> ConfigDict:
                             "trained_blocks": 0, "learned_base": False, "embed_dim": 32,
                             "shared_features": 32, "local_features": 8, "num_layers": 3,
                             "heads": 2, "width_fraction": 1.0, "sequential": True,
-                            "prototypes": "frozen", "objective": "class"})
+                            "prototypes": "frozen", "objective": "class", "merged": False})
     c.report_episodes = 500
     c.report_baselines = ""
     c.outer.batch_size = 1
@@ -65,6 +65,8 @@ DOCS = {**_omniglot.DOCS,
                               "recomputed (every past support set re-embedded each task)",
         "learner.objective": "training loss over the prototypes of every task seen (class) or "
                              "of the query's own task (task)",
+        "learner.merged": "MergedHT (the paper's upper bound): the weights after task t are "
+                          "generated from the support sets of tasks 0..t at once",
         "report_episodes": "test sequences of task.eval_tasks tasks in the report",
         "report_baselines": "run directories (comma-separated) of other continual learners "
                             "scored on the report's sequences, e.g. a learner.method=constpn run",

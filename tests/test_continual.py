@@ -145,6 +145,22 @@ def test_unroll_matches_a_step_by_step_reference(prototypes):
     np.testing.assert_allclose(metrics["accuracy"], want["ci_accuracy"][-1].mean(), atol=1e-6)
 
 
+def test_merged_ht_generates_from_every_support_set_so_far():
+    learner, meta = cht()
+    merged = dataclasses.replace(learner, merged=True)
+    ep = sequence()
+    a, b = jax.jit(learner.unroll)(meta, ep), jax.jit(merged.unroll)(meta, ep)
+    for k in a:  # after the first task both have seen S_0 alone, from theta_{-1}
+        np.testing.assert_allclose(a[k][0], b[k][0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(a["ci_loss"][-1], b["ci_loss"][-1])
+    got = jax.jit(merged.generated)(meta, ep.support())[1]["blocks"]
+    x = ep.support_x[:2 * N * K]
+    y = jnp.concatenate([merged._within(ep.support_y[:N * K])[1],
+                         merged._within(ep.support_y[N * K:2 * N * K])[1]])
+    want = merged._generate_blocks(meta, x, y, 2 * N * K, meta["initial"])[0]
+    np.testing.assert_allclose(got[0]["w"], want[0]["w"], rtol=1e-5, atol=1e-6)
+
+
 def test_class_incremental_logits_pool_a_class_and_task_incremental_mask_others():
     d = jnp.array([[-1.0, -2.0, -3.0, -4.0]])  # one query, four prototypes
     labels = jnp.array([0, 1, 0, 4])  # class 0 has two prototypes; label 4 = none

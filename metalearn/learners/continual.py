@@ -45,6 +45,10 @@ Batch norm: each generated CNN theta_t normalises with the statistics of its own
 labelled support S_t (as the HyperTransformer here does), and those are the statistics used when
 theta_t embeds old tasks' queries. `recurrent=False` generates every theta_t from theta_{-1} and
 S_t alone: a plain HyperTransformer run on each task independently, the baseline that forgets.
+`merged=True` is the paper's MergedHT upper bound: theta_t = HT(S_0 + ... + S_t, theta_{-1}),
+one generation from every support set so far given at once (each sample keeps its label token
+within its own task: the generator's label embeddings are those of N-way tasks), prototypes
+from that one CNN; not continual, it needs every past support set.
 With T = 1 the model is a HyperTransformer with a prototypical head.
 
 Episodes (`metalearn.tasks.continual.ContinualSampler`) hold the T tasks as consecutive equal
@@ -266,10 +270,14 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     prototypes: str = "frozen"  # or "recomputed" (module docstring)
     objective: str = "class"  # training loss: class- or task-incremental
     recurrent: bool = True  # False: every task from theta_{-1} (a HyperTransformer per task)
+    merged: bool = False  # MergedHT: theta_t = HT(S_0 + ... + S_t, theta_{-1}), all at once
 
     def __post_init__(self) -> None:
         HyperTransformer.__post_init__(self)
         self._check_continual()
+        if self.merged and not self.recurrent:
+            raise ValueError("ContinualHyperTransformer: merged=True (every support set at "
+                             "once) and recurrent=False exclude each other; choose one")
         if self.trained_blocks >= self.num_blocks:
             raise ValueError("ContinualHyperTransformer generates conv layers (it has no "
                              "logits layer): trained_blocks must be < num_blocks, got "
@@ -291,6 +299,33 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     def _initial(self, meta: MetaParams) -> list[Array]:
         return meta["initial"]
 
+    def _run(self, meta: MetaParams, support: Support,
+             score: Callable[[PyTree, Array, Array], PyTree] | None = None
+             ) -> tuple[PyTree, Array, Array, PyTree]:
+        if not self.merged:
+            return super()._run(meta, support, score)
+        # MergedHT: step t sees the support sets of tasks 0..t at once (one generation of a
+        # growing token set, unrolled), and its prototypes come from that one CNN
+        T, C = self.tasks, self.num_classes
+        sx, sy = self._chunks(support.x), self._chunks(support.y)
+        uniq, within = jax.vmap(self._within)(sy)
+        outs, model = [], None
+        for t in range(T):
+            x, w = sx[:t + 1].reshape(-1, *sx.shape[2:]), within[:t + 1].reshape(-1)
+            blocks, stats, h, _, _ = self._generate_blocks(meta, x, w, x.shape[0],
+                                                           meta["initial"])
+            model = (blocks, stats)
+            emb = h.reshape(t + 1, sx.shape[1], -1)
+            p, counts = jax.vmap(class_prototypes, in_axes=(0, 0, None))(
+                emb, within[:t + 1], self.ways)
+            protos = jnp.zeros((T, self.ways, p.shape[-1]), p.dtype).at[:t + 1].set(p)
+            labels = jnp.full((T, self.ways), C, jnp.int32).at[:t + 1].set(
+                jnp.where(counts > 0, uniq[:t + 1], C))
+            if score is not None:
+                outs.append(score(model, protos, labels))
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else ()
+        return model, protos, labels, stacked
+
     def _learn(self, meta: MetaParams, carry: list[Array], x: Array, within: Array
                ) -> tuple[list[Array], tuple, Array]:
         previous = carry if self.recurrent else meta["initial"]
@@ -304,9 +339,15 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     def generated(self, meta: MetaParams, support: Support) -> list[PyTree]:
         """The CNN parameters theta_0..theta_{T-1} generated along the support's tasks."""
         sx, sy = self._chunks(support.x), self._chunks(support.y)
+        within = jax.vmap(self._within)(sy)[1]
         carry, out = self._initial(meta), []
         for t in range(self.tasks):
-            carry, (blocks, _), _ = self._learn(meta, carry, sx[t], self._within(sy[t])[1])
+            if self.merged:
+                x = sx[:t + 1].reshape(-1, *sx.shape[2:])
+                blocks = self._generate_blocks(meta, x, within[:t + 1].reshape(-1),
+                                               x.shape[0], meta["initial"])[0]
+            else:
+                carry, (blocks, _), _ = self._learn(meta, carry, sx[t], within[t])
             out.append({"blocks": blocks})
         return out
 
