@@ -20,7 +20,7 @@ from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.testing import synthetic_dataset
 
 T, N, K, Q = 3, 3, 2, 2
-SMALL = dict(channels=4, num_blocks=2, embed_dim=8, shared_features=4, local_features=4,
+SMALL = dict(channels=4, num_blocks=1, embed_dim=8, shared_features=4, local_features=4,
              num_layers=1)
 
 
@@ -100,7 +100,8 @@ def test_one_task_with_zero_initial_weights_is_the_hypertransformer():
     np.testing.assert_allclose(metrics["accuracy"], jnp.mean(jnp.argmax(logits, 1) == qy))
 
 
-@pytest.mark.parametrize("prototypes", ["frozen", "recomputed"])
+@pytest.mark.parametrize("prototypes", ["frozen", pytest.param("recomputed",
+                                                                marks=pytest.mark.slow)])
 def test_unroll_matches_a_step_by_step_reference(prototypes):
     learner, meta = cht()
     learner = dataclasses.replace(learner, prototypes=prototypes)
