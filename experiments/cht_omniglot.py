@@ -58,7 +58,7 @@ DOCS = {**_omniglot.DOCS,
                      "classes; ways: every task the same classes, in mini-batches)",
         "learner.method": "cht (Continual HyperTransformer) or constpn (one fixed CNN with "
                           "task-aware prototypes, the paper's ConstPN baseline)",
-        **{k: v for k, v in HT_DOCS.items() if k.startswith("learner.")},
+        **{k: v for k, v in HT_DOCS.items() if k.removeprefix("learner.") in HT_FIELDS},
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool); the "
                               "flattened output is the embedding",
         "learner.prototypes": "frozen (computed when a task is learned, kept: replay-free) or "

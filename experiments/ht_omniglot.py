@@ -19,7 +19,8 @@ def get_config() -> ConfigDict:
     c.learner = ConfigDict({"channels": 8, "num_blocks": 4, "trained_blocks": 0,
                             "learned_base": False, "embed_dim": 32,
                             "shared_features": 32, "local_features": 8, "num_layers": 3,
-                            "heads": 2, "width_fraction": 1.0, "sequential": True})
+                            "heads": 2, "width_fraction": 1.0, "sequential": True,
+                            "batch_norm": "support"})
     return c
 
 
@@ -36,6 +37,9 @@ DOCS = {**_omniglot.DOCS,
         "learner.num_layers": "transformer layers per generated CNN layer",
         "learner.heads": "attention heads",
         "learner.width_fraction": "query/key, value and feed-forward sizes / token width (nu)",
+        "learner.batch_norm": "queries normalised with the support's batch-norm statistics "
+                              "(support) or with their own batch's, as the official code "
+                              "(batch: transductive)",
         "learner.sequential": "run a batch's episodes one after another when conv layers are "
                               "generated (faster on CPU; false on accelerators); same numbers"}
 

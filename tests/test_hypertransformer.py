@@ -62,6 +62,48 @@ def test_generated_cnn_is_a_plain_cnn_with_the_predicted_logits():
     np.testing.assert_allclose(ht.predict(meta, state, ep.query_x), logits, rtol=1e-6)
 
 
+def test_first_kernel_from_a_hand_built_token_sequence():
+    """Layer 1's kernel is the transformer over [mu_j ; 0] and [xi(c_i) ; h(x_i) ; s(x_i) ; 0]
+    tokens, read from placeholder j's outputs past d, scaled by 1/sqrt(9 C_in), laid out
+    [3, 3, C_in, C_out] (the official code's output-channel allocation)."""
+    ht, meta, ep = setup()
+    x, y = np.asarray(ep.support_x), np.asarray(ep.support_y)
+    gen, d = meta["generators"][0], ht.embed_dim
+    f1, f2 = gen["features"]
+    conv = lambda h, w: jax.lax.conv_general_dilated(
+        h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    z1 = conv(x, f1)[:, ::2, ::2]  # two 3x3 convs, stride 2 then 1, ReLU between
+    z2 = conv(jax.nn.relu(z1), f2)
+    local = jnp.concatenate([z1.mean((1, 2)), z2.mean((1, 2))], -1)
+    h = x
+    for i, w in enumerate(meta["shared"]):
+        h = jax.nn.relu(conv(h, w))
+        h = h[:, ::2, ::2] if i < 3 else h
+    shared = h.mean((1, 2))
+    c_in, size = x.shape[-1], 9 * x.shape[-1]
+    width = d + max(size, local.shape[1] + shared.shape[1])
+    samples = jnp.concatenate([gen["labels"][y], local, shared], -1)
+    tokens = jnp.concatenate([
+        jnp.pad(gen["placeholders"], ((0, 0), (0, width - d))),
+        jnp.pad(samples, ((0, 0), (0, width - samples.shape[1])))])
+    out = transformer(gen["transformer"], tokens, ht.heads)[:ht.channels, d:d + size]
+    want = jnp.moveaxis(out.reshape(ht.channels, 3, 3, c_in), 0, -1) / np.sqrt(size)
+    got = ht.generated(meta, ep.support())["blocks"][0]["w"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_batch_makes_queries_depend_on_their_batch():
+    ht, meta, ep = setup()
+    for mode, alone in (("support", True), ("batch", False)):
+        m = HyperTransformer(**{**SMALL, "batch_norm": mode})
+        state = m.adapt(meta, ep.support(), None)
+        full = m.predict(meta, state, ep.query_x)[:2]
+        part = m.predict(meta, state, ep.query_x[:2])
+        assert np.allclose(full, part, rtol=1e-5, atol=1e-5) == alone, mode
+    with pytest.raises(ValueError, match="batch_norm='global'"):
+        HyperTransformer(batch_norm="global")
+
+
 def test_generated_weights_ignore_the_order_of_the_support():
     ht, meta, ep = setup()
     perm = np.random.default_rng(0).permutation(ep.support_x.shape[0])

@@ -275,6 +275,10 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     def __post_init__(self) -> None:
         HyperTransformer.__post_init__(self)
         self._check_continual()
+        if self.batch_norm != "support":
+            raise ValueError("ContinualHyperTransformer normalises with each task's support "
+                             "statistics (batch_norm='support'); a query batch's own "
+                             "statistics would mix the tasks being scored")
         if self.merged and not self.recurrent:
             raise ValueError("ContinualHyperTransformer: merged=True (every support set at "
                              "once) and recurrent=False exclude each other; choose one")

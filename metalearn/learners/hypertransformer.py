@@ -44,10 +44,29 @@ kernel in its padding instead left the plateau no sooner (300-350 steps), so the
 the paper's layout.
 
 Batch-norm scale and shift are meta-parameters, not generated (as in the paper). Batch-norm
-statistics are taken from the labelled support set, at every layer, and reused for the queries,
-as ProtoNet and MAML here do: a query's prediction depends on the support set and on that
-query alone. (The official code normalises every batch with its own statistics, queries
-included, which makes a query's prediction depend on the other queries.)
+statistics (`batch_norm`): "support" (default) takes them from the labelled support set, at
+every layer, and reuses them for the queries, as ProtoNet and MAML here do: a query's
+prediction depends on the support set and on that query alone. "batch" is the official code's
+handling (its BN always runs in training mode): the queries are normalised with their own
+batch's statistics, in training and evaluation, so a query's prediction depends on the other
+queries of its batch (transductive); generation still sees the support's statistics.
+
+Differences from the official TensorFlow code (google-research `hypertransformer/tf`), and why:
+- Block order: conv -> BN -> ReLU -> 2x2 max-pool (`metalearn.nn`'s few-shot CNN, shared with
+  ProtoNet and MAML so the widths compare), against the official conv -> ReLU -> max-pool -> BN.
+- Generated-weight scaling: each slice is divided by sqrt(fan-in); the official code reshapes
+  the transformer's output into the kernel as it is.
+- Initialisation of the logits generator (matched query/key, identity value/output maps,
+  placeholders copying the label embeddings; above): ours, to leave the ln N plateau.
+- Token layout, label embeddings (with xi-hat), placeholders, the shared 4-conv feature
+  extractor (stride 2 but the last, global mean) and layer-by-layer generation follow the
+  official code, as do the per-layer activation features h^l (two 3x3 convs, stride 2 then 1,
+  ReLU between, the pre-activation spatial means concatenated; one conv for the logits layer),
+  except that ours pad "same" (the official "valid", shrinking the kernel on maps under 3x3),
+  so every layer's features have one shape.
+- Batch-norm statistics at evaluation: `batch_norm` (above); "support" by default.
+- Episodes: support and query images are distinct (the official sampler draws them
+  independently, so a query can repeat a support image).
 
 Modes: `trained_blocks = k` keeps the first k conv blocks as ordinary meta-parameters and
 generates the rest (k = `num_blocks`: the paper's "logits only" mode for wide CNNs); the logits
@@ -122,6 +141,7 @@ class HyperTransformer(InnerLearner):
     # which take 1.6x the time on CPU (benchmarks/hypertransformer.py). Same numbers either
     # way; False where grouped convolutions are fast (accelerators).
     sequential: bool = True
+    batch_norm: str = "support"  # query statistics: "support" (ours) or "batch" (official)
 
     @property
     def sequential_episodes(self) -> bool:
@@ -136,6 +156,10 @@ class HyperTransformer(InnerLearner):
             raise ValueError(f"HyperTransformer.trained_blocks must be in 0..num_blocks="
                              f"{self.num_blocks} (num_blocks: logits only), got "
                              f"{self.trained_blocks}")
+        if self.batch_norm not in ("support", "batch"):
+            raise ValueError(f"HyperTransformer.batch_norm={self.batch_norm!r}: use support "
+                             "(queries normalised with the support's statistics) or batch "
+                             "(each query batch its own, as the official code)")
         if min(self.embed_dim, self.local_features, self.num_layers, self.heads) < 1 \
                 or self.shared_features < 0 or self.width_fraction <= 0:
             raise ValueError("HyperTransformer needs embed_dim, local_features, num_layers, "
@@ -297,7 +321,8 @@ class HyperTransformer(InnerLearner):
 
     def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
         """Logits [Q, ways] of the generated CNN; classes without support images masked."""
-        logits, _ = self.cnn.apply(state["params"], query_x, state["stats"])
+        stats = state["stats"] if self.batch_norm == "support" else None  # None: the batch's
+        logits, _ = self.cnn.apply(state["params"], query_x, stats)
         return jnp.where(state["present"][None, :], logits, MASKED_LOGIT)
 
     def generated(self, meta: MetaParams, support: Support) -> PyTree:
