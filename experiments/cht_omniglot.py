@@ -34,7 +34,8 @@ HT_FIELDS = ("channels", "num_blocks", "trained_blocks", "learned_base", "embed_
 
 def get_config() -> ConfigDict:
     """Sequences of 5 tasks, 5-way 5-shot, 5 queries per class; an 8-channel 3-block CNN, every
-    conv layer generated; Adam 1e-3, one sequence per step; the Vinyals split."""
+    conv layer generated; Adam 1e-3 halved every 2,000 steps, gradients clipped to norm 1, one
+    sequence per step; the Vinyals split."""
     c = _omniglot.base_omniglot_config(report_settings="", steps=6000, eval_every=500,
                                        eval_episodes=100, test_episodes=500,
                                        checkpoint_every=500)
@@ -48,6 +49,9 @@ def get_config() -> ConfigDict:
     c.report_episodes = 500
     c.report_baselines = ""
     c.outer.batch_size = 1
+    g = c.outer.gradient
+    # clipped: one unclipped step can throw the loss up for good (docs/continual.md)
+    g.clip_norm, g.schedule, g.decay_every, g.decay_rate = 1.0, "step", 2000, 0.5
     return c
 
 
