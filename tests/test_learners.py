@@ -8,7 +8,8 @@ path) equal to a loop, same seed same numbers through both outer loops, and the 
 permutation behaviour of the support set.
 
 Registered: ProtoNet (on the CNN, and on an MLP embedding); the Continual HyperTransformer and
-its Constant ProtoNet baseline (on sequences of two tasks); MAML (second order, and first
+its Constant ProtoNet baseline (on sequences of two tasks); the learned optimizers MLPLOpt and
+AdafacLOpt; MAML (second order, and first
 order with Meta-SGD step sizes) on the CNN, the MLP and the linear model (ANIL, the head-only
 option, has its own tests in test_maml.py); LSA (linear and softmax); the multi-state Hebbian
 network (a random genome) and its Adam baseline; the explicit in-context baselines of
@@ -31,6 +32,7 @@ from metalearn.learners.continual import ConstPN, ContinualHyperTransformer
 from metalearn.learners.gd import GradientDescent, LeastSquares
 from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Network
 from metalearn.learners.hypertransformer import HyperTransformer
+from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.learners.lsa import LSA
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import ProtoNet
@@ -112,6 +114,9 @@ LEARNERS = [
     Entry("hebbian", HebbianLearner(ways=WAYS, hidden=(6,), inner_steps=2), images),
     Entry("hebbian_adam_baseline", GradientBaseline(ways=WAYS, hidden=(6,), inner_steps=2,
                                                     optimizer="adam"), images, trainable=False),
+    Entry("mlp_lopt", MLPLOpt(ways=WAYS, hidden=(6,), inner_steps=2), images),
+    Entry("adafac_lopt", AdafacLOpt(ways=WAYS, hidden=(6,), inner_steps=2, max_offset=50),
+          images),
     Entry("gd", GradientDescent(steps=2), regression),
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
@@ -120,12 +125,14 @@ TRAINABLE = [e for e in LEARNERS if e.trainable]
 # second MAML-CNN entry adds no path the first lacks: all its checks are slow. So are the
 # Hebbian entries' (about 1 s of compiling per random draw on XLA:CPU; tests/test_hebbian.py
 # checks the rule by default) and ConstPN's (the Continual HyperTransformer's path with a fixed
-# CNN; tests/test_continual.py checks it by default). The outer-loop
+# CNN; tests/test_continual.py checks it by default) and MLPLOpt's (AdafacLOpt takes the same
+# path by default). The outer-loop
 # and population checks compile both loops for 5-30 s each: they run by default for one
 # learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
-SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline", "const_pn"}
+SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline", "const_pn", "mlp_lopt"}
 SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "continual_ht", "const_pn",
-              "maml_cnn", "protonet", "lsa", "lsa_softmax", "maml_mlp_metasgd", "hebbian"}
+              "maml_cnn", "protonet", "lsa", "lsa_softmax", "maml_mlp_metasgd", "hebbian",
+              "adafac_lopt"}
 
 
 def with_slow(entries: list[Entry], slow: set[str]) -> list:

@@ -174,6 +174,19 @@ class _Network(InnerLearner):
                                                 maxval=lim)})
         return out
 
+    def mlp_outputs(self, weights: list[Array], x: Array) -> Array:
+        """The plain MLP of weights [n_c + 1, n_{c+1}] (bias last row): outputs [B, ways]."""
+        a = x
+        for c, w in enumerate(weights):
+            z = a @ w[:-1] + w[-1]
+            a = ACTIVATIONS[self.output_activation if c == len(weights) - 1
+                            else self.hidden_activation](z)
+        return a
+
+    def train_loss(self, weights: list[Array], x: Array, y: Array) -> Array:
+        """The inner training loss of the plain MLP: batch-mean 1/2 squared error to codes y."""
+        return 0.5 * jnp.mean(jnp.sum(jnp.square(self.mlp_outputs(weights, x) - y), axis=-1))
+
     def codes(self, y: Array) -> Array:
         """Target codes [B, ways] of integer labels."""
         return jax.nn.one_hot(y, self.ways) * (1.0 - self.target_low) + self.target_low
@@ -523,18 +536,11 @@ class GradientBaseline(_Network):
 
     def outputs(self, meta: MetaParams, state: tuple, x: Array) -> Array:
         """The MLP's outputs [B, ways]."""
-        a = x
-        ws = state[0]
-        for c, w in enumerate(ws):
-            z = a @ w[:-1] + w[-1]
-            a = ACTIVATIONS[self.output_activation if c == len(ws) - 1
-                            else self.hidden_activation](z)
-        return a
+        return self.mlp_outputs(state[0], x)
 
     def update(self, meta: MetaParams, state: tuple, x: Array, y: Array, t: Array) -> tuple:
         """One optimizer step on the batch."""
         w, opt = state
-        g = jax.grad(lambda p: 0.5 * jnp.mean(jnp.sum(jnp.square(
-            self.outputs(meta, (p, None), x) - y), axis=-1)))(w)
+        g = jax.grad(self.train_loss)(w, x, y)
         upd, opt = self.tx().update(g, opt, w)
         return optax.apply_updates(w, upd), opt

@@ -1,0 +1,152 @@
+"""Learned optimizers: features, update rule and starting point against the formulas, the
+NaN guard, step offsets, and meta-training that lowers the query loss."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.learners.hebbian import _Network
+from metalearn.learners.lopt import (
+    MLP_DECAYS,
+    TIME_SCALES,
+    AdafacLOpt,
+    MLPLOpt,
+    second_moment_normalize,
+)
+from metalearn.outer.gradient import GradientOuterLoop
+from metalearn.tasks.fewshot import FewShotSampler
+from metalearn.tasks.functions2d import Functions2D
+from metalearn.tasks.testing import synthetic_dataset
+
+NET = dict(ways=3, hidden=(6,), inner_steps=4)
+
+
+@cache
+def sampler() -> FewShotSampler:
+    return FewShotSampler(synthetic_dataset(classes=12, examples=8, size=6), 3, 4, 4)
+
+
+def episode():
+    return sampler().sample(jax.random.PRNGKey(0))
+
+
+def test_meta_parameter_counts_are_the_reference_models():
+    ep = episode()
+    for cls, n in ((MLPLOpt, 1762), (AdafacLOpt, 134)):
+        meta = cls(**NET).init(jax.random.PRNGKey(0), ep)
+        assert sum(a.size for a in jax.tree.leaves(meta)) == n
+
+
+def test_mlplopt_features_are_normalised_momenta():
+    lopt = MLPLOpt(**NET)
+    key = jax.random.PRNGKey(1)
+    p = jax.random.normal(key, (5, 4))
+    gs = [jax.random.normal(jax.random.fold_in(key, i), (5, 4)) for i in range(3)]
+    acc = lopt.init_accumulators(p)
+    for g in gs:
+        acc = lopt.accumulate(acc, g)
+    for j, b in enumerate(MLP_DECAYS):  # m <- b m + (1 - b) g, from zero
+        m = np.zeros((5, 4))
+        for g in gs:
+            m = b * m + (1 - b) * np.asarray(g)
+        np.testing.assert_allclose(acc[j], m, rtol=1e-5, atol=1e-7)
+    f = lopt.tensor_features(p, gs[-1], acc)
+    assert f.shape == (5, 4, 8)
+    np.testing.assert_allclose(f[..., 0], np.asarray(gs[-1]) / np.sqrt(
+        1e-5 + np.mean(np.asarray(gs[-1]) ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(np.mean(np.asarray(f[..., :2]) ** 2, axis=(0, 1)), 1.0,
+                               rtol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [MLPLOpt, AdafacLOpt])
+def test_update_is_p_minus_d_exp_a_times_constants(cls):
+    lopt = cls(**NET, start="random", step_mult=0.3, exp_mult=0.5)
+    meta = lopt.init(jax.random.PRNGKey(2), episode())
+    p = jax.random.normal(jax.random.PRNGKey(3), (4, 3))
+    g = jax.random.normal(jax.random.PRNGKey(4), (4, 3))
+    t = jnp.asarray(7)
+    new, acc = lopt.step(meta, p, g, lopt.init_accumulators(p), t)
+    feats = lopt.tensor_features(p, g, acc)
+    tf = np.tanh(7.0 / np.asarray(TIME_SCALES) - 1.0)
+    x = np.concatenate([np.asarray(feats), np.broadcast_to(tf, (4, 3, len(tf)))], -1)
+    h = x.reshape(-1, x.shape[-1])
+    for lay in meta["mlp"][:-1]:
+        h = np.maximum(h @ np.asarray(lay["w"]) + np.asarray(lay["b"]), 0.0)
+    out = (h @ np.asarray(meta["mlp"][-1]["w"]) + np.asarray(meta["mlp"][-1]["b"])).reshape(
+        4, 3, 2)
+    want = np.asarray(p) - out[..., 0] * np.exp(out[..., 1] * 0.5) * 0.3
+    np.testing.assert_allclose(new, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [MLPLOpt, AdafacLOpt])
+def test_sgd_start_is_normalised_gradient_descent(cls):
+    lopt = cls(**NET, step_mult=0.05)
+    meta = lopt.init(jax.random.PRNGKey(5), episode())
+    p = jax.random.normal(jax.random.PRNGKey(6), (4, 3))
+    g = jax.random.normal(jax.random.PRNGKey(7), (4, 3))
+    new, _ = lopt.step(meta, p, g, lopt.init_accumulators(p), jnp.asarray(0))
+    np.testing.assert_allclose(new, p - 0.05 * second_moment_normalize(g), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_diverged_inner_run_gives_the_capped_loss_and_finite_gradients():
+    lopt = MLPLOpt(**NET, step_mult=float("inf"), loss_cap=7.5, meta_loss="cross_entropy")
+    meta = lopt.init(jax.random.PRNGKey(8), episode())
+    raw = lambda lo, m: _Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]  # unguarded
+    assert not np.isfinite(jax.jit(raw, static_argnums=0)(lopt, meta))
+    loss, metrics = jax.jit(lopt.loss)(meta, episode(), jax.random.PRNGKey(0))
+    assert float(loss) == 7.5 and float(metrics["loss"]) == 7.5
+    grads = jax.jit(jax.grad(lambda m: lopt.loss(m, episode(), jax.random.PRNGKey(0))[0]))(meta)
+    assert all(bool(jnp.all(a == 0)) for a in jax.tree.leaves(grads))
+
+
+@pytest.mark.slow
+def test_the_guard_leaves_a_healthy_meta_gradient_alone():
+    ok = MLPLOpt(**NET, meta_loss="cross_entropy")
+    meta = ok.init(jax.random.PRNGKey(8), episode())
+    raw = lambda lo, m: _Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]
+    f = lambda m: ok.loss(m, episode(), jax.random.PRNGKey(0))[0]
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(f))(meta)),
+                    jax.tree.leaves(jax.jit(jax.grad(lambda m: raw(ok, m)))(meta)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_step_offsets_are_drawn_per_episode_from_the_key():
+    lopt = MLPLOpt(**NET, max_offset=1000)
+    meta = lopt.init(jax.random.PRNGKey(0), episode())
+    offsets = {int(lopt.init_state(meta, jax.random.PRNGKey(k), 36)[2]) for k in range(6)}
+    assert len(offsets) > 1 and all(0 <= o < 1000 for o in offsets)
+    again = int(lopt.init_state(meta, jax.random.PRNGKey(3), 36)[2])
+    assert again == int(lopt.init_state(meta, jax.random.PRNGKey(3), 36)[2])
+    assert int(MLPLOpt(**NET).init_state(meta, jax.random.PRNGKey(3), 36)[2]) == 0
+
+
+@pytest.mark.slow
+def test_meta_training_lowers_the_query_loss():
+    """20 meta-steps of the small optimizer on two-moons tasks (5 inner steps)."""
+    tasks = Functions2D(families=("moons",), num_support=32, num_queries=32)
+    lopt = AdafacLOpt(ways=2, hidden=(8,), inner_steps=5, step_mult=0.02,
+                      meta_loss="cross_entropy")
+    outer = GradientOuterLoop(learning_rate=1e-2, batch_size=8, steps_per_call=20)
+    state = outer.init(lopt, tasks, jax.random.PRNGKey(0))
+    held = tasks.sample_batch(jax.random.PRNGKey(99), 64)
+    keys = jax.random.split(jax.random.PRNGKey(1), 64)
+    query_loss = jax.jit(lambda meta: jnp.mean(jax.vmap(
+        lambda e, k: lopt.loss(meta, e, k)[0])(held, keys)))
+    before = float(query_loss(outer.meta_params(state)))
+    state, _ = outer.compiled_steps(lopt, tasks, None)(state, 20)
+    after = float(query_loss(outer.meta_params(state)))
+    assert after < before - 0.1, (before, after)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="start='adam'"):
+        MLPLOpt(start="adam")
+    with pytest.raises(ValueError, match="hidden_size >= 2"):
+        AdafacLOpt(hidden_size=1)
