@@ -54,6 +54,7 @@ def report_config(c: ConfigDict) -> None:
     c.report_episodes = 1000
     c.baseline_lrs = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
     c.tune_episodes = 500
+    c.report_runs = ""
 
 
 DOCS = {
@@ -83,6 +84,8 @@ DOCS = {
     "report_episodes": "unseen test tasks of the report (each with its own initialisation)",
     "baseline_lrs": "learning rates tried for SGD and Adam on the training tasks",
     "tune_episodes": "training tasks each baseline learning rate is scored on",
+    "report_runs": "run directories (comma-separated) of other learners of the same network "
+                   "(a Hebbian genome, a learned optimizer) scored on the same test tasks",
 }
 
 
@@ -149,24 +152,53 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     batch, n = config.eval_batch_size, config.report_episodes
     curves = {"rule": _curve(learner, meta, test, steps, n, batch, REPORT_SEED,
                              "report: rule" if progress else None)}
-    out: dict = {"report_steps": [t, steps], "tuning": {}}
+    for name, (other, other_meta) in _report_runs(config, learner).items():
+        curves[name] = _curve(other, other_meta, test, steps, n, batch, REPORT_SEED,
+                              f"report: {name}" if progress else None)
+    shown = sorted({t * k for k in (1, 4) if t * k <= steps} | {steps})
+    out: dict = {"report_steps": shown, "tuning": {}}
     for opt in ("sgd", "adam"):
         lr, scores = tune(learner, opt, exp.train, lrs, config.tune_episodes, batch)
         out["tuning"][opt] = {"learning_rate": lr, "train_accuracy": scores}
         curves[opt] = _curve(baseline(learner, opt, lr), {}, test, steps, n, batch,
                              REPORT_SEED, f"report: {opt}" if progress else None)
     out["curves"] = curves
-    lines = [f"test tasks ({n}), accuracy % at T={t} and {steps} inner steps:"]
+    lines = [f"test tasks ({n}), accuracy % at " + ", ".join(
+        f"{s} ({s // t}T)" if s != t else f"T={t}" for s in shown) + " inner steps:"]
     for name, c in curves.items():
         lr = f" (lr {out['tuning'][name]['learning_rate']:g})" if name in out["tuning"] else ""
         out[f"{name}_accuracy"] = {str(s): {"mean": c["mean"][s], "ci95": c["ci95"][s]}
-                                   for s in (t, steps)}
-        lines.append(f"  {name + lr:<16} " + "   ".join(
-            f"{100 * c['mean'][s]:.2f} ± {100 * c['ci95'][s]:.2f}" for s in (t, steps)))
+                                   for s in shown}
+        lines.append(f"  {name + lr:<28} " + "   ".join(
+            f"{100 * c['mean'][s]:.2f} ± {100 * c['ci95'][s]:.2f}" for s in shown))
     out["table"] = "\n".join(lines)
     if run is not None and run.writes:
         plot_curves(curves, t, run.path / "plots" / "accuracy_vs_steps.png",
                     title=config.experiment)
+    return out
+
+
+def _report_runs(config: ConfigDict, learner: Any) -> dict[str, tuple[Any, MetaParams]]:
+    """The learners of the runs named in `report_runs`, on this report's network and T (they
+    must train the same network: same layers, activations and ways)."""
+    from pathlib import Path
+
+    from metalearn.reload import load_run
+
+    out = {}
+    for path in [p.strip() for p in str(config.get("report_runs", "")).split(",") if p.strip()]:
+        run = load_run(path)
+        other = run.learner
+        same = {f: getattr(learner, f) for f in NETWORK_FIELDS if f != "meta_loss"}
+        theirs = {f: getattr(other, f, None) for f in same}
+        for f in ("hidden_activation", "output_activation"):
+            theirs[f] = str(theirs[f]).removesuffix("_with_grad")
+            same[f] = str(same[f]).removesuffix("_with_grad")
+        if theirs != same:
+            diff = {f: (theirs[f], same[f]) for f in same if theirs[f] != same[f]}
+            raise ValueError(f"report_runs: {path} trains another network than this run "
+                             f"({diff}: theirs, ours); compare learners of one network")
+        out[f"{type(other).__name__} ({Path(path).name})"] = (other, run.meta)
     return out
 
 
