@@ -11,7 +11,7 @@ image dataset."""
 from __future__ import annotations
 
 from metalearn.experiment import ConfigDict, Experiment, base_config
-from metalearn.experiments import _hebbian, _omniglot
+from metalearn.experiments import _hebbian, _omniglot, hebbian_omniglot
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.runs import Run
 
@@ -26,9 +26,7 @@ def get_config() -> ConfigDict:
     c = base_config(steps=1000, eval_every=250, eval_episodes=200, test_episodes=1000,
                     checkpoint_every=250, log_every=5, eval_batch_size=100)
     c.data = base.data
-    c.task = ConfigDict({"ways": 5, "shots": 10, "queries": 10, "unlabeled": 0,
-                         "rotations": "auto", "eval_rotations": "auto", "normalize": "invert",
-                         "eval_queries": 10})
+    c.task = hebbian_omniglot.get_config().task  # the genome's tasks, for a like comparison
     c.learner = ConfigDict({"kind": "adafac", "hidden": "100", "inner_steps": 10,
                             "inner_batch_size": 0, "replicas": 1, "hidden_activation": "tanh",
                             "output_activation": "identity", "init_scale": 1.0,
