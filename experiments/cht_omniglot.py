@@ -161,22 +161,32 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     n = config.report_episodes
     episodes = sample_episodes(sampler, jax.random.PRNGKey(REPORT_SEED), n,
                                config.eval_batch_size)
+    # the mini-batch scenario: one N-way task whose support arrives in T_eval batches
+    ways = sampler.ways
+    batches = sample_episodes(sampler.replace(pool=ways), jax.random.PRNGKey(REPORT_SEED + 1),
+                              n, config.eval_batch_size)
     curves = {}
     for name, (lrn, m) in methods.items():
         if progress:
             print(f"report: {name} on {n} sequences of {T_eval} tasks", flush=True)
         curves[name] = summarize_curves(continual_scores(lrn, m, episodes,
                                                          config.eval_batch_size))
+        mb = summarize_curves(continual_scores(dataclasses.replace(lrn, classes=ways), m,
+                                               batches, config.eval_batch_size))
+        curves[name].update({"mb_seen": mb["ci_seen"], "mb_seen_ci95": mb["ci_seen_ci95"]})
+    shown = sorted({0, min(T, T_eval) - 1, T_eval - 1})
     lines = [f"test sequences ({n}) of {T_eval} tasks, {sampler.ways}-way {sampler.shots}-shot "
-             f"(trained on {T}); accuracy % after 1 / {T} / {T_eval} tasks:"]
-    for kind, label in (("ti", "task-incremental, first task"),
-                        ("ci", "class-incremental, all tasks seen")):
-        key = "ti_first" if kind == "ti" else "ci_seen"
+             f"(trained on {T}); accuracy % after " + " / ".join(str(i + 1) for i in shown)
+             + " tasks:"]
+    for key, label in (("ti_first", "task-incremental, first task"),
+                       ("ci_seen", "class-incremental, all tasks seen"),
+                       ("mb_seen", f"mini-batches: one {ways}-way task, its support in "
+                                   f"{T_eval} batches, queries of the batches seen")):
         lines.append(f"  {label}:")
         for name, c in curves.items():
             lines.append(f"    {name:<28} " + "   ".join(
                 f"{100 * c[key][i]:.2f} ± {100 * c[key + '_ci95'][i]:.2f}"
-                for i in (0, T - 1, T_eval - 1)))
+                for i in shown))
     out = {"report_tasks": T_eval, "curves": curves, "table": "\n".join(lines)}
     if run is not None and run.writes:
         out["figure"] = str(plot_continual(curves, T, run.path / "plots" / "continual.png",
@@ -185,15 +195,18 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
 
 
 def plot_continual(curves: dict, trained_tasks: int, path: Path, title: str = "") -> Path:
-    """Three panels against tasks learned (95% CI bands): task-incremental accuracy on the
-    first task and over the tasks seen, class-incremental accuracy over the tasks seen."""
+    """Panels against tasks learned (95% CI bands): task-incremental accuracy on the first
+    task and over the tasks seen, class-incremental accuracy over the tasks seen, and the
+    accuracy of one task learned from mini-batches of its support."""
     from metalearn.runs import pyplot
 
     plt = pyplot()
     panels = (("ti_first", "task-incremental: first task"),
               ("ti_seen", "task-incremental: tasks seen"),
-              ("ci_seen", "class-incremental: tasks seen"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+              ("ci_seen", "class-incremental: tasks seen"),
+              ("mb_seen", "one task in mini-batches"))
+    panels = tuple(p for p in panels if all(p[0] in c for c in curves.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for name, c in curves.items():
             m, ci = np.asarray(c[key]) * 100, np.asarray(c[key + "_ci95"]) * 100
@@ -201,7 +214,8 @@ def plot_continual(curves: dict, trained_tasks: int, path: Path, title: str = ""
             ax.plot(x, m, marker="o", ms=3, label=name)
             ax.fill_between(x, m - ci, m + ci, alpha=0.2)
         ax.axvline(trained_tasks, color="grey", ls=":", lw=1)
-        ax.set(title=label, xlabel="tasks learned", ylabel="accuracy (%)")
+        ax.set(title=label, xlabel="mini-batches learned" if key == "mb_seen" else
+               "tasks learned", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title} (dotted: training unroll)")

@@ -18,6 +18,7 @@ from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.tasks.continual import ContinualSampler
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.testing import synthetic_dataset
+from tests.helpers import MINIMAL_NO_VALIDATION, needs_omniglot
 
 T, N, K, Q = 3, 3, 2, 2
 SMALL = dict(channels=4, num_blocks=1, embed_dim=8, shared_features=4, local_features=4,
@@ -242,3 +243,30 @@ def test_sampler_and_learner_errors_name_the_fix():
         ConstPN(prototypes="stale")
     with pytest.raises(ValueError, match="no logits layer"):
         ContinualHyperTransformer(num_blocks=2, trained_blocks=2)
+
+
+@pytest.mark.slow
+@needs_omniglot
+def test_cht_omniglot_trains_reports_and_evaluates(tmp_path, capsys):
+    """`cht_omniglot` end to end on the minimal Omniglot: train (CHT), train (ConstPN), the
+    CHT report with the ConstPN run on its sequences, `metalearn evaluate`."""
+    from metalearn.cli import main
+    from metalearn.experiment import train
+
+    sets = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=3",
+            "report_episodes=3", "eval_batch_size=3", "task.tasks=2", "task.eval_tasks=3",
+            "learner.channels=4", "learner.num_layers=1", "learner.embed_dim=8",
+            "learner.shared_features=4", "learner.local_features=4", "outer.steps_per_call=2",
+            *MINIMAL_NO_VALIDATION]
+    pn, _ = train("cht_omniglot", [*sets, "learner.method=constpn"],
+                  run_dir=tmp_path / "constpn", progress=False)
+    run, summary = train("cht_omniglot", [*sets, f"report_baselines={pn.path}"],
+                         run_dir=tmp_path / "cht", progress=False)
+    curves = summary["curves"]
+    assert set(curves) == {"cht", "independent HT", "constpn (constpn)"}
+    for c in curves.values():
+        assert len(c["ci_seen"]) == 3 and len(c["mb_seen"]) == 3
+        assert c["ti_first"][0] == c["ci_seen"][0]  # one task: the two scenarios agree
+    assert (run.path / "plots" / "continual.png").exists()
+    assert main(["evaluate", str(run.path), "--episodes", "3"]) == 0
+    assert "task_accuracy" in capsys.readouterr().out
