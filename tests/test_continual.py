@@ -147,6 +147,7 @@ def test_unroll_matches_a_step_by_step_reference(prototypes):
     np.testing.assert_allclose(metrics["accuracy"], want["ci_accuracy"][-1].mean(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_merged_ht_generates_from_every_support_set_so_far():
     learner, meta = cht()
     merged = dataclasses.replace(learner, merged=True)
