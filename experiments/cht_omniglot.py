@@ -107,6 +107,16 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     return Experiment(learner=learner, splits=splits, report=report)
 
 
+def method_label(config: ConfigDict) -> str:
+    """CHT, CHT (learned base), MergedHT or ConstPN: what a run's config trains."""
+    lc = config.learner
+    if lc.get("method", "cht") == "constpn":
+        return "ConstPN"
+    if lc.get("merged", False):
+        return "MergedHT"
+    return "CHT (learned base)" if lc.get("learned_base", False) else "CHT"
+
+
 def continual_scores(learner: Any, meta: MetaParams, episodes: Any,
                      batch_size: int) -> dict[str, np.ndarray]:
     """`learner.unroll` of every episode (leading axis): MATRICES, each [E, T, T]."""
@@ -151,12 +161,12 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     T, T_eval = config.task.tasks, config.task.eval_tasks
     sampler = exp.splits["test"].replace(tasks=T_eval)
     learner = make_learner(config, T_eval)
-    methods = {config.learner.method: (learner, meta)}
+    methods = {method_label(config): (learner, meta)}
     if isinstance(learner, ContinualHyperTransformer):
         methods["independent HT"] = (dataclasses.replace(learner, recurrent=False), meta)
     for path in [p.strip() for p in config.report_baselines.split(",") if p.strip()]:
         other = load_run(path)
-        name = f"{other.config.learner.get('method', 'baseline')} ({Path(path).name})"
+        name = f"{method_label(other.config)} ({Path(path).name})"
         methods[name] = (make_learner(other.config, T_eval), other.meta)
     n = config.report_episodes
     episodes = sample_episodes(sampler, jax.random.PRNGKey(REPORT_SEED), n,

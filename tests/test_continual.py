@@ -264,7 +264,7 @@ def test_cht_omniglot_trains_reports_and_evaluates(tmp_path, capsys):
     run, summary = train("cht_omniglot", [*sets, f"report_baselines={pn.path}"],
                          run_dir=tmp_path / "cht", progress=False)
     curves = summary["curves"]
-    assert set(curves) == {"cht", "independent HT", "constpn (constpn)"}
+    assert set(curves) == {"CHT", "independent HT", "ConstPN (constpn)"}
     for c in curves.values():
         assert len(c["ci_seen"]) == 3 and len(c["mb_seen"]) == 3
         assert c["ti_first"][0] == c["ci_seen"][0]  # one task: the two scenarios agree
