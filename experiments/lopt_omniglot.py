@@ -31,7 +31,7 @@ def get_config() -> ConfigDict:
                             "inner_batch_size": 0, "replicas": 1, "hidden_activation": "tanh",
                             "output_activation": "identity", "init_scale": 1.0,
                             "target_low": -1.0, "meta_loss": "cross_entropy",
-                            "hidden_size": 0, "hidden_layers": 2, "step_mult": 0.03,
+                            "hidden_size": 0, "hidden_layers": 2, "step_mult": 0.003,
                             "exp_mult": 0.1, "start": "sgd", "max_offset": 0,
                             "loss_cap": 10.0})
     _hebbian.report_config(c)
