@@ -49,6 +49,7 @@ def _chunk(a, t, n):
     return a[t * n:(t + 1) * n]
 
 
+@pytest.mark.slow
 def test_theta_t_depends_on_theta_t_minus_1_and_s_t_only():
     learner, meta = cht()
     ep = sequence()

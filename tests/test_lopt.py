@@ -94,6 +94,7 @@ def test_sgd_start_is_normalised_gradient_descent(cls):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_diverged_inner_run_gives_the_capped_loss_and_finite_gradients():
     lopt = MLPLOpt(**NET, step_mult=float("inf"), loss_cap=7.5, meta_loss="cross_entropy")
     meta = lopt.init(jax.random.PRNGKey(8), episode())
