@@ -73,6 +73,7 @@ def test_theta_t_depends_on_theta_t_minus_1_and_s_t_only():
     np.testing.assert_array_equal(w(a[1]), w(e[1]))
 
 
+@pytest.mark.slow
 def test_one_task_with_zero_initial_weights_is_the_hypertransformer():
     """T = 1 and theta_{-1} = 0: the conv weights are the HyperTransformer's, generated from the
     same meta-parameters; the loss is ProtoNet's on the generated CNN's embeddings."""

@@ -35,6 +35,7 @@ def episode():
     return sampler().sample(jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_meta_parameter_counts_are_the_reference_models():
     ep = episode()
     for cls, n in ((MLPLOpt, 1762), (AdafacLOpt, 134)):
