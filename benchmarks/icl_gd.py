@@ -24,9 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+from metalearn.config import apply_overrides
 from metalearn.evaluation import sample_episodes
-from metalearn.experiment import apply_overrides, build_outer
 from metalearn.experiments import icl_gd
+from metalearn.outer.registry import build_outer
 from metalearn.seeds import TEST_SEED
 
 # The paper's code (google-research/self-organising-systems, transformers_learn_icl_by_gd),

@@ -57,6 +57,9 @@ def report_config(c: ConfigDict) -> None:
     c.report_runs = ""
 
 
+# `--quick`: the report's SGD/Adam tuning on a few tasks and rates, not 500 x 9
+QUICK = {"tune_episodes": 20, "baseline_lrs": "0.01,0.1,1"}
+
 DOCS = {
     "learner.hidden": "hidden layer widths, comma-separated (e.g. 20 or 100,50)",
     "learner.states": "states per neuron (k); the genome has 4k^2 + 4 numbers",

@@ -27,6 +27,8 @@ def get_config() -> ConfigDict:
     return c
 
 
+QUICK = _hebbian.QUICK
+
 DOCS = {**_hebbian.DOCS,
         "task.train_families": "families of the meta-training tasks, comma-separated; one of "
                                + ", ".join(FAMILY_DOCS),

@@ -35,6 +35,8 @@ def get_config() -> ConfigDict:
     return c
 
 
+QUICK = _hebbian.QUICK
+
 DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
            if k.startswith(("data.", "task.")) and k != "task.unlabeled"},
         "task.unlabeled": "unlabeled images per class (unused by this learner)",

@@ -31,14 +31,7 @@ from metalearn.evaluation import (
     format_value,
     sample_episodes,
 )
-from metalearn.experiment import (
-    ConfigDict,
-    Experiment,
-    base_config,
-    cached_json,
-    evaluate_split,
-    outer_config,
-)
+from metalearn.experiment import ConfigDict, Experiment, base_config, cached_json, outer_config
 from metalearn.learners.gd import GradientDescent, LeastSquares, fit_step_sizes
 from metalearn.learners.lsa import (
     LSA,
@@ -49,6 +42,7 @@ from metalearn.learners.lsa import (
 from metalearn.runs import Run
 from metalearn.seeds import GD_SEARCH_OFFSET, TEST_SEED
 from metalearn.tasks.regression import LinearRegression
+from metalearn.training import evaluate_split
 
 # Figures of the paper's official code re-run on a 2-core CPU (x ~ U(-0.5, 0.5)^10, N = 10,
 # 5000 steps, 10,000 validation tasks), keyed by (layers, recurrent, heads, softmax, layer_norm).

@@ -22,10 +22,11 @@ import numpy as np
 
 from metalearn.core import MetaParams
 from metalearn.evaluation import batch_sampler, format_value
-from metalearn.experiment import ConfigDict, Experiment, build_outer, cached_json
+from metalearn.experiment import ConfigDict, Experiment, cached_json
 from metalearn.experiments import icl_gd
 from metalearn.learners.lsa import LSA
-from metalearn.outer.base import RunOptions
+from metalearn.outer.driver import RunOptions
+from metalearn.outer.registry import build_outer
 from metalearn.runs import Run
 from metalearn.seeds import BASELINE_OFFSET
 from metalearn.tasks.regression import Sinusoid
@@ -55,6 +56,8 @@ def get_config() -> ConfigDict:
     c.outer.steps_per_call = 50
     return c
 
+
+QUICK = {"analysis.baseline_steps": 20}  # `--quick`: the MLP + GD baseline trained briefly too
 
 DOCS = {
     "task.num_context": "context points (x_i, y_i) per task, N",

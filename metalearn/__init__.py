@@ -24,8 +24,8 @@ _EXPORTS = {
     "InnerLearner": "metalearn.core", "query_loss": "metalearn.core",
     "batch_loss": "metalearn.core", "episode_losses": "metalearn.core",
     # outer loops
-    "OuterLoop": "metalearn.outer.base", "RunOptions": "metalearn.outer.base",
-    "TrainResult": "metalearn.outer.base", "NonFiniteLossError": "metalearn.outer.base",
+    "OuterLoop": "metalearn.outer.base", "RunOptions": "metalearn.outer.driver",
+    "TrainResult": "metalearn.outer.driver", "NonFiniteLossError": "metalearn.outer.driver",
     "GradientOuterLoop": "metalearn.outer.gradient",
     "EvolutionOuterLoop": "metalearn.outer.evolution",
     # learners and models
@@ -36,7 +36,7 @@ _EXPORTS = {
     # evaluation, runs, experiments
     "evaluate": "metalearn.evaluation", "evaluate_episodes": "metalearn.evaluation",
     "Run": "metalearn.runs", "Checkpointer": "metalearn.checkpoint",
-    "train": "metalearn.experiment", "evaluate_run": "metalearn.reload",
+    "train": "metalearn.training", "evaluate_run": "metalearn.reload",
     "load_run": "metalearn.reload", "LoadedRun": "metalearn.reload",
     "Experiment": "metalearn.experiment", "format_metrics": "metalearn.evaluation",
 }

@@ -15,7 +15,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from metalearn.experiment import list_experiments
+    from metalearn.discovery import list_experiments
 
     exps = list_experiments()
     width = max((len(n) for n, _ in exps), default=0)
@@ -25,13 +25,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from metalearn.experiment import (
-        apply_overrides,
-        describe_config,
-        field_docs,
-        import_experiment,
-        resolve_experiment,
-    )
+    from metalearn.config import apply_overrides, describe_config, field_docs
+    from metalearn.discovery import import_experiment, resolve_experiment
 
     name, source = resolve_experiment(args.experiment)
     mod = import_experiment(source)
@@ -50,7 +45,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from metalearn.experiment import train
+    from metalearn.training import train
 
     if args.distributed:
         from metalearn.distributed import initialize
@@ -61,7 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     run, summary = train(args.experiment, args.set or [], seed=args.seed, run_dir=args.run_dir,
                          resume=args.resume, progress=not args.no_progress and is_primary(),
-                         from_step=args.from_step)
+                         from_step=args.from_step, quick=args.quick)
     if not is_primary():
         return 0
     if args.no_progress:  # with progress, `train` said it before it started
@@ -137,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-step", type=int, default=None, metavar="N",
                    help="with --resume: continue from the checkpoint of step N instead (later "
                         "checkpoints are set aside in rejected_checkpoints/)")
+    t.add_argument("--quick", action="store_true",
+                   help="a smoke run of about a minute: 20 steps, 20 test and report episodes "
+                        "and the experiment's cheaper settings (--set still applies on top)")
     t.add_argument("--no-progress", action="store_true",
                    help="quiet: no progress bars or status lines")
     t.add_argument("--distributed", action="store_true",

@@ -21,6 +21,7 @@ _ARGS = {
     "from_step": ("from_step=N", "--from-step N"),
     "split": ("split=...", "--split NAME"),
     "sets": ("sets=[...]", "--set KEY=VALUE"),
+    "quick": ("quick=True", "--quick"),
 }
 
 

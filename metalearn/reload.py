@@ -15,75 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.checkpoint import Checkpointer, CheckpointError
-from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler
-from metalearn.experiment import (
-    CUSTOM,
-    SHARED_OUTER_FIELDS,
-    ConfigDict,
-    Experiment,
-    _CustomObjectError,
-    _outer_classes,
-    _section_fields,
-    base_config,
-    build_experiment,
-    build_outer,
-    evaluate_split,
-    outer_config,
-    read_config,
-    used_outer,
-)
+from metalearn.config import ConfigDict
+from metalearn.core import InnerLearner, MetaParams, TaskSampler
+from metalearn.experiment import Experiment
 from metalearn.messages import arg, in_cli, option
+from metalearn.outer.driver import key_from_spec
+from metalearn.outer.registry import CustomObjectError, build_outer
 from metalearn.runs import Run
 from metalearn.seeds import MANIFEST_SEED
-from metalearn.specs import class_path, object_spec, rebuild
-
-# ---------------------------------------------------------------- runs made from Python
-
-
-def loop_config(loop: Any) -> ConfigDict:
-    """The `outer` config that builds a loop like `loop` (what a run made from Python records);
-    objects given in place of names are recorded as 'custom: <class>'."""
-    kinds = {cls: k for k, cls in _outer_classes().items()}
-    kind = next((k for cls, k in kinds.items() if type(loop) is cls), None)
-    if kind is None:
-        return ConfigDict({"kind": CUSTOM + class_path(loop)})
-    section = {k: getattr(loop, k) for k in _section_fields(type(loop))}
-    section = {k: v if v is None or isinstance(v, bool | int | float | str) else
-               CUSTOM + class_path(v) for k, v in section.items()}
-    shared = {k: getattr(loop, k) for k in SHARED_OUTER_FIELDS}
-    shared["shard"] = {None: "auto"}.get(loop.shard, loop.shard)
-    return used_outer(outer_config(kind, **{kind: section}, **shared))
-
-
-def _key_spec(key: Array) -> dict:
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    data = jax.random.key_data(key) if typed else key
-    return {"typed": bool(typed), "data": np.asarray(data).tolist()}
-
-
-def _key_from_spec(spec: dict) -> Array:
-    data = jnp.asarray(spec["data"], jnp.uint32)
-    return jax.random.wrap_key_data(data) if spec["typed"] else data
-
-
-def python_run_config(loop: Any, learner: InnerLearner, train_sampler: TaskSampler,
-                      eval_sampler: TaskSampler | None, eval_learner: InnerLearner | None,
-                      key: Array, steps: int, options: Any, user_config: dict | None) -> dict:
-    """config.json of a run made with `OuterLoop.run(run_dir=...)`: the base fields, the outer
-    loop, and the learner and samplers as specs that `load_run` can rebuild."""
-    c = base_config(experiment=None, experiment_source=None, seed=None, steps=steps,
-                    eval_every=options.eval_every, eval_episodes=options.eval_episodes,
-                    eval_batch_size=options.eval_batch_size,
-                    test_episodes=options.eval_episodes,
-                    checkpoint_every=options.checkpoint_every, log_every=options.log_every,
-                    outer=loop_config(loop)).to_dict()
-    c.update(made_by="OuterLoop.run", key=_key_spec(key), learner=object_spec(learner),
-             eval_learner=object_spec(eval_learner) if eval_learner is not None else None,
-             samplers={"train": object_spec(train_sampler),
-                       "eval": object_spec(eval_sampler) if eval_sampler is not None else None},
-             user_config=user_config)
-    return c
-
+from metalearn.specs import rebuild
+from metalearn.training import build_experiment, evaluate_split, read_config
 
 # ---------------------------------------------------------------- reloading runs
 
@@ -169,12 +110,12 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
                 evaluator = rebuild(config.eval_learner.to_dict())
             except ValueError:
                 pass  # scored with the learner itself
-        key = _key_from_spec(config.key.to_dict())
+        key = key_from_spec(config.key.to_dict())
     splits.update(samplers)
     if outer is None:
         try:
             outer = build_outer(config.outer, config.steps)
-        except _CustomObjectError as e:
+        except CustomObjectError as e:
             raise _not_rebuildable(run.path, "outer loop", "outer", e) from None
     template = outer.init(learner, splits.get("train") or sampler, key)
     with Checkpointer(run.checkpoint_dir, max_to_keep=None, create=False) as ckpt:

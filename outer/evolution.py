@@ -28,6 +28,7 @@ from metalearn.outer.base import (
     option,
     shard_leading,
 )
+from metalearn.outer.registry import register
 
 # Strategies whose memory grows as d x d (full covariance / rotation matrices).
 FULL_COVARIANCE = ("CMA_ES", "iAMaLGaM_Full", "xNES", "MA_ES", "Rm_ES", "CMAAnchoredLES")
@@ -45,6 +46,7 @@ def strategy_names() -> list[str]:
     return sorted(distribution_based_algorithms)
 
 
+@register("evolution")
 @dataclasses.dataclass
 class EvolutionOuterLoop(OuterLoop):
     """An evosax distribution-based strategy on the batch-mean query loss as fitness.

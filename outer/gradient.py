@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from metalearn.core import Array, InnerLearner, MetaParams, TaskSampler, batch_loss
 from metalearn.messages import setting
 from metalearn.outer.base import OuterLoop, OuterState, initial_meta, option, shard_leading
+from metalearn.outer.registry import register
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop", "lamb", "lion")
 # fields that only build the named optimizers (refused next to an optax object)
@@ -20,6 +21,7 @@ _NAMED_ONLY = ("learning_rate", "schedule", "warmup_steps", "decay_steps", "end_
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "linear", "step")
 
 
+@register("gradient")
 @dataclasses.dataclass
 class GradientOuterLoop(OuterLoop):
     """optax optimizer (with schedule and clipping) on the batch-mean query loss.

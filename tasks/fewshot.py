@@ -33,14 +33,7 @@ from metalearn.core import Array, Episode, TaskSampler
 from metalearn.messages import in_cli, setting
 from metalearn.tasks.augment import Augment
 from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.images import read_image_ref
-from metalearn.tasks.manifest import (
-    SETS,
-    manifest_entry,
-    manifest_kind,
-    read_manifest,
-    write_manifest,
-)
+from metalearn.tasks.manifest import export_manifest, manifest_episodes
 
 NORMALIZE = ("unit", "centered", "standard", "invert", "none")
 GROUP_WEIGHTING = ("classes", "uniform")
@@ -394,88 +387,15 @@ class FewShotSampler(TaskSampler):
         return plot_episode(jax.jit(FewShotSampler.gather)(self, idx), path, max_per_row, title,
                             [names[y] for y in range(self.ways)])
 
-    # ----- fixed episodes
+    # ----- fixed episodes (metalearn.tasks.manifest)
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
         """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
-        manifest_kind(Path(path))
-        if self.augment is not None:
-            raise ValueError("export_manifest: this sampler distorts its images (augment="
-                             f"{self.augment}), which a manifest cannot record; export from "
-                             "sampler.replace(augment=None)")
-        idx = jax.device_get(self.batch_indices(jax.random.split(key, num_episodes)))
-        episodes = []
-        ds = self.dataset
-        for e in range(num_episodes):
-            ep: dict[str, Any] = {}
-            for s in SETS:
-                r = getattr(idx, s)
-                if r is None:
-                    continue
-                ep[s] = [manifest_entry(ds, int(r.cls[e, i]), int(r.example[e, i]),
-                                        int(r.rotation[e, i]),
-                                        int(r.label[e, i]) if s != "unlabeled" else None)
-                         for i in range(r.cls.shape[1])]
-            episodes.append(ep)
-        return write_manifest(path, episodes, {"sampler": self.describe()})
+        return export_manifest(self, path, key, num_episodes)
 
     def episodes_from_manifest(self, path: str | Path) -> Episode:
         """Episodes listed in a manifest (batched: leading axis = episodes), preprocessed as in
-        training. Entries name a dataset class + example index, or an image file path (also as
-        a `[path, label]` pair); malformed manifests raise errors naming the episode and entry."""
-        path = Path(path)
-        episodes = read_manifest(path)
-        if not episodes:
-            raise ValueError(f"manifest {path} lists no episodes")
-        sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in SETS}
-        for s, n in sizes.items():
-            if len(n) > 1:
-                raise ValueError(f"manifest {path}: episodes have different numbers of {s} "
-                                 f"images {sorted(n)}; split it into manifests of equal shape")
-        where = {c: i for i, c in enumerate(self.dataset.class_names)}
-        h, w, ch = self.dataset.image_shape
-        base = path.parent
-
-        def load_set(s: str) -> tuple[Array, Array] | None:
-            if sizes[s] == {0}:
-                return None
-            imgs, rots, labels = [], [], []
-            for e, ep in enumerate(episodes):
-                for i, it in enumerate(ep[s]):
-                    what = f"manifest {path}: episode {e} {s}[{i}]"
-                    imgs.append(self._manifest_image(it, where, (h, w), ch, base, what))
-                    rots.append(it["rotation"] // 90 % 4)  # checked by read_manifest
-                    labels.append(it["label"] if s != "unlabeled" else 0)
-            if any(rots) and h != w:
-                raise ValueError(f"manifest {path} rotates non-square images ({h}x{w})")
-            x = self.normalize_images(np.stack([np.rot90(im, k) for im, k in
-                                                zip(imgs, rots, strict=True)]))
-            n = len(episodes)
-            return x.reshape(n, -1, h, w, ch), jnp.asarray(labels, jnp.int32).reshape(n, -1)
-
-        (sx, sy), (qx, qy) = load_set("support"), load_set("query")
-        un = load_set("unlabeled")
-        return Episode(sx, sy, qx, qy, un[0] if un is not None else None)
-
-    def _manifest_image(self, it: dict, where: dict, hw: tuple[int, int], ch: int,
-                        base: Path, what: str) -> np.ndarray:
-        """The image of a manifest entry (checked by `read_manifest`): a dataset example, or the
-        file at its path; errors are prefixed with `what` (the file, episode and entry)."""
-        cname, j = it.get("class"), it.get("example")
-        if cname in where and j is not None:
-            c = where[cname]
-            if j >= self.dataset.counts[c]:
-                raise ValueError(f"{what}: class {cname!r} has {self.dataset.counts[c]} "
-                                 f"examples, example {j} does not exist")
-            return self.dataset.images[c, j]
-        if "path" not in it:
-            raise KeyError(f"{what}: class {cname!r} is not in the sampler's dataset "
-                           f"({self.dataset.num_classes} classes) and no image path is given")
-        try:
-            return read_image_ref(str(it["path"]), hw, ch, base)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{what}: {e}") from e
-        except ValueError as e:
-            raise ValueError(f"{what}: {e}; replace the file or remove the entry") from e
+        training (`metalearn.tasks.manifest.manifest_episodes`)."""
+        return manifest_episodes(self, path)
 
 
 CPU_SAMPLING_OPTIONS = {"xla_cpu_use_fusion_emitters": False}

@@ -10,7 +10,9 @@ label]` (`path` or `[path]` in the unlabeled set). CSV files hold one row per im
 columns `episode, set, label, class, example, rotation, path`. The labels of an episode's support
 are exactly 0..N-1 for its N classes and its query labels are among them. `read_manifest` checks
 all this and names the file, row or episode and entry of anything wrong.
-`FewShotSampler.export_manifest` writes manifests and `episodes_from_manifest` reads them back.
+`export_manifest(sampler, ...)` (`FewShotSampler.export_manifest`) writes a sampler's episodes and
+`manifest_episodes(sampler, path)` (`episodes_from_manifest`) reads them back through its
+preprocessing.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.core import Array, Episode
 from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.images import read_image_ref
+
+if TYPE_CHECKING:
+    from metalearn.tasks.fewshot import FewShotSampler
 
 MANIFEST_FORMAT = "metalearn-episodes/1"
 SETS = ("support", "query", "unlabeled")  # the image sets of an episode, in manifest order
@@ -208,3 +219,90 @@ def _check_labels(ep: dict, where: str) -> None:
     if extra:
         raise ValueError(f"{where} has query labels {extra} that no support image has "
                          f"(support labels are 0..{n - 1})")
+
+
+# ---------------------------------------------------------------- a sampler's episodes
+
+
+def export_manifest(sampler: FewShotSampler, path: str | Path, key: Array,
+                    num_episodes: int) -> Path:
+    """Write the `num_episodes` episodes of `sampler.sample_batch(key, n)` as JSON/CSV."""
+    manifest_kind(Path(path))
+    if sampler.augment is not None:
+        raise ValueError("export_manifest: this sampler distorts its images (augment="
+                         f"{sampler.augment}), which a manifest cannot record; export from "
+                         "sampler.replace(augment=None)")
+    idx = jax.device_get(sampler.batch_indices(jax.random.split(key, num_episodes)))
+    episodes = []
+    ds = sampler.dataset
+    for e in range(num_episodes):
+        ep: dict[str, Any] = {}
+        for s in SETS:
+            r = getattr(idx, s)
+            if r is None:
+                continue
+            ep[s] = [manifest_entry(ds, int(r.cls[e, i]), int(r.example[e, i]),
+                                    int(r.rotation[e, i]),
+                                    int(r.label[e, i]) if s != "unlabeled" else None)
+                     for i in range(r.cls.shape[1])]
+        episodes.append(ep)
+    return write_manifest(path, episodes, {"sampler": sampler.describe()})
+
+def manifest_episodes(sampler: FewShotSampler, path: str | Path) -> Episode:
+    """Episodes listed in a manifest (batched: leading axis = episodes), preprocessed as in
+    training. Entries name a dataset class + example index, or an image file path (also as
+    a `[path, label]` pair); malformed manifests raise errors naming the episode and entry."""
+    path = Path(path)
+    episodes = read_manifest(path)
+    if not episodes:
+        raise ValueError(f"manifest {path} lists no episodes")
+    sizes = {s: {len(ep.get(s, [])) for ep in episodes} for s in SETS}
+    for s, n in sizes.items():
+        if len(n) > 1:
+            raise ValueError(f"manifest {path}: episodes have different numbers of {s} "
+                             f"images {sorted(n)}; split it into manifests of equal shape")
+    where = {c: i for i, c in enumerate(sampler.dataset.class_names)}
+    h, w, ch = sampler.dataset.image_shape
+    base = path.parent
+
+    def load_set(s: str) -> tuple[Array, Array] | None:
+        if sizes[s] == {0}:
+            return None
+        imgs, rots, labels = [], [], []
+        for e, ep in enumerate(episodes):
+            for i, it in enumerate(ep[s]):
+                what = f"manifest {path}: episode {e} {s}[{i}]"
+                imgs.append(_manifest_image(sampler.dataset, it, where, (h, w), ch, base, what))
+                rots.append(it["rotation"] // 90 % 4)  # checked by read_manifest
+                labels.append(it["label"] if s != "unlabeled" else 0)
+        if any(rots) and h != w:
+            raise ValueError(f"manifest {path} rotates non-square images ({h}x{w})")
+        x = sampler.normalize_images(np.stack([np.rot90(im, k) for im, k in
+                                            zip(imgs, rots, strict=True)]))
+        n = len(episodes)
+        return x.reshape(n, -1, h, w, ch), jnp.asarray(labels, jnp.int32).reshape(n, -1)
+
+    (sx, sy), (qx, qy) = load_set("support"), load_set("query")
+    un = load_set("unlabeled")
+    return Episode(sx, sy, qx, qy, un[0] if un is not None else None)
+
+def _manifest_image(ds: ImageDataset, it: dict, where: dict, hw: tuple[int, int], ch: int,
+                    base: Path, what: str) -> np.ndarray:
+    """The image of a manifest entry (checked by `read_manifest`): a dataset example, or the
+    file at its path; errors are prefixed with `what` (the file, episode and entry)."""
+    cname, j = it.get("class"), it.get("example")
+    if cname in where and j is not None:
+        c = where[cname]
+        if j >= ds.counts[c]:
+            raise ValueError(f"{what}: class {cname!r} has {ds.counts[c]} "
+                             f"examples, example {j} does not exist")
+        return ds.images[c, j]
+    if "path" not in it:
+        raise KeyError(f"{what}: class {cname!r} is not in the sampler's dataset "
+                       f"({ds.num_classes} classes) and no image path is given")
+    try:
+        return read_image_ref(str(it["path"]), hw, ch, base)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}; replace the file or remove the entry") from e

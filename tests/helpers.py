@@ -77,3 +77,25 @@ def assert_manifest_scores_like_memory(run_path: Path, tmp_path: Path, episodes:
     in_memory = evaluate_episodes(loaded.evaluator, loaded.meta, test.sample_batch(key, episodes),
                                   jax.random.PRNGKey(MANIFEST_SEED))
     assert from_file["accuracy"] == pytest.approx(in_memory["accuracy"], abs=1e-9)
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the TensorBoard event files in `logdir`, read as TensorBoard
+    does: files in name order, and a session start at step s drops the values at steps >= s."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                out = {t: {s: v for s, v in vals.items() if s < ev.step}
+                       for t, vals in out.items()}
+            for v in ev.summary.value:
+                out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out

@@ -90,7 +90,8 @@ def test_cli_errors_are_clear(argv, msg, capsys, tmp_path):
 
 
 def test_config_lists_and_describes_every_field(capsys):
-    from metalearn.experiment import describe_config, field_docs, list_experiments, load_module
+    from metalearn.config import describe_config, field_docs
+    from metalearn.discovery import list_experiments, load_module
 
     for name, _ in list_experiments():
         mod = load_module(name)
@@ -107,7 +108,7 @@ def test_config_lists_and_describes_every_field(capsys):
 
 def test_a_run_made_from_python_without_an_eval_sampler_names_its_splits(tmp_path, capsys):
     from metalearn.learners.gd import GradientDescent
-    from metalearn.outer.base import RunOptions
+    from metalearn.outer.driver import RunOptions
     from metalearn.outer.gradient import GradientOuterLoop
     from metalearn.tasks.regression import LinearRegression
 
@@ -152,9 +153,9 @@ def test_evaluate_refuses_impossible_counts_before_reading_the_run(tmp_path, cap
 def test_a_slow_compilation_says_so(tmp_path, capsys, monkeypatch):
     """A compilation longer than COMPILE_NOTICE_S prints what it compiles and then its time
     (here the threshold is 0 s); with --no-progress nothing is said."""
-    from metalearn.outer import base
+    from metalearn.outer import driver
 
-    monkeypatch.setattr(base, "COMPILE_NOTICE_S", 0.0)
+    monkeypatch.setattr(driver, "COMPILE_NOTICE_S", 0.0)
     assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "a"), "--set", "steps=2",
                  "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
     captured = capsys.readouterr()
@@ -168,8 +169,8 @@ def test_a_slow_compilation_says_so(tmp_path, capsys, monkeypatch):
 
 def test_the_final_evaluation_says_how_many_episodes_come(tmp_path, capsys):
     """Before the final test and report run, one line says how many episodes they hold."""
-    from metalearn.experiment import final_episodes
     from metalearn.experiments import protonet_omniglot
+    from metalearn.training import final_episodes
 
     config = protonet_omniglot.get_config()
 
@@ -195,3 +196,29 @@ def test_misspelt_names_get_a_did_you_mean_and_failed_checks_leave_no_directory(
                  "--set", "data.protocol=minimal", "--set", "report_settings=20x1"]) == 2
     assert "report setting '20x1'" in capsys.readouterr().err
     assert not rd.exists()
+
+
+def test_quick_mode_is_a_short_run_and_a_long_run_says_so(tmp_path, capsys, monkeypatch):
+    """--quick: 20 steps, 20 final episodes, the experiment's QUICK overrides, --set on top,
+    refused with --resume; a run whose remaining steps would outlast LONG_RUN_S says so once,
+    naming --quick (here the threshold is 0 s)."""
+    from metalearn.outer import driver
+    from metalearn.training import quick_sets
+
+    monkeypatch.setattr(driver, "LONG_RUN_S", 0.0)
+    rd = tmp_path / "q"
+    assert main(["train", "linreg_sgd", "--quick", "--set", "steps=12", "--set",
+                 "outer.steps_per_call=4",
+                 "--run-dir", str(rd)]) == 0
+    config = json.loads((rd / "config.json").read_text())
+    assert (config["steps"], config["test_episodes"], config["eval_every"]) == (12, 20, 0)
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert said.count("s a step on this machine") == 1
+    assert "for a smoke run use --quick, or train fewer steps (--set steps=N)" in said
+    assert main(["train", "--run-dir", str(rd), "--resume", "--quick"]) == 2
+    assert "--quick starts a new run" in capsys.readouterr().err
+    from metalearn.experiments import hebbian_2d
+
+    sets = quick_sets(hebbian_2d.get_config(), hebbian_2d)
+    assert "steps=20" in sets and "tune_episodes=20" in sets and "report_episodes=20" in sets

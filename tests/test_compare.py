@@ -20,7 +20,7 @@ SETS = ["steps=20", "eval_every=10", "checkpoint_every=0", "test_episodes=50", "
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     """Two real linreg_sgd runs (seeds 0 and 1), trained once for the module."""
-    from metalearn.experiment import train
+    from metalearn.training import train
 
     root = tmp_path_factory.mktemp("runs")
     for name, seed in (("a", 0), ("b", 1)):

@@ -254,7 +254,7 @@ def test_cht_omniglot_trains_reports_and_evaluates(tmp_path, capsys):
     """`cht_omniglot` end to end on the minimal Omniglot: train (CHT), train (ConstPN), the
     CHT report with the ConstPN run on its sequences, `metalearn evaluate`."""
     from metalearn.cli import main
-    from metalearn.experiment import train
+    from metalearn.training import train
 
     sets = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=3",
             "report_episodes=3", "eval_batch_size=3", "task.tasks=2", "task.eval_tasks=3",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from metalearn.checkpoint import Checkpointer, CheckpointError
+from metalearn.config import apply_overrides
 from metalearn.core import Episode, check_episode, query_loss
 from metalearn.evaluation import summarize
-from metalearn.experiment import apply_overrides, base_config
+from metalearn.experiment import base_config
 from metalearn.tasks.regression import LinearRegression
 
 
@@ -109,9 +112,10 @@ def test_overrides_parse_and_reject():
 
 
 def test_outer_config_has_one_section_per_loop_kind():
-    from metalearn.experiment import build_outer, check_outer_sets, outer_config, used_outer
+    from metalearn.experiment import outer_config
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
+    from metalearn.outer.registry import build_outer, check_outer_sets, used_outer
 
     c = outer_config("gradient", gradient={"learning_rate": 3e-3},
                      evolution={"population_size": 8}, batch_size=4)
@@ -143,7 +147,7 @@ def test_evolution_learning_rate_is_refused_where_it_means_nothing():
 
 
 def test_runs_of_the_flat_outer_config_are_upgraded():
-    from metalearn.experiment import upgrade_outer
+    from metalearn.outer.registry import upgrade_outer
 
     old = {"kind": "evolution", "optimizer": "adamw", "learning_rate": 0.01, "clip_norm": None,
            "strategy": "Sep_CMA_ES", "population_size": 16, "std_init": 0.05, "batch_size": 8,
@@ -185,3 +189,67 @@ def test_compiled_evaluators_are_bounded_and_reused():
     again = evaluation.evaluate(QuadraticLearner(dim=2), {"theta": jnp.ones(2)}, sampler, key,
                                 episodes=4, batch_size=2)
     assert again == first
+
+
+def test_a_loop_registered_outside_the_package_is_a_config_kind_end_to_end(tmp_path):
+    """A new outer loop touches only its own module: registered, it is `outer.kind=NAME`
+    with its own documented section, and `train` runs and resumes it."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from metalearn.config import field_docs
+    from metalearn.core import batch_loss
+    from metalearn.outer import registry
+    from metalearn.outer.base import OuterLoop, OuterState, initial_meta, option
+    from metalearn.training import train
+
+    @registry.register("sign_sgd")
+    @dataclasses.dataclass
+    class SignSGD(OuterLoop):
+        """Steps the meta-parameters by -step_size * sign(gradient)."""
+
+        step_size: float = option(0.01, "step along the sign of the gradient")
+        batch_size: int = 8
+        steps_per_call: int = 10
+        shard: bool | None = None
+
+        def init(self, learner, sampler, key, meta=None):
+            return OuterState(jnp.asarray(0, jnp.int32), key,
+                              initial_meta(learner, sampler, key, meta), ())
+
+        def step(self, learner, sampler, state, mesh=None):
+            k = jax.random.fold_in(state.key, state.step)
+            eps = jax.vmap(sampler.sample)(jax.random.split(k, self.batch_size))
+            (_, m), g = jax.value_and_grad(lambda p: batch_loss(learner, p, eps, k),
+                                           has_aux=True)(state.params)
+            params = jax.tree.map(lambda p, d: p - self.step_size * jnp.sign(d),
+                                  state.params, g)
+            return OuterState(state.step + 1, state.key, params, ()), m
+
+        def meta_params(self, state):
+            return state.params
+
+    try:
+        assert "sign_sgd" in registry.outer_kinds()
+        assert field_docs()["outer.sign_sgd.step_size"] == "step along the sign of the gradient"
+        sets = ["outer.kind=sign_sgd", "outer.sign_sgd.step_size=0.03", "steps=20",
+                "checkpoint_every=10", "eval_every=0"]
+        run, summary = train("linreg_sgd", sets, run_dir=tmp_path / "r", progress=False)
+        config = json.loads((tmp_path / "r" / "config.json").read_text())
+        assert config["outer"]["kind"] == "sign_sgd"
+        assert set(config["outer"]) == {"kind", "batch_size", "steps_per_call", "shard",
+                                        "sign_sgd"}
+        assert config["outer"]["sign_sgd"] == {"step_size": 0.03}
+        losses = [r["loss"] for r in run.metrics() if r["split"] == "train"]
+        assert np.mean(losses[-5:]) < np.mean(losses[:5])
+        with pytest.raises(ValueError, match=r"outer.kind=sign_sgd.*reads outer.sign_sgd"):
+            train("linreg_sgd", [*sets, "outer.gradient.clip_norm=1"], progress=False,
+                  run_dir=tmp_path / "other")
+        _, resumed = train("", ["steps=30"], run_dir=tmp_path / "r", resume=True,
+                           progress=False)
+        assert resumed["steps"] == 30
+        with pytest.raises(ValueError, match="already registered|is already"):
+            registry.register("gradient")(SignSGD)
+    finally:
+        registry._LOOPS.pop("sign_sgd", None)

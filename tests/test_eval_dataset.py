@@ -127,7 +127,7 @@ needs_omniglot = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """The smallest ProtoNet Omniglot run: 2 steps of a 2-block, 4-channel CNN, 5-way."""
-    from metalearn.experiment import train
+    from metalearn.training import train
 
     run_dir = tmp_path_factory.mktemp("eval_dataset") / "run"
     sets = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=2",

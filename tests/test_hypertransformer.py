@@ -218,8 +218,8 @@ def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
 def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys):
     """`ht_omniglot` in both modes: train, reload, `evaluate` at another setting, manifests."""
     from metalearn.cli import main
-    from metalearn.experiment import train
     from metalearn.reload import load_run
+    from metalearn.training import train
 
     semi = mode.endswith("semi_supervised")
     sets = ["steps=3", "eval_every=0", "eval_episodes=3", "checkpoint_every=0",

@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metalearn.config import apply_overrides
 from metalearn.core import Episode
-from metalearn.experiment import apply_overrides, load_module, train
+from metalearn.discovery import load_module
 from metalearn.experiments import icl_gd
 from metalearn.learners.gd import GradientDescent
 from metalearn.learners.lsa import LSA, gd_construction
 from metalearn.reload import evaluate_run
 from metalearn.runs import Run
 from metalearn.tasks.regression import LinearRegression
+from metalearn.training import train
 
 SMALL = ["task.dim=4", "task.num_context=6", "analysis.search_tasks=500",
          "test_episodes=200", "analysis.ood_tasks=100", "eval_episodes=200",

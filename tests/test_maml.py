@@ -167,8 +167,8 @@ def test_regression_state_has_no_class_mask_nor_statistics():
 @needs_omniglot
 def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     from metalearn.cli import main
-    from metalearn.experiment import train
     from metalearn.reload import evaluate_run, load_run
+    from metalearn.training import train
 
     sets = ["steps=4", "eval_every=0", "eval_episodes=4", "checkpoint_every=0",
             "test_episodes=4", "report_episodes=4", "report_settings=5x1x3",

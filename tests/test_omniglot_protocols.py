@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from metalearn.experiment import ConfigDict, apply_overrides
+from metalearn.config import apply_overrides
+from metalearn.experiment import ConfigDict
 from metalearn.experiments import _omniglot, protonet_omniglot
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks import FewShotSampler

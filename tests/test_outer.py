@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,11 +19,11 @@ from metalearn.core import batch_loss
 from metalearn.evaluation import evaluate
 from metalearn.learners.maml import MAML
 from metalearn.nn import Linear
-from metalearn.outer.base import NonFiniteLossError, RunOptions
+from metalearn.outer.driver import NonFiniteLossError, RunOptions
 from metalearn.outer.evolution import EvolutionOuterLoop
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.regression import LinearRegression
-from tests.helpers import ConstantSampler, QuadraticLearner
+from tests.helpers import ConstantSampler, QuadraticLearner, tensorboard_scalars
 
 QUIET = RunOptions(progress=False)
 
@@ -109,6 +111,45 @@ def test_resume_continues_exactly(tmp_path, kind):
     assert steps == list(range(1, 11))  # metrics log continues without gaps or repeats
 
 
+def test_metric_writers_agree_after_a_resume_from_an_earlier_step(tmp_path):
+    """metrics.jsonl, the TensorBoard events and a user callback see the same records; a
+    resume from an earlier checkpoint drops the later ones from all the files."""
+    from metalearn.outer.driver import TENSORBOARD_DIR
+
+    class Recorder:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def on_records(self, records):
+            self.records.extend(records)
+
+        def close(self):
+            self.closed = True
+
+    learner, key = inner_sgd(1), jax.random.PRNGKey(3)
+    outer = GradientOuterLoop(batch_size=4, steps_per_call=5)
+    opts = RunOptions(progress=False, checkpoint_every=5, eval_every=5, eval_episodes=8,
+                      eval_batch_size=8)
+    first = Recorder()
+    outer.run(learner, TASKS, key, steps=10, run_dir=tmp_path, options=opts,
+              eval_sampler=TASKS, callbacks=[first])
+    assert first.closed and [r["step"] for r in first.records if r["split"] == "train"] == \
+        list(range(1, 11))
+    later = Recorder()  # a resume to fewer steps, at another rate: steps 9-10 must go
+    res = dataclasses.replace(outer, learning_rate=0.1).run(
+        learner, TASKS, key, steps=8, run_dir=tmp_path, resume=True, from_step=5,
+        options=opts, eval_sampler=TASKS, callbacks=[later])
+    assert [r["step"] for r in later.records if r["split"] == "train"] == [6, 7, 8]
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl == res.history
+    tb = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    assert max(r["step"] for r in jsonl) == 8
+    for split in ("train", "eval"):
+        want = {r["step"]: r["loss"] for r in jsonl if r["split"] == split}
+        assert tb[f"{split}/loss"] == pytest.approx(want, rel=1e-6)
+    assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.*"))) == 2
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     learner = inner_sgd(1)
     outer = GradientOuterLoop(batch_size=4)
@@ -156,7 +197,8 @@ SHARD_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from metalearn.learners.maml import MAML
     from metalearn.nn import Linear
-    from metalearn.outer.base import RunOptions, device_mesh
+    from metalearn.outer.base import device_mesh
+    from metalearn.outer.driver import RunOptions
     from metalearn.outer.evolution import EvolutionOuterLoop
     from metalearn.outer.gradient import GradientOuterLoop
     from metalearn.tasks.regression import LinearRegression

@@ -123,7 +123,7 @@ def test_gradients_are_finite_with_masked_columns(model):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from metalearn.experiment import train
+    from metalearn.training import train
 
     run_dir = tmp_path_factory.mktemp("protonet") / "run"
     # no validation split and no extra report settings: fewer evaluations to compile
@@ -180,7 +180,7 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
 
 @needs_omniglot
 def test_minimal_protocol_holds_out_greek_for_validation():
-    from metalearn.experiment import apply_overrides
+    from metalearn.config import apply_overrides
     from metalearn.experiments import _omniglot, protonet_omniglot
 
     config = apply_overrides(protonet_omniglot.get_config(), ["data.protocol=minimal"])

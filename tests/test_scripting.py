@@ -22,13 +22,14 @@ from evosax.algorithms import SNES
 import metalearn as ml
 from metalearn.cli import main
 from metalearn.core import batch_loss, query_loss
-from metalearn.experiment import list_experiments, resolve_experiment, train
+from metalearn.discovery import list_experiments, resolve_experiment
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import ProtoNet
 from metalearn.nn import MLP, Linear
 from metalearn.reload import load_run
 from metalearn.specs import NotRebuildable, object_spec, rebuild
 from metalearn.tasks.regression import LinearRegression
+from metalearn.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
