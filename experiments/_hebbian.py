@@ -7,6 +7,7 @@ steps (the meta-training unroll) and at `horizon` x T, with the accuracy-versus-
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
 from metalearn.evaluation import evaluate
-from metalearn.experiment import ConfigDict, Experiment, outer_config
+from metalearn.experiment import ConfigDict, Experiment, cached_json, outer_config
 from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
 from metalearn.runs import Run, pyplot, save_figure
 from metalearn.seeds import BASELINE_OFFSET, REPORT_SEED
@@ -132,15 +133,42 @@ def _curve(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, steps:
 
 
 def tune(learner: HebbianLearner, optimizer: str, sampler: TaskSampler, lrs: list[float],
-         episodes: int, batch: int) -> tuple[float, dict]:
+         episodes: int, batch: int, progress: bool = False) -> tuple[float, dict]:
     """The rate of `lrs` whose network is most accurate after T steps on training tasks."""
     scores = {}
     for lr in lrs:
         res = evaluate(baseline(learner, optimizer, lr), {}, sampler,
                        jax.random.PRNGKey(REPORT_SEED + BASELINE_OFFSET), episodes, batch,
-                       check=False)
+                       check=False, progress=f"tuning {optimizer} lr={lr:g}" if progress else None)
         scores[lr] = res["accuracy"]
     return max(scores, key=scores.get), scores
+
+
+TUNING_FILE = "baseline_tuning.json"
+
+
+def tuned_rates(learner: HebbianLearner, sampler: TaskSampler, lrs: list[float], episodes: int,
+                batch: int, run: Run | None, progress: bool = False) -> dict:
+    """SGD's and Adam's tuned rates and their scores, kept in the run (TUNING_FILE): the tuning
+    depends on the network, the training tasks and these settings, not on the trained rule, so
+    a report made again (evaluate, resume) reads it back unless the settings changed."""
+    settings = {"learning_rates": lrs, "episodes": episodes, "learner": repr(learner),
+                "sampler": sampler.describe()}
+
+    def fit() -> dict:
+        out = {"settings": settings}
+        for opt in ("sgd", "adam"):
+            lr, scores = tune(learner, opt, sampler, lrs, episodes, batch, progress)
+            out[opt] = {"learning_rate": lr, "train_accuracy": {str(k): v for k, v in
+                                                                 scores.items()}}
+        return out
+
+    saved = cached_json(run, TUNING_FILE, fit)
+    if json.loads(json.dumps(settings)) != saved.get("settings"):
+        saved = fit()
+        if run is not None:
+            run.write_json(TUNING_FILE, saved)
+    return saved
 
 
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
@@ -160,9 +188,10 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
                               f"report: {name}" if progress else None)
     shown = sorted({t * k for k in (1, 4) if t * k <= steps} | {steps})
     out: dict = {"report_steps": shown, "tuning": {}}
+    tuning = tuned_rates(learner, exp.train, lrs, config.tune_episodes, batch, run, progress)
     for opt in ("sgd", "adam"):
-        lr, scores = tune(learner, opt, exp.train, lrs, config.tune_episodes, batch)
-        out["tuning"][opt] = {"learning_rate": lr, "train_accuracy": scores}
+        lr = tuning[opt]["learning_rate"]
+        out["tuning"][opt] = tuning[opt]
         curves[opt] = _curve(baseline(learner, opt, lr), {}, test, steps, n, batch,
                              REPORT_SEED, f"report: {opt}" if progress else None)
     out["curves"] = curves

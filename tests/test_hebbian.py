@@ -312,3 +312,29 @@ def test_hebbian_2d_trains_and_reports_from_the_command_line(tmp_path):
         assert len(summary["curves"][name]["mean"]) == 9
     assert summary["tuning"]["sgd"]["learning_rate"] in (0.1, 1.0)
     assert (run / "plots" / "accuracy_vs_steps.png").stat().st_size > 0
+
+
+def test_baseline_tuning_is_kept_in_the_run_and_redone_when_its_settings_change(tmp_path,
+                                                                              monkeypatch):
+    """The report's SGD/Adam tuning depends on the network, the tasks and the rates tried, not
+    on the trained rule: a report made again reads baseline_tuning.json back."""
+    from metalearn.experiments import _hebbian, hebbian_2d
+    from metalearn.runs import Run
+
+    exp = hebbian_2d.build(hebbian_2d.get_config())
+    calls = []
+
+    def fake_tune(learner, optimizer, sampler, lrs, episodes, batch, progress=False):
+        calls.append((optimizer, tuple(lrs)))
+        return lrs[-1], {lr: 0.5 + lr / 100 for lr in lrs}
+
+    monkeypatch.setattr(_hebbian, "tune", fake_tune)
+    run = Run(tmp_path)
+    first = _hebbian.tuned_rates(exp.learner, exp.train, [0.1, 1.0], 10, 5, run)
+    assert calls == [("sgd", (0.1, 1.0)), ("adam", (0.1, 1.0))]
+    assert first["sgd"]["learning_rate"] == 1.0 and (tmp_path / _hebbian.TUNING_FILE).exists()
+    assert _hebbian.tuned_rates(exp.learner, exp.train, [0.1, 1.0], 10, 5, run) == first
+    assert len(calls) == 2  # read back, not tuned again
+    _hebbian.tuned_rates(exp.learner, exp.train, [0.1, 3.0], 10, 5, run)
+    assert calls[-1] == ("adam", (0.1, 3.0))
+    assert run.read_json(_hebbian.TUNING_FILE)["sgd"]["learning_rate"] == 3.0
