@@ -27,7 +27,7 @@ from metalearn.specs import class_path
 
 ConfigDict = ml_collections.ConfigDict
 
-BUILTIN = ("metalearn.outer.gradient", "metalearn.outer.evolution")
+BUILTIN = ("metalearn.outer.gradient", "metalearn.outer.evolution", "metalearn.outer.truncated")
 # Fields every loop takes, with one meaning: they sit in `outer` itself.
 SHARED_OUTER_FIELDS = ("batch_size", "steps_per_call")
 CUSTOM = "custom: "  # config.json's value for a user object (an optax or evosax instance)

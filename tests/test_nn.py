@@ -78,7 +78,9 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3), ((3, 7, 5, 3), 3), ((2, 8, 7, 1), 5)])
+# the 5x5 kernel (12 s of compiling) in the slow run
+@pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3), ((3, 7, 5, 3), 3),
+                                     pytest.param((2, 8, 7, 1), 5, marks=pytest.mark.slow)])
 def test_tap_sum_convolution_is_xlas(shape, k):
     """The tap sum that convolves inputs of few channels is XLA's convolution, for non-square
     images, 3 channels and a 5x5 kernel, and vmapped over episodes; `_conv` routes to it."""
@@ -130,8 +132,10 @@ def test_bad_inputs_fail_with_clear_messages():
         nn.init_cnn(jax.random.PRNGKey(0), 1, ())
 
 
-# with respect to the input: 12 s (the tap sum's terms compiled three times), in the slow run
-@pytest.mark.parametrize("wrt", [pytest.param(0, marks=pytest.mark.slow), 1])
+# 12-17 s each (the tap sum's terms compiled three times), in the slow run;
+# test_conv_vjp_matches_autodiff_of_lax_conv checks the first derivatives by default
+@pytest.mark.slow
+@pytest.mark.parametrize("wrt", [0, 1])
 def test_second_derivatives_through_conv2d_match_lax_conv(wrt):
     """Second-order MAML differentiates the hand-written VJP: the gradient of a loss after one
     inner gradient step, L(v - 0.1 grad L(v)), matches JAX's own convolution gradients."""

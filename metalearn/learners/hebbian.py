@@ -272,6 +272,41 @@ class _Network(InnerLearner):
         m = self.score(self._replica_outputs(meta, state, episode.query_x), episode.query_y)
         return m["loss"], m
 
+    # ----- truncated unrolls (metalearn.outer.truncated)
+    @property
+    def horizon(self) -> int:
+        """Inner steps of a whole task: `inner_steps`."""
+        return self.inner_steps
+
+    def unroll_init(self, meta: MetaParams, episode: Episode, key: Array) -> PyTree:
+        """The inner state at step 0: the replicas' fresh networks and the batch key (as
+        `adapt` draws them from `key`)."""
+        k_init, k_batch = jax.random.split(key)
+        d_in = math.prod(episode.support_x.shape[1:])
+        states = jax.vmap(lambda k: self.init_state(meta, k, d_in))(
+            jax.random.split(k_init, self.replicas))
+        return states, k_batch
+
+    def unroll(self, meta: MetaParams, carry: PyTree, episode: Episode, t0: Array,
+               steps: int) -> tuple[PyTree, Array, dict]:
+        """Inner steps t0 .. t0 + steps - 1 from `carry`: the new carry, and the query
+        meta-loss and accuracy averaged over the networks after each of these steps (the
+        truncation's share of the whole-task objective, the mean over steps 1..T)."""
+        states, k_batch = carry
+        batch = self._batches(episode.support(), k_batch)
+        q = episode.query_x.reshape(episode.query_x.shape[0], -1).astype(jnp.float32)
+
+        def one(state: PyTree) -> tuple[PyTree, Array]:
+            def body(s: PyTree, t: Array) -> tuple[PyTree, Array]:
+                s = self.update(meta, s, *batch(t), t)
+                return s, self.outputs(meta, s, q)
+            return jax.lax.scan(body, state, t0 + jnp.arange(steps))
+
+        states, trace = jax.vmap(one)(states)  # trace [R, steps, Q, ways]
+        m = jax.vmap(self.score, in_axes=(1, None))(trace, episode.query_y)
+        m = {k: jnp.mean(v) for k, v in m.items()}
+        return (states, k_batch), m["loss"], m
+
     def curve(self, meta: MetaParams, episode: Episode, key: Array, steps: int) -> dict:
         """Query loss and accuracy [steps + 1] after 0, 1, ..., steps inner steps (the same
         networks and batches as `adapt`, so entry `inner_steps` equals `loss`)."""
