@@ -130,6 +130,10 @@ def apply_overrides(config: ConfigDict, sets: Sequence[str]) -> ConfigDict:
         if leaf not in node:
             where = [f"{'.'.join([*parts[:-1], k, leaf])}" for k, v in node.items()
                      if isinstance(v, ConfigDict) and leaf in v]
+            used = node.get("kind")  # the outer loop's own section first, where it has the field
+            if isinstance(used, str) and isinstance(node.get(used), ConfigDict) \
+                    and leaf in node[used]:
+                where = [".".join([*parts[:-1], used, leaf])]
             where = where or ['.'.join([*parts[:-1], k]) for k in
                               difflib.get_close_matches(leaf, list(node.keys()), n=1)]
             hint = f" (did you mean {' or '.join(where)}?)" if where else ""

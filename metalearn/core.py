@@ -123,8 +123,21 @@ class InnerLearner:
 
     Subclasses implement `init`, `adapt` and `predict`; `loss` follows from them (cross-entropy
     and accuracy for integer labels, 1/2 squared error for regression targets). A learner may
-    override `loss` when its objective is not of that form.
+    override `loss` when its objective is not of that form, and the optional hooks below
+    (each with a default that does nothing special).
     """
+
+    # A batch's episodes run one after another (`lax.map`) instead of `vmap`ped: for learners
+    # whose per-episode programs are large (the HyperTransformer generating conv layers).
+    sequential_episodes: bool = False
+
+    def for_evaluation(self) -> InnerLearner:
+        """The learner that scores evaluations (e.g. MAML with more inner steps): itself."""
+        return self
+
+    def named_meta(self, name: str) -> MetaParams | None:
+        """Meta-parameters the learner offers by name (`init_from=NAME`): None, it has none."""
+        return None
 
     def init(self, key: Array, example: Episode) -> MetaParams:
         """Meta-parameters: what the outer loop trains."""
@@ -237,7 +250,7 @@ def episode_losses(learner: InnerLearner, meta: MetaParams, episodes: Episode,
     (or, for a learner with `sequential_episodes`, run one after another with `lax.map`);
     episode i gets the learner key split(key, B)[i]."""
     keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
-    if getattr(learner, "sequential_episodes", False):
+    if learner.sequential_episodes:
         return jax.lax.map(lambda a: learner.loss(meta, *a), (episodes, keys))
     return jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
 

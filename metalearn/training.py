@@ -241,11 +241,11 @@ def initial_meta_from(spec: str, learner: InnerLearner) -> MetaParams | None:
         from metalearn.reload import load_run
 
         return load_run(spec).meta
-    named = getattr(learner, "named_meta", None)
+    named = learner.named_meta(spec)
     if named is None:
         raise ValueError(f"{override('init_from', spec)}: {spec!r} is not a run directory, and "
                          f"{type(learner).__name__} offers no named meta-parameters")
-    return named(spec)
+    return named
 
 
 def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: Any,
