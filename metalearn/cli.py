@@ -91,7 +91,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                       ways=args.ways, shots=args.shots, queries=args.queries,
                                       unlabeled=args.unlabeled, progress=not args.no_progress,
                                       dataset=args.dataset,
-                                      within_group=True if args.within_group else None)
+                                      within_group=True if args.within_group else None,
+                                      on_error=args.on_error)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("unlabeled", "unlabeled images per class (semi-supervised learners)")):
         e.add_argument(f"--{flag}", type=int, default=None,
                        help=f"few-shot runs: {what}; default: the run's")
+    e.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="--dataset: a file that is not a readable image stops the evaluation "
+                        "(raise) or is left out with a warning (skip)")
     e.add_argument("--within-group", action="store_true",
                    help="few-shot runs: draw each episode's classes from one group (an "
                         "alphabet of Omniglot), chosen in proportion to its classes")
@@ -215,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass  # run on with the default malloc
     args = build_parser().parse_args(argv)
     try:
-        with cli_mode():
+        with cli_mode(args.command):
             return args.fn(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
             FloatingPointError, RuntimeError) as e:

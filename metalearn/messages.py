@@ -12,7 +12,11 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-_CLI = contextvars.ContextVar("metalearn_cli", default=False)
+_CLI = contextvars.ContextVar("metalearn_cli", default="")  # the running command, or ""
+
+# settings that `metalearn evaluate` takes as flags of its own (`--ways 5`), not as `--set`
+EVALUATE_FLAGS = ("ways", "shots", "queries", "unlabeled", "within_group", "episodes",
+                  "on_error")
 
 # Python argument -> (as written in Python, as written on the command line)
 _ARGS = {
@@ -26,9 +30,9 @@ _ARGS = {
 
 
 @contextlib.contextmanager
-def cli_mode() -> Iterator[None]:
-    """Within this block, messages name command-line flags (the `metalearn` command)."""
-    token = _CLI.set(True)
+def cli_mode(command: str = "train") -> Iterator[None]:
+    """Within this block, messages name the flags of `metalearn COMMAND`."""
+    token = _CLI.set(command or "train")
     try:
         yield
     finally:
@@ -37,6 +41,11 @@ def cli_mode() -> Iterator[None]:
 
 def in_cli() -> bool:
     """True while the `metalearn` command runs."""
+    return bool(_CLI.get())
+
+
+def command() -> str:
+    """The `metalearn` subcommand running (train, evaluate, ...), or "" from Python."""
     return _CLI.get()
 
 
@@ -54,8 +63,18 @@ def option(python: str, value: object = "...") -> str:
 
 def setting(python: str, key: str | None = None, value: str = "...") -> str:
     """A setting to change: `python=value` (a constructor or function argument), or under the
-    command line `--set KEY=value`, with KEY the config field (default: `python`)."""
-    return f"--set {key or python}={value}" if in_cli() else f"{python}={value}"
+    command line `--set KEY=value`, with KEY the config field (default: `python`); under
+    `metalearn evaluate`, its own flag (`--ways 5`) where it has one, else the training
+    setting, said to be one."""
+    if not in_cli():
+        return f"{python}={value}"
+    value = value.strip('"')  # a Python string's quotes
+    if command() == "evaluate":
+        if python in EVALUATE_FLAGS:
+            flag = f"--{python.replace('_', '-')}"
+            return flag if python == "within_group" else f"{flag} {value}"
+        return f"--set {key or python}={value} when training"
+    return f"--set {key or python}={value}"
 
 
 def override(key: str, value: str | None = None) -> str:

@@ -146,7 +146,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
                  seed: int = 0, ways: int | None = None, shots: int | None = None,
                  queries: int | None = None, unlabeled: int | None = None,
                  progress: bool = False, dataset: str | Path | None = None,
-                 within_group: bool | None = None) -> dict:
+                 within_group: bool | None = None, on_error: str = "raise") -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
@@ -162,7 +162,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     folder holding one pair), or a .npz with x and y. Its images are resized and converted to
     the run's image size and channels and go through the `split` sampler's preprocessing and
     episode settings; the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the
-    dataset's folder or file stem), with the dataset's spec and class count."""
+    dataset's folder or file stem), with the dataset's spec and class count; `on_error="skip"`
+    leaves out its files that are not readable images."""
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
     name = f"eval_{split}.json"
@@ -172,7 +173,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     what = loaded.config.get("experiment") or "this run"
     data_info, label = None, split
     if dataset is not None:
-        sampler, data_info = _dataset_sampler(sampler, dataset, setting, split, what)
+        sampler, data_info = _dataset_sampler(sampler, dataset, setting, split, what,
+                                             on_error)
         label = f"dataset:{data_info['name']}"
         name = f"eval_dataset_{data_info['name']}.json"
     elif setting:
@@ -204,7 +206,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
 
 
 def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, split: str,
-                     what: str) -> tuple[TaskSampler, dict]:
+                     what: str, on_error: str = "raise") -> tuple[TaskSampler, dict]:
     """The `split` sampler's episode settings (and `setting`'s changes) on the dataset `spec`,
     loaded at the sampler's image size and channels; and what the result file says of it."""
     from metalearn.tasks.formats import load_dataset
@@ -214,7 +216,7 @@ def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, spli
                          "another dataset; dataset evaluation is for few-shot image "
                          "classification runs")
     h, w, ch = sampler.dataset.image_shape
-    ds = load_dataset(spec, image_size=(h, w), channels=ch)
+    ds = load_dataset(spec, image_size=(h, w), channels=ch, on_error=on_error)
     ways = setting.get("ways", sampler.ways)
     per = {k: setting.get(k, getattr(sampler, k)) for k in ("shots", "queries", "unlabeled")}
     n_rot = 4 if sampler.rotations else 1

@@ -524,5 +524,6 @@ def _check_request(ds: ImageDataset, ways: int, per_class: int, rotations: bool,
                          f"{ds.class_names[small]!r} of {ds.name!r} has only {have} (examples "
                          f"per class: {int(ds.counts.min())} to {int(ds.counts.max())}); lower "
                          f"shots/queries ({setting('shots', 'task.shots')} / "
-                         f"{setting('queries', 'task.queries')}) or drop "
-                         f"small classes with dataset.filter_min_examples({per_class})")
+                         f"{setting('queries', 'task.queries')})" + (
+                             "" if in_cli() else " or drop small classes with "
+                             f"dataset.filter_min_examples({per_class})"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metalearn.messages import setting
 from metalearn.tasks.cache import cached
 from metalearn.tasks.datasets import ImageDataset
 from metalearn.tasks.images import (
@@ -131,8 +132,9 @@ def _readable(classes: list[_ClassFiles], image_size: int | tuple[int, int] | No
                 arrs.append(_decode_file(ref, read, image_size, channels))
             except ImageDecodeError as e:
                 if on_error != "skip":
-                    raise ImageDecodeError(f"dataset {name!r}: {e}; pass on_error=\"skip\" to "
-                                           "leave out files that are not readable images") from e
+                    fix = setting("on_error", "data.on_error", '"skip"')
+                    raise ImageDecodeError(f"dataset {name!r}: {e}; {fix} leaves out the files "
+                                           "that are not readable images") from e
                 skipped.append(ref)
                 continue
             kept.refs.append(ref)

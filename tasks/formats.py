@@ -123,7 +123,7 @@ _NPZ_IMAGES, _NPZ_LABELS = ("x", "images"), ("y", "labels")
 
 def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = None,
                  channels: int | None = None, name: str | None = None,
-                 cache: bool = True) -> ImageDataset:
+                 cache: bool = True, on_error: str = "raise") -> ImageDataset:
     """A labelled image dataset from an image folder or zip, IDX files or a .npz (see below).
 
     `spec` is one of: an image folder (`class/*.png` or `group/class/*.png`, as
@@ -134,7 +134,9 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
     image files are converted (RGB -> gray: PIL's ITU-R 601-2 luminance; gray -> RGB: the
     channel repeated), then `image_size` resizes (antialiased), so that the same images stored
     in any of the forms load alike. `name` defaults to the folder or file stem; `cache` keeps
-    decoded image folders in the dataset cache (`tasks.cache`)."""
+    decoded image folders in the dataset cache (`tasks.cache`); `on_error="skip"` leaves out
+    the files of an image folder that are not readable images (with a warning), as
+    `load_image_folder` does."""
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None, got {channels!r}")
     path = Path(spec).expanduser()
@@ -156,12 +158,12 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
         pair = _idx_in_folder(path)
         if pair is not None:
             return _idx_pair(*pair, image_size, channels, name or path.name)
-        return _image_folder(path, image_size, channels, name or path.name, cache)
+        return _image_folder(path, image_size, channels, name or path.name, cache, on_error)
     suffixes = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() == ".npz":
         return _npz(path, image_size, channels, name or path.stem)
     if path.suffix.lower() == ".zip":
-        return _image_folder(path, image_size, channels, name or path.stem, cache)
+        return _image_folder(path, image_size, channels, name or path.stem, cache, on_error)
     if "idx" in path.name.lower():
         raise ValueError(f"dataset {path} is a single IDX file; give the images and the labels "
                          "file together as IMAGES,LABELS (e.g. t10k-images-idx3-ubyte.gz,"
@@ -268,7 +270,7 @@ def convert_channels(ds: ImageDataset, channels: int | None) -> ImageDataset:
 
 
 def _image_folder(path: Path, image_size: int | tuple[int, int] | None, channels: int | None,
-                  name: str, cache: bool) -> ImageDataset:
+                  name: str, cache: bool, on_error: str = "raise") -> ImageDataset:
     with contextlib.ExitStack() as stack:
         files, _ = _folder_tree(path, stack)
         if not files:
@@ -281,4 +283,4 @@ def _image_folder(path: Path, image_size: int | tuple[int, int] | None, channels
                 np.array_equal(rgb[..., 0], rgb[..., 2])
             channels = 1 if gray else 3
     return load_image_folder(path, image_size=image_size, channels=channels, name=name,
-                             cache=cache)
+                             cache=cache, on_error=on_error)

@@ -178,8 +178,8 @@ def _bad_tree(root: Path) -> None:
 def test_image_folder_unreadable_files_raise_or_skip(tmp_path):
     _bad_tree(tmp_path / "d")
     with pytest.raises(ValueError, match=r"dataset 'd': .*notes\.png is not a readable image "
-                                         r"\(not in an image format PIL reads\); pass "
-                                         r'on_error="skip" to leave out'):
+                                         r"\(not in an image format PIL reads\); "
+                                         r'on_error="skip" leaves out'):
         load_image_folder(tmp_path / "d", cache=False)
     with pytest.warns(UserWarning, match=r"skipped 2 files that are not readable images: "
                                          r".*notes\.png, .*cut\.png; dropped 1 classes left "

@@ -176,7 +176,8 @@ def test_evaluate_on_a_dataset_at_another_setting_and_seed(tiny_run, tmp_path, c
     assert "dataset:t10k ways=3 shots=2 queries=1 unlabeled=0 (step 2, 2 episodes, seed 1)" \
         in capsys.readouterr().out
     res = json.loads((tiny_run / "eval_dataset_t10k_3way_2shot_1query.json").read_text())
-    assert res["setting"] == {"ways": 3, "shots": 2, "queries": 1, "unlabeled": 0}
+    assert res["setting"] == {"ways": 3, "shots": 2, "queries": 1, "unlabeled": 0,
+                              "within_group": False}
     assert res["seed"] == 1 and res["episodes"] == 2 and 0 <= res["accuracy"] <= 1
     assert res["dataset"]["classes"] == 10
 
@@ -204,3 +205,36 @@ def test_a_dataset_too_small_for_the_episodes_is_refused(tiny_run, tmp_path, cap
     assert main(["evaluate", str(tiny_run), "--dataset", str(tmp_path / "missing")]) == 2
     assert "missing does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_an_unreadable_file_stops_the_load_naming_the_setting_that_skips_it(tmp_path):
+    """`load_dataset` (and `evaluate --dataset`) stop on a file that is not an image, naming
+    the setting of the interface in use; `on_error="skip"` leaves it out."""
+    from metalearn.messages import cli_mode
+    from metalearn.tasks.formats import load_dataset
+
+    x, y = _images(n_classes=3, per_class=3, size=10)
+    spec = _write_forms(tmp_path, x, y)["folder"]
+    (tmp_path / "folder" / "class0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r'broken\.png.*; on_error="skip" leaves out'):
+        load_dataset(spec, cache=False)
+    for command, fix in (("train", "--set data.on_error=skip"), ("evaluate", "--on-error skip")):
+        with cli_mode(command), pytest.raises(ValueError, match=f"; {fix} leaves out"):
+            load_dataset(spec, cache=False)
+    with pytest.warns(UserWarning, match="broken.png"):
+        ds = load_dataset(spec, cache=False, on_error="skip")
+    assert ds.num_examples == 9 and ds.num_classes == 3
+
+
+@needs_omniglot
+@pytest.mark.slow  # trains a tiny run first (~30 s of compiling)
+def test_evaluate_on_a_dataset_with_an_unreadable_file(tiny_run, tmp_path, capsys):
+    x, y = _images(n_classes=6, per_class=6, size=20)
+    spec = _write_forms(tmp_path, x, y)["folder"]
+    (tmp_path / "folder" / "class0" / "broken.png").write_bytes(b"not a png")
+    args = ["evaluate", str(tiny_run), "--dataset", spec, "--episodes", "2", "--no-progress"]
+    assert main(args) == 2
+    assert "--on-error skip leaves out" in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip"]) == 0
+    assert json.loads((tiny_run / "eval_dataset_folder.json").read_text())["dataset"][
+        "examples"] == 36

@@ -179,6 +179,28 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
 
 
 @needs_omniglot
+def test_evaluate_errors_name_flags_that_evaluate_takes(trained_run, capsys):
+    """Too many ways or shots under `metalearn evaluate` name its own flags (--ways, --shots),
+    never a `--set` that evaluate refuses nor a Python call; the parser takes each flag named."""
+    import re
+
+    from metalearn.cli import build_parser, main
+
+    run, _ = trained_run
+    for argv in (["--ways", "2000"], ["--shots", "25"]):
+        assert main(["evaluate", str(run.path), "--episodes", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "filter_min_examples" not in err and "task.ways" not in err
+        named = re.findall(r"(--[a-z-]+)(?: (\d+|\.\.\.))?(?! when training)", err)
+        flags = [f for f, _ in named if f != "--set"]
+        assert flags, err
+        for flag, value in named:
+            if flag != "--set":
+                value = value if value and value.isdigit() else "3"
+                build_parser().parse_args(["evaluate", "RUN", flag, value])
+
+
+@needs_omniglot
 def test_minimal_protocol_holds_out_greek_for_validation():
     from metalearn.config import apply_overrides
     from metalearn.experiments import _omniglot, protonet_omniglot
