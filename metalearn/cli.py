@@ -37,8 +37,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     name_w = max(len(n) for n, _, _ in rows)
     val_w = min(24, max(len(repr(v)) for _, v, _ in rows))
     print(f"{name}: {((mod.__doc__ or '').strip().splitlines() or [''])[0]}")
-    print("override any field with --set NAME=VALUE; outer.kind picks outer.gradient.* or "
-          "outer.evolution.*\n")
+    print("override any field with --set NAME=VALUE; outer.kind=KIND picks the section "
+          "outer.KIND.* that builds the outer loop\n")
     for name, value, doc in rows:
         print(f"{name:<{name_w}}  {value!r:<{val_w}}  {doc}")
     return 0
@@ -221,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cli_mode(args.command):
             return args.fn(args)
+    except BrokenPipeError:  # `metalearn config NAME | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
             FloatingPointError, RuntimeError) as e:
         if args.debug:

@@ -57,7 +57,8 @@ BASE_DOCS = {
     "init_from": "start from these meta-parameters instead of the learner's init: a run "
                  "directory (its latest checkpoint) or a name the learner offers (e.g. "
                  "gradient[:LR] for the Hebbian genome)",
-    "outer.kind": "outer loop: gradient (outer.gradient.*) or evolution (outer.evolution.*)",
+    "outer.kind": "outer loop: gradient, evolution or truncated (PES / truncated backprop), or "
+                  "one registered with metalearn.outer.registry; its fields are outer.KIND.*",
     "outer.batch_size": "episodes per meta-step (gradient) or per generation, shared by all "
                         "candidates (evolution)",
     "outer.steps_per_call": "meta-steps compiled into one call (speed only; same numbers)",

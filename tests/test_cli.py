@@ -222,3 +222,11 @@ def test_quick_mode_is_a_short_run_and_a_long_run_says_so(tmp_path, capsys, monk
 
     sets = quick_sets(hebbian_2d.get_config(), hebbian_2d)
     assert "steps=20" in sets and "tune_episodes=20" in sets and "report_episodes=20" in sets
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    """`metalearn config NAME | head -1`: no traceback, exit status 0."""
+    out = subprocess.run("metalearn config linreg_sgd | head -1; exit ${PIPESTATUS[0]}",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("linreg_sgd: ")
