@@ -1,4 +1,4 @@
-"""HyperTransformer (all layers or logits only, supervised or semi-supervised), minimal Omniglot."""
+"""HyperTransformer (all layers or logits only, supervised or semi-supervised), full Omniglot."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MAML (second- or first-order) on the 4-block CNN, minimal Omniglot, held-out alphabets."""
+"""MAML (second- or first-order) on the 4-block CNN, full Omniglot, held-out characters."""
 
 from __future__ import annotations
 
