@@ -101,8 +101,10 @@ def grouped():
     return synthetic_dataset(classes=30, examples=6, size=8, groups=3)
 
 
-# per class: 8-12 s more, in the slow run (the default suite keeps under 10 min)
-@pytest.mark.parametrize("per_class", [False, pytest.param(True, marks=pytest.mark.slow)])
+# 8-13 s each, in the slow run (the default suite keeps under 10 min); the identity and
+# within-group tests exercise the augmentation by default
+@pytest.mark.slow
+@pytest.mark.parametrize("per_class", [False, True])
 def test_augmented_episodes_same_key_same_images_per_image_and_per_class(grouped, per_class):
     """The batch sampler equals `vmap(sample)`; the distortion is that of the episode's
     parameters applied to the undistorted episode (same classes and examples); per class, all

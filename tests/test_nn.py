@@ -78,8 +78,9 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-# the 5x5 kernel (12 s of compiling) in the slow run
-@pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3), ((3, 7, 5, 3), 3),
+# three channels and the 5x5 kernel (11-12 s of compiling each) in the slow run
+@pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3),
+                                     pytest.param((3, 7, 5, 3), 3, marks=pytest.mark.slow),
                                      pytest.param((2, 8, 7, 1), 5, marks=pytest.mark.slow)])
 def test_tap_sum_convolution_is_xlas(shape, k):
     """The tap sum that convolves inputs of few channels is XLA's convolution, for non-square
@@ -205,7 +206,10 @@ def _block(given):
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-@pytest.mark.parametrize("rows,given", [(None, True), (5, True), (None, False)])
+# row-chunked and with statistics computed inside the block: in the slow run, 8-14 s each
+@pytest.mark.parametrize("rows,given", [(None, True),
+                                        pytest.param(5, True, marks=pytest.mark.slow),
+                                        pytest.param(None, False, marks=pytest.mark.slow)])
 def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypatch, rows,
                                                                          given, per_example):
     """Pooling first (maxima where the scale is >= 0, minima where it is negative) gives the

@@ -137,6 +137,7 @@ def trained_run(tmp_path_factory):
 
 
 @needs_omniglot
+@pytest.mark.slow  # the trained_run fixture trains first (about 35 s)
 def test_loss_falls_on_omniglot_and_split_is_kept(trained_run):
     run, summary = trained_run
     losses = [r["loss"] for r in run.metrics() if r["split"] == "train"]
@@ -179,6 +180,7 @@ def test_evaluate_at_another_setting_with_unlabeled_images(trained_run, capsys):
 
 
 @needs_omniglot
+@pytest.mark.slow  # trained_run; test_tasks_fewshot checks the messages by default
 def test_evaluate_errors_name_flags_that_evaluate_takes(trained_run, capsys):
     """Too many ways or shots under `metalearn evaluate` name its own flags (--ways, --shots),
     never a `--set` that evaluate refuses nor a Python call; the parser takes each flag named."""
@@ -214,6 +216,7 @@ def test_minimal_protocol_holds_out_greek_for_validation():
 
 
 @needs_omniglot
+@pytest.mark.slow  # trained_run; test_tasks_fewshot checks manifest errors by default
 def test_bad_manifests_fail_on_the_command_line_naming_file_and_entry(trained_run, tmp_path,
                                                                      capsys):
     """`metalearn evaluate RUN --manifest BAD`: one line naming the file and the fix; the run's

@@ -74,15 +74,14 @@ def test_sample_is_a_pure_function_of_its_key(sampler):
 
 def test_jit_equals_eager_and_a_batch_equals_a_loop(sampler):
     key = jax.random.PRNGKey(3)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
-                                                         rtol=1e-6, atol=1e-6),
-                 jax.jit(sampler.sample)(key), sampler.sample(key))
-    batch = sampler.sample_batch(key, 3)
+    one = jax.jit(sampler.sample)
+    close = lambda a, b: jax.tree.map(  # noqa: E731
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                                                atol=1e-6), a, b)
+    close(one(key), sampler.sample(key))
+    batch = jax.jit(lambda k: sampler.sample_batch(k, 3))(key)
     for i, k in enumerate(jax.random.split(key, 3)):
-        one = jax.tree.map(lambda x, i=i: np.asarray(x)[i], batch)
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, np.asarray(y), rtol=1e-6,
-                                                             atol=1e-6),
-                     one, sampler.sample(k))
+        close(jax.tree.map(lambda x, i=i: np.asarray(x)[i], batch), one(k))
 
 
 def test_describe_is_json(sampler):

@@ -363,3 +363,28 @@ def test_omniglot_20_way_1_shot_on_held_out_alphabets(tmp_path):
     ep = test.gather(jax.tree.map(lambda a: a[0], idx))
     assert ep.support_x.shape == (20, 28, 28, 1) and float(ep.support_x.max()) == 1.0
     assert plot_episode(ep, tmp_path / "episode.png").stat().st_size > 10_000
+
+
+def test_impossible_requests_name_the_setting_of_the_interface_in_use():
+    """Too many ways or shots: Python names the argument (and the dataset filter), `metalearn
+    train` the config key, `metalearn evaluate` its own flags and never a --set it refuses."""
+    import contextlib
+
+    from metalearn.messages import cli_mode
+
+    ds = synthetic_dataset(classes=6, examples=4, size=6)
+    cases = {"": ("ways=6", "shots=...", "filter_min_examples(5)"),
+             "train": ("--set task.ways=6", "--set task.shots=...", None),
+             "evaluate": ("--ways 6", "--shots ... / --queries ...", None)}
+    for command, (ways, shots, extra) in cases.items():
+        with cli_mode(command) if command else contextlib.nullcontext():
+            with pytest.raises(ValueError) as e_ways:
+                FewShotSampler(ds, 7, 1, 1)
+            with pytest.raises(ValueError) as e_shots:
+                FewShotSampler(ds, 2, 3, 2)
+        assert f"use {ways}" in str(e_ways.value), str(e_ways.value)
+        assert shots in str(e_shots.value), str(e_shots.value)
+        assert (extra in str(e_shots.value)) if extra else \
+            "filter_min_examples" not in str(e_shots.value)
+        if command == "evaluate":
+            assert "--set task.rotations=true when training" in str(e_ways.value)

@@ -68,7 +68,7 @@ def test_pes_recovers_the_gradient_through_the_earlier_truncation():
     learner = HebbianLearner(**NET)
     meta = learner.init(jax.random.PRNGKey(0), sampler().example())
     loop = TruncatedOuterLoop(estimator="pes", truncation=2, horizon=4, std=1e-4,
-                              batch_size=8192)
+                              batch_size=4096)
     ep, carry, p = _one_task(loop, learner, meta)
     _, _, carry1, ok, xi, _ = loop.estimate(learner, meta, p, jax.random.PRNGKey(5))
     p2 = Particles(p.episodes, carry1, p.t + 2, xi)
