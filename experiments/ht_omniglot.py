@@ -24,6 +24,9 @@ def get_config() -> ConfigDict:
     return c
 
 
+# `--quick`: one transformer layer per generated layer (compiling three takes a minute)
+QUICK = {"learner.num_layers": 1}
+
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the generated CNN",
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",

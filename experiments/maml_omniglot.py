@@ -26,6 +26,9 @@ def get_config() -> ConfigDict:
     return c
 
 
+# `--quick`: the 8-channel CNN (64 channels take minutes to compile second-order MAML)
+QUICK = {"learner.channels": 8}
+
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the CNN",
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
