@@ -7,7 +7,6 @@ steps (the meta-training unroll) and at `horizon` x T, with the accuracy-versus-
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
@@ -156,19 +155,14 @@ def tuned_rates(learner: HebbianLearner, sampler: TaskSampler, lrs: list[float],
                 "sampler": sampler.describe()}
 
     def fit() -> dict:
-        out = {"settings": settings}
+        out = {}
         for opt in ("sgd", "adam"):
             lr, scores = tune(learner, opt, sampler, lrs, episodes, batch, progress)
             out[opt] = {"learning_rate": lr, "train_accuracy": {str(k): v for k, v in
                                                                  scores.items()}}
         return out
 
-    saved = cached_json(run, TUNING_FILE, fit)
-    if json.loads(json.dumps(settings)) != saved.get("settings"):
-        saved = fit()
-        if run is not None:
-            run.write_json(TUNING_FILE, saved)
-    return saved
+    return cached_json(run, TUNING_FILE, fit, key=settings)
 
 
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,

@@ -24,7 +24,7 @@ def get_config() -> ConfigDict:
     return c
 
 
-# `--quick`: one transformer layer per generated layer (compiling three takes a minute)
+# `--quick`: one transformer layer per generated layer (compiling three dominates a short run)
 QUICK = {"learner.num_layers": 1}
 
 DOCS = {**_omniglot.DOCS,

@@ -26,7 +26,7 @@ def get_config() -> ConfigDict:
     return c
 
 
-# `--quick`: the 8-channel CNN (64 channels take minutes to compile second-order MAML)
+# `--quick`: the 8-channel CNN (second-order MAML at 64 channels is slow even to compile)
 QUICK = {"learner.channels": 8}
 
 DOCS = {**_omniglot.DOCS,

@@ -17,7 +17,9 @@ training with the run's config, for extra headline figures in summary.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from typing import Any
 
 from metalearn.config import ConfigDict, base_config
 from metalearn.core import InnerLearner, TaskSampler
@@ -54,11 +56,15 @@ class Experiment:
         return next((s for s in ("validation", "test") if s in self.splits), None)
 
 
-def cached_json(run: Run | None, name: str, compute: Callable[[], dict]) -> dict:
-    """`compute()`, kept in the run directory as `name` and read back on later calls."""
+def cached_json(run: Run | None, name: str, compute: Callable[[], dict],
+                key: Any = None) -> dict:
+    """`compute()`, kept in the run directory as `name` and read back on later calls; given a
+    JSON-able `key` (the settings it depends on), computed again when the kept one's differs."""
     if run is not None and (run.path / name).exists():
-        return run.read_json(name)
-    value = compute()
+        kept = run.read_json(name)
+        if key is None or kept.get("key") == json.loads(json.dumps(key)):
+            return kept
+    value = compute() if key is None else {**compute(), "key": key}
     if run is not None:
         run.write_json(name, value)
     return value

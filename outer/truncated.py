@@ -173,7 +173,7 @@ class TruncatedOuterLoop(OuterLoop):
             xi = pick(jax.tree.map(jnp.zeros_like, xi), xi)
         particles = Particles(pick(episodes, p.episodes), pick(fresh, carry),
                               jnp.where(done, 0, t).astype(jnp.int32), xi)
-        particles = shard_leading(particles, mesh) if mesh is not None else particles
+        particles = shard_leading(particles, mesh)
         out = {"loss": loss, "grad_norm": optax.global_norm(grad),
                "restarted": jnp.mean(done.astype(jnp.float32)),
                "diverged": jnp.mean((~ok).astype(jnp.float32))}

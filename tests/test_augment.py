@@ -101,7 +101,7 @@ def grouped():
     return synthetic_dataset(classes=30, examples=6, size=8, groups=3)
 
 
-# 8-13 s each, in the slow run (the default suite keeps under 10 min); the identity and
+# in the slow run (compiling-heavy; the default suite keeps under 10 min); the identity and
 # within-group tests exercise the augmentation by default
 @pytest.mark.slow
 @pytest.mark.parametrize("per_class", [False, True])

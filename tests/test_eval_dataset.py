@@ -227,7 +227,7 @@ def test_an_unreadable_file_stops_the_load_naming_the_setting_that_skips_it(tmp_
 
 
 @needs_omniglot
-@pytest.mark.slow  # trains a tiny run first (~30 s of compiling)
+@pytest.mark.slow  # trains a tiny run first
 def test_evaluate_on_a_dataset_with_an_unreadable_file(tiny_run, tmp_path, capsys):
     x, y = _images(n_classes=6, per_class=6, size=20)
     spec = _write_forms(tmp_path, x, y)["folder"]

@@ -140,7 +140,7 @@ def test_sibling_experiments():
         assert mod.build is icl_gd.build or name == "icl_gd_nonlinear"
 
 
-@pytest.mark.slow  # trains the baseline (7 s)
+@pytest.mark.slow  # trains the baseline
 def test_nonlinear_baseline_is_trained_once(tmp_path):
     mod = load_module("icl_gd_nonlinear")
     c = mod.get_config()

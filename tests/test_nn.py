@@ -78,7 +78,7 @@ def test_conv_vjp_matches_autodiff_of_lax_conv(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-# three channels and the 5x5 kernel (11-12 s of compiling each) in the slow run
+# three channels and the 5x5 kernel (compiling-heavy) in the slow run
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 1), 3),
                                      pytest.param((3, 7, 5, 3), 3, marks=pytest.mark.slow),
                                      pytest.param((2, 8, 7, 1), 5, marks=pytest.mark.slow)])
@@ -133,7 +133,7 @@ def test_bad_inputs_fail_with_clear_messages():
         nn.init_cnn(jax.random.PRNGKey(0), 1, ())
 
 
-# 12-17 s each (the tap sum's terms compiled three times), in the slow run;
+# in the slow run (the tap sum's terms are compiled three times);
 # test_conv_vjp_matches_autodiff_of_lax_conv checks the first derivatives by default
 @pytest.mark.slow
 @pytest.mark.parametrize("wrt", [0, 1])
@@ -206,7 +206,7 @@ def _block(given):
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-# row-chunked and with statistics computed inside the block: in the slow run, 8-14 s each
+# row-chunked and with statistics computed inside the block: in the slow run (compiling-heavy)
 @pytest.mark.parametrize("rows,given", [(None, True),
                                         pytest.param(5, True, marks=pytest.mark.slow),
                                         pytest.param(None, False, marks=pytest.mark.slow)])

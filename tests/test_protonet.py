@@ -137,7 +137,7 @@ def trained_run(tmp_path_factory):
 
 
 @needs_omniglot
-@pytest.mark.slow  # the trained_run fixture trains first (about 35 s)
+@pytest.mark.slow  # the trained_run fixture trains first
 def test_loss_falls_on_omniglot_and_split_is_kept(trained_run):
     run, summary = trained_run
     losses = [r["loss"] for r in run.metrics() if r["split"] == "train"]

@@ -102,7 +102,7 @@ def test_readme_example_python_script_runs(tmp_path, monkeypatch, capsys):
     assert re.search(r"py-es: step 20, accuracy=0\.\d+", out)
 
 
-@pytest.mark.slow  # two trainings and a resume (16 s)
+@pytest.mark.slow  # two trainings and a resume
 def test_experiment_by_module_and_by_entry_point(tmp_path, monkeypatch):
     """A package's experiment is found by module path and by its registered name; its runs
     record the module, so that resume and evaluate find it again."""

@@ -92,7 +92,7 @@ def test_pes_recovers_the_gradient_through_the_earlier_truncation():
     assert err(est) < 0.15 and cos(est, true) > 0.98
 
 
-@pytest.mark.slow  # 60 meta-steps of each estimator (about 40 s)
+@pytest.mark.slow  # 60 meta-steps of each estimator
 @pytest.mark.parametrize("estimator", ["pes", "tbptt"])
 def test_truncated_loops_lower_the_whole_unroll_loss(estimator):
     """A horizon of 4 truncations: both estimators lower the query loss of whole unrolls on

@@ -216,26 +216,37 @@ class _Network(InnerLearner):
             return x[idx], y[idx]
         return batch
 
+    def _start(self, meta: MetaParams, x_shape: tuple[int, ...], key: Array
+               ) -> tuple[PyTree, Array]:
+        """The replicas' fresh networks (leading axis R) and the key of the inner batches."""
+        k_init, k_batch = jax.random.split(key)
+        d_in = math.prod(x_shape[1:])
+        states = jax.vmap(lambda k: self.init_state(meta, k, d_in))(
+            jax.random.split(k_init, self.replicas))
+        return states, k_batch
+
+    def _steps(self, meta: MetaParams, state: PyTree, batch, q: Array | None, ts: Array):
+        """Inner steps `ts` of one replica: its state after them and, given queries q, its
+        outputs after each step."""
+        def body(s: PyTree, t: Array) -> tuple[PyTree, Array | None]:
+            s = self.update(meta, s, *batch(t), t)
+            return s, (None if q is None else self.outputs(meta, s, q))
+        return jax.lax.scan(body, state, ts)
+
     def _train(self, meta: MetaParams, support: Support, key: Array, steps: int,
                query_x: Array | None = None):
         """Per replica: the trained state (and, given queries, outputs after every step)."""
-        k_init, k_batch = jax.random.split(key)
+        states, k_batch = self._start(meta, support.x.shape, key)
         batch = self._batches(support, k_batch)
-        d_in = math.prod(support.x.shape[1:])
         q = None if query_x is None else query_x.reshape(query_x.shape[0], -1)
 
-        def one(k: Array):
-            def body(state, t):
-                state = self.update(meta, state, *batch(t), t)
-                return state, (None if q is None else self.outputs(meta, state, q))
-
-            state0 = self.init_state(meta, k, d_in)
-            state, trace = jax.lax.scan(body, state0, jnp.arange(steps))
+        def one(state0: PyTree):
+            state, trace = self._steps(meta, state0, batch, q, jnp.arange(steps))
             if q is not None:
                 trace = jnp.concatenate([self.outputs(meta, state0, q)[None], trace])
             return state, trace
 
-        return jax.vmap(one)(jax.random.split(k_init, self.replicas))
+        return jax.vmap(one)(states)
 
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> PyTree:
         """The weights of `replicas` networks after `inner_steps` steps (leading axis R)."""
@@ -281,11 +292,7 @@ class _Network(InnerLearner):
     def unroll_init(self, meta: MetaParams, episode: Episode, key: Array) -> PyTree:
         """The inner state at step 0: the replicas' fresh networks and the batch key (as
         `adapt` draws them from `key`)."""
-        k_init, k_batch = jax.random.split(key)
-        d_in = math.prod(episode.support_x.shape[1:])
-        states = jax.vmap(lambda k: self.init_state(meta, k, d_in))(
-            jax.random.split(k_init, self.replicas))
-        return states, k_batch
+        return self._start(meta, episode.support_x.shape, key)
 
     def unroll(self, meta: MetaParams, carry: PyTree, episode: Episode, t0: Array,
                steps: int) -> tuple[PyTree, Array, dict]:
@@ -295,15 +302,9 @@ class _Network(InnerLearner):
         states, k_batch = carry
         batch = self._batches(episode.support(), k_batch)
         q = episode.query_x.reshape(episode.query_x.shape[0], -1).astype(jnp.float32)
-
-        def one(state: PyTree) -> tuple[PyTree, Array]:
-            def body(s: PyTree, t: Array) -> tuple[PyTree, Array]:
-                s = self.update(meta, s, *batch(t), t)
-                return s, self.outputs(meta, s, q)
-            return jax.lax.scan(body, state, t0 + jnp.arange(steps))
-
-        states, trace = jax.vmap(one)(states)  # trace [R, steps, Q, ways]
-        m = jax.vmap(self.score, in_axes=(1, None))(trace, episode.query_y)
+        states, trace = jax.vmap(
+            lambda s: self._steps(meta, s, batch, q, t0 + jnp.arange(steps)))(states)
+        m = jax.vmap(self.score, in_axes=(1, None))(trace, episode.query_y)  # trace [R, K, ..]
         m = {k: jnp.mean(v) for k, v in m.items()}
         return (states, k_batch), m["loss"], m
 
