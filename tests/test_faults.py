@@ -231,6 +231,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_loses_nothing(tmp_pa
     out = _cli("train", "--resume", "--run-dir", str(rd), *QUIET, "--set", f"steps={last + 5}")
     assert out.returncode == 0, out.stderr
     assert len(train_losses(rd)) == last + 5
+@pytest.mark.slow  # compiling-heavy; the default suite keeps under 10 min
 
 
 def test_error_paths_print_one_line_and_no_traceback(tmp_path):

@@ -142,6 +142,7 @@ def test_a_learned_base_is_added_to_the_generated_kernels():
     np.testing.assert_allclose(with_base["blocks"][0]["w"] - plain["blocks"][0]["w"], base,
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(with_base["blocks"][0]["w"], base)  # still generated on top
+@pytest.mark.slow  # compiling-heavy; the default suite keeps under 10 min
 
 
 def test_unlabeled_images_shape_the_weights_not_the_statistics():

@@ -249,6 +249,7 @@ def test_conv_bn_relu_pool_is_the_unfused_block_in_values_and_gradients(monkeypa
     expected = second(ref)(w)  # float32 rounding relative to the largest entries
     np.testing.assert_allclose(jax.jit(second(ours))(w), expected, rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(expected).max()))
+@pytest.mark.slow  # compiling-heavy; the default suite keeps under 10 min
 
 
 def test_cnn_gradient_under_jit_equals_eager():

@@ -186,6 +186,7 @@ def test_specs_round_trip_and_refuse_what_json_cannot_hold():
         assert rebuild(json.loads(json.dumps(object_spec(obj)))) == obj
     with pytest.raises(NotRebuildable, match="jaxlib.*ArrayImpl"):
         rebuild(object_spec({"x": jnp.zeros(2)}))
+@pytest.mark.slow  # compiling-heavy; the default suite keeps under 10 min
 
 
 def test_user_optax_and_evosax_objects_equal_their_named_forms(blobs):

@@ -59,6 +59,7 @@ def _one_task(loop: TruncatedOuterLoop, learner, meta):
     rep = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)  # noqa: E731
     xi = jax.tree.map(lambda a: jnp.zeros((n, *a.shape)), meta)
     return ep, carry, Particles(rep(ep), (rep(carry), rep(carry)), jnp.zeros(n, jnp.int32), xi)
+@pytest.mark.slow  # compiling-heavy; the default suite keeps under 10 min
 
 
 def test_pes_recovers_the_gradient_through_the_earlier_truncation():
