@@ -33,7 +33,7 @@ GENERATOR = dict(channels=8, num_blocks=3)
 
 def _images() -> tuple[object, str]:
     try:
-        from metalearn.tasks.omniglot import load_protocol, protocol_split
+        from metalearn.tasks.data.omniglot import load_protocol, protocol_split
 
         ds = protocol_split(load_protocol("vinyals"), "vinyals")["train"]
         return ds, f"full Omniglot, Vinyals training characters ({ds.num_classes})"

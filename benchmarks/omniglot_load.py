@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from metalearn.tasks.omniglot import PROTOCOLS, load_protocol
+from metalearn.tasks.data.omniglot import PROTOCOLS, load_protocol
 
 
 def _timed(fn) -> tuple[float, object]:

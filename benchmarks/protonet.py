@@ -62,9 +62,9 @@ def _sampler(ways: int, shots: int, queries: int):
     from metalearn.tasks.fewshot import FewShotSampler
 
     try:
-        from metalearn.tasks.folders import load_omniglot
-        from metalearn.tasks.omniglot import MINIMAL_ALPHABETS
-        from metalearn.tasks.splits import split_by_group
+        from metalearn.tasks.data.folders import load_omniglot
+        from metalearn.tasks.data.omniglot import MINIMAL_ALPHABETS
+        from metalearn.tasks.data.splits import split_by_group
 
         ds = split_by_group(load_omniglot(),
                             {"train": list(MINIMAL_ALPHABETS["train"])})["train"]

@@ -1,6 +1,6 @@
 """Omniglot under a standard protocol, shared by the few-shot image experiments (ProtoNet, ...).
 
-The same protocol (`data.protocol`: vinyals, lake, ht or minimal; `metalearn.tasks.omniglot`),
+The same protocol (`data.protocol`: vinyals, lake, ht or minimal; `metalearn.tasks.data.omniglot`),
 split, samplers, configuration fields and test report, so that the learners' results are
 comparable row by row.
 """
@@ -15,16 +15,16 @@ from metalearn.experiment import ConfigDict, Experiment, base_config, outer_conf
 from metalearn.runs import Run
 from metalearn.seeds import REPORT_SEED
 from metalearn.tasks.augment import from_setting
-from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.fewshot import FewShotSampler
-from metalearn.tasks.omniglot import (
+from metalearn.tasks.data.datasets import ImageDataset
+from metalearn.tasks.data.omniglot import (
     PROTOCOLS,
     ROTATIONS,
     get_protocol,
     load_protocol,
     protocol_split,
 )
-from metalearn.tasks.splits import load_split, save_split
+from metalearn.tasks.data.splits import load_split, save_split
+from metalearn.tasks.fewshot import FewShotSampler
 
 SPLIT_FILE = "split.json"
 OLD_RUNS_PROTOCOL = "minimal"  # runs made before data.protocol existed

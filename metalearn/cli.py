@@ -87,12 +87,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.manifest:
         res = reload.evaluate_manifest(args.run_dir, args.manifest)
     else:
+        settings = {k: getattr(args, k) for k in reload.SETTINGS}
+        settings["within_group"] = True if args.within_group else None
         res = reload.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
-                                      ways=args.ways, shots=args.shots, queries=args.queries,
-                                      unlabeled=args.unlabeled, progress=not args.no_progress,
-                                      dataset=args.dataset,
-                                      within_group=True if args.within_group else None,
-                                      on_error=args.on_error)
+                                  progress=not args.no_progress, dataset=args.dataset,
+                                  on_error=args.on_error, **settings)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""

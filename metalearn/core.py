@@ -117,6 +117,33 @@ class TaskSampler:
         """A JSON-able description of the task distribution (saved as a run's tasks.json)."""
         return {"sampler": type(self).__name__}
 
+    # Optional hooks, for samplers whose episodes have settings (N-way K-shot) or are drawn
+    # from a dataset: `metalearn evaluate` passes its flags (`--ways 5`) to them by name.
+
+    def replace(self, dataset: Any = None, **settings: Any) -> TaskSampler:
+        """A copy with other episode settings (`ways=5`) or data: this sampler has none."""
+        raise ValueError(f"{type(self).__name__} has no episode settings to change "
+                         f"(asked for {sorted(settings) or 'another dataset'}); they are for "
+                         "few-shot classification samplers")
+
+    def setting_tag(self) -> str:
+        """The episode setting as part of a file name (`5way_1shot_15query`)."""
+        return type(self).__name__
+
+    def for_dataset(self, spec: Any, on_error: str = "raise",
+                    **settings: Any) -> tuple[TaskSampler, dict]:
+        """This sampler's episodes (with `settings` changed) drawn from the dataset `spec` (a
+        path in any form `tasks.load_dataset` reads), and what a result records of that
+        dataset: this sampler draws from no dataset."""
+        raise ValueError(f"{type(self).__name__} cannot take another dataset; dataset "
+                         "evaluation is for few-shot image classification samplers")
+
+    def episodes_from_manifest(self, path: Any) -> Episode:
+        """The fixed episodes a manifest file lists, preprocessed as this sampler's: this
+        sampler reads no manifests."""
+        raise ValueError(f"{type(self).__name__} cannot read episode manifests; manifests are "
+                         "for few-shot image samplers")
+
 
 class InnerLearner:
     """Learns from an episode's support set and predicts its queries.

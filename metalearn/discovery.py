@@ -145,11 +145,5 @@ def load_module(ref: str) -> ModuleType:
 
 
 def experiment_module(config: ConfigDict) -> ModuleType:
-    """The module of a run's experiment: from `experiment_source`, else (runs made before it was
-    recorded) by name."""
-    return import_experiment(experiment_source(config))
-
-
-def experiment_source(config: ConfigDict) -> str:
-    """Where a run's experiment module is imported from."""
-    return config.get("experiment_source") or resolve_experiment(config.experiment)[1]
+    """The module of a run's experiment, imported from its `experiment_source`."""
+    return import_experiment(config.experiment_source)

@@ -19,6 +19,9 @@ and returns them, `cnn_apply(params, x, stats=...)` reuses given ones. The Proto
 computes them once on the support set (at adapt time) and reuses them for every query, so a
 query's prediction never depends on the other queries in its batch (no transduction) and a
 single query is not a special case.
+
+The CNN, the dense models and the transformer blocks share this module (a little past the usual
+size) because the learners combine them; the CPU kernels are apart, in `metalearn.cpu_ops`.
 """
 
 from __future__ import annotations

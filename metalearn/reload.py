@@ -6,13 +6,11 @@ few-shot setting, a dataset of your own, a manifest of fixed episodes).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metalearn.checkpoint import Checkpointer, CheckpointError
 from metalearn.config import ConfigDict
@@ -25,6 +23,9 @@ from metalearn.runs import Run
 from metalearn.seeds import MANIFEST_SEED
 from metalearn.specs import rebuild
 from metalearn.training import build_experiment, evaluate_split, read_config
+
+# the episode settings a result's "setting" records, where its sampler has them
+SETTINGS = ("ways", "shots", "queries", "unlabeled", "within_group")
 
 # ---------------------------------------------------------------- reloading runs
 
@@ -143,112 +144,56 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
-                 seed: int = 0, ways: int | None = None, shots: int | None = None,
-                 queries: int | None = None, unlabeled: int | None = None,
-                 progress: bool = False, dataset: str | Path | None = None,
-                 within_group: bool | None = None, on_error: str = "raise") -> dict:
+                 seed: int = 0, *, progress: bool = False, dataset: str | Path | None = None,
+                 on_error: str = "raise", **settings: Any) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
     With the defaults (`episodes`: the run's `test_episodes`, `seed` 0) the test split gives
-    exactly the figures `metalearn train` reported. `ways`, `shots`, `queries`, `unlabeled`
-    (None keeps the run's) evaluate few-shot runs at another N-way K-shot setting, e.g. with
-    unlabeled images for semi-supervised learners, and `within_group` draws each episode's
-    classes from one group (alphabet); the result goes to eval_SPLIT_<setting>.json, next to
+    exactly the figures `metalearn train` reported. `settings` change the split sampler's
+    episode settings by name (its `replace`): for few-shot samplers `ways`, `shots`, `queries`,
+    `unlabeled` (e.g. for semi-supervised learners) and `within_group` (each episode's classes
+    from one group, e.g. an alphabet); the result goes to eval_SPLIT_<setting>.json, next to
     (not over) the default one.
 
-    `dataset` (few-shot image runs) draws the episodes from a dataset of yours instead, in any
-    form `tasks.load_dataset` reads: an image folder (or zip), IDX files "IMAGES,LABELS" (or a
-    folder holding one pair), or a .npz with x and y. Its images are resized and converted to
-    the run's image size and channels and go through the `split` sampler's preprocessing and
-    episode settings; the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the
-    dataset's folder or file stem), with the dataset's spec and class count; `on_error="skip"`
-    leaves out its files that are not readable images."""
+    `dataset` draws the episodes from a dataset of yours instead (the sampler's `for_dataset`;
+    few-shot image runs: an image folder or zip, IDX files "IMAGES,LABELS" or a .npz with x and
+    y, converted to the run's image size and channels and preprocessed as the `split` sampler's
+    images); the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the dataset's
+    folder or file stem), with the dataset's spec and class count; `on_error="skip"` leaves out
+    its files that are not readable images."""
+    settings = {k: v for k, v in settings.items() if v is not None}
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
     name = f"eval_{split}.json"
-    setting = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries),
-                                 ("unlabeled", unlabeled), ("within_group", within_group))
-               if v is not None}
     what = loaded.config.get("experiment") or "this run"
     data_info, label = None, split
-    if dataset is not None:
-        sampler, data_info = _dataset_sampler(sampler, dataset, setting, split, what,
-                                             on_error)
-        label = f"dataset:{data_info['name']}"
-        name = f"eval_dataset_{data_info['name']}.json"
-    elif setting:
-        if not hasattr(sampler, "replace"):
-            raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) has no "
-                             "ways/shots/queries/unlabeled/within-group settings; they are for "
-                             "few-shot classification runs")
-        sampler = sampler.replace(**setting)
-    if setting:
+    try:
+        if dataset is not None:
+            sampler, data_info = sampler.for_dataset(dataset, on_error, **settings)
+            label = f"dataset:{data_info['name']}"
+            name = f"eval_dataset_{data_info['name']}.json"
+        elif settings:
+            sampler = sampler.replace(**settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the {split} sampler of {what}: {e}") from None
+    if settings:
         try:  # the learner's own shape checks (e.g. a MAML head narrower than the ways)
             loaded.evaluator.init(jax.random.PRNGKey(0), sampler.example())
         except ValueError as e:
-            raise ValueError(f"{what} cannot be evaluated at {sampler.ways}-way "
-                             f"{sampler.shots}-shot: {e}") from None
-        tag = (f"{sampler.ways}way_{sampler.shots}shot_{sampler.queries}query"
-               + (f"_{sampler.unlabeled}unlabeled" if sampler.unlabeled else "")
-               + ("_within_group" if sampler.within_group else ""))
-        name = f"{name.removesuffix('.json')}_{tag}.json"
+            given = ", ".join(option(k, v) for k, v in settings.items())
+            raise ValueError(f"{what} cannot be evaluated with {given}: {e}") from None
+        name = f"{name.removesuffix('.json')}_{sampler.setting_tag()}.json"
     res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
                           progress=label if progress else None)
     res = {"split": label, "step": loaded.step, "seed": seed, **res}
-    if setting:
-        res["setting"] = {k: getattr(sampler, k) for k in ("ways", "shots", "queries",
-                                                            "unlabeled", "within_group")}
+    if settings:
+        res["setting"] = {**{k: getattr(sampler, k) for k in SETTINGS if hasattr(sampler, k)},
+                          **{k: getattr(sampler, k) for k in settings}}
     if data_info is not None:
         res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
     return res
-
-
-def _dataset_sampler(sampler: TaskSampler, spec: str | Path, setting: dict, split: str,
-                     what: str, on_error: str = "raise") -> tuple[TaskSampler, dict]:
-    """The `split` sampler's episode settings (and `setting`'s changes) on the dataset `spec`,
-    loaded at the sampler's image size and channels; and what the result file says of it."""
-    from metalearn.tasks.formats import load_dataset
-
-    if not all(hasattr(sampler, a) for a in ("replace", "dataset", "ways", "rotations")):
-        raise ValueError(f"the {split} sampler of {what} ({type(sampler).__name__}) cannot take "
-                         "another dataset; dataset evaluation is for few-shot image "
-                         "classification runs")
-    h, w, ch = sampler.dataset.image_shape
-    ds = load_dataset(spec, image_size=(h, w), channels=ch, on_error=on_error)
-    ways = setting.get("ways", sampler.ways)
-    per = {k: setting.get(k, getattr(sampler, k)) for k in ("shots", "queries", "unlabeled")}
-    n_rot = 4 if sampler.rotations else 1
-    if ways > ds.num_classes * n_rot:
-        rot = f" x 4 rotations = {ds.num_classes * 4}" if n_rot > 1 else ""
-        given = "" if "ways" in setting else f" (the run's {split} setting)"
-        raise ValueError(f"dataset {str(spec)!r} has {ds.num_classes} classes{rot}, fewer than "
-                         f"the {ways} ways of an episode{given}; evaluate with fewer ways: "
-                         f"{option('ways', ds.num_classes * n_rot)}")
-    need = sum(per.values())
-    if ds.num_classes and int(ds.counts.min()) < need:
-        small = int(np.argmin(ds.counts))
-        enough = int((ds.counts >= need).sum())
-        parts = " + ".join(f"{per[k]} {k}" for k in per if per[k] or k != "unlabeled")
-        raise ValueError(f"dataset {str(spec)!r}: episodes need {parts} = {need} images per "
-                         f"class, but class {ds.class_names[small]!r} has only "
-                         f"{int(ds.counts[small])} ({enough} of {ds.num_classes} classes have "
-                         f"{need} or more); evaluate with fewer images per class "
-                         f"({option('shots', 'K')}, {option('queries', 'Q')}) or leave out "
-                         "the small classes")
-    try:
-        sampler = sampler.replace(ds, **setting)
-    except ValueError as e:
-        raise ValueError(f"{what} cannot be evaluated on dataset {str(spec)!r}: {e}") from None
-    info = {"spec": str(spec), "name": _file_safe(ds.name), "classes": ds.num_classes,
-            "examples": ds.num_examples, "image_shape": [h, w, ch]}
-    return sampler, info
-
-
-def _file_safe(name: str) -> str:
-    """`name` as part of a file name: letters, digits, '-', '_' and '.' only."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "dataset"
 
 
 def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "test") -> dict:
@@ -264,11 +209,11 @@ def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "t
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     loaded = load_run(run_dir)
     sampler = loaded.splits.get(split, loaded.splits.get("train"))
-    if not hasattr(sampler, "episodes_from_manifest"):
-        raise ValueError(f"the samplers of {loaded.config.get('experiment') or run_dir!r} "
-                         f"({type(sampler).__name__}) cannot read episode manifests; manifests "
-                         "are for few-shot image tasks")
-    episodes = sampler.episodes_from_manifest(manifest)
+    try:
+        episodes = sampler.episodes_from_manifest(manifest)
+    except ValueError as e:
+        raise ValueError(f"the samplers of {loaded.config.get('experiment') or run_dir!r}: "
+                         f"{e}") from None
     res = evaluate_episodes(loaded.evaluator, loaded.meta, episodes,
                             jax.random.PRNGKey(MANIFEST_SEED))
     res = {"split": f"manifest:{manifest.name}", "step": loaded.step, **res}

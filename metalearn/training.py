@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from metalearn.config import ConfigDict, apply_overrides
+from metalearn.config import ConfigDict, apply_overrides, base_config
 from metalearn.core import InnerLearner, MetaParams, TaskSampler
 from metalearn.discovery import (
     experiment_module,
-    experiment_source,
     import_experiment,
     resolve_experiment,
 )
@@ -53,9 +52,18 @@ def read_config(run: Run) -> ConfigDict:
         raise FileNotFoundError(
             f"{run.path} is not a metalearn run directory (no config.json); give the run "
             "directory of a `metalearn train` or `OuterLoop.run(run_dir=...)` run")
-    d = run.read_json("config.json")
-    d["outer"] = upgrade_outer(d["outer"])
-    return ConfigDict(d)
+    return ConfigDict(upgrade_config(run.read_json("config.json")))
+
+
+def upgrade_config(d: dict) -> dict:
+    """A run's recorded config in today's form: the one place where runs made by earlier
+    versions (and Python runs, which record only the base fields they set) are brought up to
+    date."""
+    d = {**base_config().to_dict(), **d}
+    d["outer"] = upgrade_outer(d["outer"])  # before the per-loop sections
+    if d.get("experiment") and not d.get("experiment_source"):  # before the source was kept
+        d["experiment_source"] = resolve_experiment(d["experiment"])[1]
+    return d
 
 
 QUICK_STEPS = 20
@@ -101,9 +109,9 @@ def run_config(name: str, sets: Sequence[str] = (), seed: int | None = None,
             raise ValueError(f"cannot resume {path} here: it was made from Python "
                              "(OuterLoop.run), not from an experiment; resume it in Python "
                              "with outer.run(..., run_dir=..., resume=True)")
-        if name and resolve_experiment(name)[1] != experiment_source(config):
+        if name and resolve_experiment(name)[1] != config.experiment_source:
             raise ValueError(f"{path} is a run of {config.experiment!r} "
-                             f"({experiment_source(config)}), not {name!r}")
+                             f"({config.experiment_source}), not {name!r}")
         if quick:
             raise ValueError(f"{arg('quick')} starts a new run; a resume continues the run's "
                              "own settings")

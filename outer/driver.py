@@ -5,21 +5,23 @@ one `jit` call (`lax.scan`) and, between those calls, does what a run needs: per
 evaluation on a held-out sampler, checkpoints every N steps, a progress bar with the live loss,
 a clear stop on a non-finite loss, and exact resume. Every metric record (train steps and
 evaluations) goes to the run's callbacks: with a run directory, `metrics.jsonl`
-(`JsonlWriter`) and TensorBoard event files in `tensorboard/` (`TensorBoardWriter`, through
-tensorboardX, without TensorFlow); `callbacks=[...]` adds your own (any object with
+(`JsonlWriter`) and TensorBoard event files in `tensorboard/` (`TensorBoardWriter`; both in
+`metalearn.outer.writers`); `callbacks=[...]` adds your own (any object with
 `on_records(records)`, and optionally `close()`).
+
+One module, past the usual size, because its parts share one run's state (`_Session`: the
+step, the checkpointer, the writers, the progress bar) and read as one loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +40,9 @@ from metalearn.evaluation import evaluate, format_metrics
 from metalearn.memory import release_free_memory
 from metalearn.messages import arg, in_cli, setting
 from metalearn.outer.base import OuterLoop, OuterState, device_mesh, replicate
+from metalearn.outer.writers import TENSORBOARD_DIR, Callback, JsonlWriter, TensorBoardWriter
 from metalearn.runs import Run
 from metalearn.seeds import EVAL_SEED
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,70 +84,21 @@ class RunOptions:
     tensorboard: bool = True  # with a run directory: TensorBoard event files too
 
 
-
-class Callback(Protocol):
-    """What `run` calls on the host: every metric record as it is logged."""
-
-    def on_records(self, records: list[dict]) -> None:
-        """Records of train steps ({"step", "split": "train", "loss", ...}) or of an
-        evaluation ({"step", "split": "eval", ...})."""
-
-
-class JsonlWriter:
-    """Metric records to the run's `metrics.jsonl`, one JSON object per line."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    def on_records(self, records: list[dict]) -> None:
-        """Append the records."""
-        self.run.log(records)
-
-
-class TensorBoardWriter:
-    """Metric records as TensorBoard scalars `<split>/<metric>` (tensorboardX event files).
-
-    `purge_step` (a resume's step + 1) makes TensorBoard drop the events a resumed run wrote
-    after its checkpoint, as `metrics.jsonl` drops those records."""
-
-    def __init__(self, logdir: str | Path, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
-
-        # event files are named by the second they were opened in: the first step in the name
-        # keeps a resume's file from replacing one opened in the same second
-        self.writer = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=30,
-                                    filename_suffix=f".s{purge_step or 0:09d}")
-
-    def on_records(self, records: list[dict]) -> None:
-        """Write every finite numeric field of the records as a scalar at its step (a NaN loss
-        stays in metrics.jsonl; TensorBoard cannot draw it)."""
-        for r in records:
-            for k, v in r.items():
-                if k not in ("step", "split") and isinstance(v, int | float) \
-                        and not isinstance(v, bool) and math.isfinite(v):
-                    self.writer.add_scalar(f"{r.get('split', 'train')}/{k}", v, r["step"])
-
-    def close(self) -> None:
-        """Flush and close the event file."""
-        self.writer.close()
-
-
 def python_run_config(loop: OuterLoop, learner: InnerLearner, train_sampler: TaskSampler,
                       eval_sampler: TaskSampler | None, eval_learner: InnerLearner | None,
                       key: Array, steps: int, options: RunOptions,
                       user_config: dict | None) -> dict:
     """config.json of a run made with `OuterLoop.run(run_dir=...)`: the base fields, the outer
     loop, and the learner and samplers as specs that `load_run` can rebuild."""
-    from metalearn.config import base_config
     from metalearn.outer.registry import loop_config
     from metalearn.specs import object_spec
 
-    c = base_config(experiment=None, experiment_source=None, seed=None, steps=steps,
-                    eval_every=options.eval_every, eval_episodes=options.eval_episodes,
-                    eval_batch_size=options.eval_batch_size,
-                    test_episodes=options.eval_episodes,
-                    checkpoint_every=options.checkpoint_every, log_every=options.log_every,
-                    outer=loop_config(loop)).to_dict()
+    # the base fields a Python run sets; `read_config` fills in the defaults of the others
+    c = dict(experiment=None, experiment_source=None, seed=None, steps=steps,
+             eval_every=options.eval_every, eval_episodes=options.eval_episodes,
+             eval_batch_size=options.eval_batch_size, test_episodes=options.eval_episodes,
+             checkpoint_every=options.checkpoint_every, log_every=options.log_every,
+             outer=loop_config(loop))
     c.update(made_by="OuterLoop.run", key=key_spec(key), learner=object_spec(learner),
              eval_learner=object_spec(eval_learner) if eval_learner is not None else None,
              samplers={"train": object_spec(train_sampler),

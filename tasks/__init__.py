@@ -18,18 +18,26 @@ Samplers are pure functions of a PRNG key (`sample`, `sample_batch`), so they al
 a jitted training step. In-context regression: `LinearRegression`, `SparseLinearRegression`,
 `TeacherNetwork`, `Sinusoid`, their `.ood(...)` variants and `TaskPool` (a finite task pool).
 """
-from metalearn.tasks.datasets import ImageDataset, concat, from_numpy
-from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs
-from metalearn.tasks.folders import load_image_folder, load_omniglot
-from metalearn.tasks.formats import load_dataset, load_idx, load_tfds, read_idx, write_idx
-from metalearn.tasks.manifest import read_manifest
-from metalearn.tasks.omniglot import (
+from metalearn.tasks.data.datasets import ImageDataset, concat, from_numpy
+from metalearn.tasks.data.folders import load_image_folder, load_omniglot
+from metalearn.tasks.data.formats import load_dataset, load_idx, load_tfds, read_idx, write_idx
+from metalearn.tasks.data.manifest import read_manifest
+from metalearn.tasks.data.omniglot import (
     PROTOCOLS,
     ht_split,
     lake_split,
     load_protocol,
     protocol_split,
 )
+from metalearn.tasks.data.splits import (
+    load_split,
+    save_split,
+    split_by_class,
+    split_by_group,
+    split_by_source,
+    vinyals_split,
+)
+from metalearn.tasks.fewshot import EpisodeIndices, FewShotSampler, ImageRefs
 from metalearn.tasks.plotting import plot_episode
 from metalearn.tasks.regression import (
     LinearRegression,
@@ -38,14 +46,6 @@ from metalearn.tasks.regression import (
     SparseLinearRegression,
     TaskPool,
     TeacherNetwork,
-)
-from metalearn.tasks.splits import (
-    load_split,
-    save_split,
-    split_by_class,
-    split_by_group,
-    split_by_source,
-    vinyals_split,
 )
 
 __all__ = [

@@ -106,6 +106,11 @@ class ContinualSampler(TaskSampler):
         return ContinualSampler(base, tasks, ways, changes.get("shots", self.shots),
                                 changes.get("queries", self.queries), pool)
 
+    def setting_tag(self) -> str:
+        """The sequence setting in a file name: `5tasks_5way_1shot_15query_25pool`."""
+        return (f"{self.tasks}tasks_{self.ways}way_{self.shots}shot_{self.queries}query_"
+                f"{self.pool}pool")
+
     def describe(self) -> dict:
         """JSON-able settings and the base sampler's description."""
         return {"sampler": type(self).__name__, "tasks": self.tasks, "ways": self.ways,

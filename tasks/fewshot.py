@@ -12,7 +12,10 @@ dense class-major uint8 array held on device once; a batch of episodes is a `vma
 Fixed evaluation episodes: `export_manifest` writes sampled episodes as JSON or CSV (class,
 example index, rotation, image path and label of every image) and `episodes_from_manifest`
 reads them back - or a user's own manifest of image files - with the training preprocessing;
-the file format is in `metalearn.tasks.manifest`.
+the file format is in `metalearn.tasks.data.manifest`.
+
+One module, past the usual size: the sampler, its in-`jit` gather and the checks of a request
+are one mechanism a reader follows top to bottom.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,10 +34,10 @@ import numpy as np
 
 import metalearn.tasks.augment as _augment
 from metalearn.core import Array, Episode, TaskSampler
-from metalearn.messages import in_cli, setting
+from metalearn.messages import in_cli, option, setting
 from metalearn.tasks.augment import Augment
-from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.manifest import export_manifest, manifest_episodes
+from metalearn.tasks.data.datasets import ImageDataset
+from metalearn.tasks.data.manifest import export_manifest, manifest_episodes
 
 NORMALIZE = ("unit", "centered", "standard", "invert", "none")
 GROUP_WEIGHTING = ("classes", "uniform")
@@ -247,6 +251,50 @@ class FewShotSampler(TaskSampler):
         return self.replace(dataset, **_given(ways=ways, shots=shots, queries=queries,
                                               unlabeled=unlabeled))
 
+    def setting_tag(self) -> str:
+        """The episode setting in a file name: `5way_1shot_15query[_2unlabeled][_within_group]`."""
+        return (f"{self.ways}way_{self.shots}shot_{self.queries}query"
+                + (f"_{self.unlabeled}unlabeled" if self.unlabeled else "")
+                + ("_within_group" if self.within_group else ""))
+
+    def for_dataset(self, spec: str | Path, on_error: str = "raise",
+                    **settings: Any) -> tuple[FewShotSampler, dict]:
+        """These episode settings (with `settings` changed) on the dataset `spec`, read by
+        `tasks.load_dataset` at this sampler's image size and channels; and what a result
+        records of the dataset (spec, file-safe name, classes, examples, image shape)."""
+        from metalearn.tasks.data.formats import load_dataset
+
+        h, w, ch = self.dataset.image_shape
+        ds = load_dataset(spec, image_size=(h, w), channels=ch, on_error=on_error)
+        ways = settings.get("ways", self.ways)
+        per = {k: settings.get(k, getattr(self, k)) for k in ("shots", "queries", "unlabeled")}
+        n_rot = 4 if self.rotations else 1
+        if ways > ds.num_classes * n_rot:
+            rot = f" x 4 rotations = {ds.num_classes * 4}" if n_rot > 1 else ""
+            given = "" if "ways" in settings else " (the sampler's own setting)"
+            raise ValueError(f"dataset {str(spec)!r} has {ds.num_classes} classes{rot}, fewer "
+                             f"than the {ways} ways of an episode{given}; evaluate with fewer "
+                             f"ways: {option('ways', ds.num_classes * n_rot)}")
+        need = sum(per.values())
+        if ds.num_classes and int(ds.counts.min()) < need:
+            small = int(np.argmin(ds.counts))
+            enough = int((ds.counts >= need).sum())
+            parts = " + ".join(f"{per[k]} {k}" for k in per if per[k] or k != "unlabeled")
+            raise ValueError(f"dataset {str(spec)!r}: episodes need {parts} = {need} images per "
+                             f"class, but class {ds.class_names[small]!r} has only "
+                             f"{int(ds.counts[small])} ({enough} of {ds.num_classes} classes "
+                             f"have {need} or more); evaluate with fewer images per class "
+                             f"({option('shots', 'K')}, {option('queries', 'Q')}) or leave out "
+                             "the small classes")
+        try:
+            sampler = self.replace(ds, **settings)
+        except ValueError as e:
+            raise ValueError(f"dataset {str(spec)!r}: {e}") from None
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ds.name).strip("._-") or "dataset"
+        info = {"spec": str(spec), "name": name, "classes": ds.num_classes,
+                "examples": ds.num_examples, "image_shape": [h, w, ch]}
+        return sampler, info
+
     def describe(self) -> dict:
         """JSON-able settings and the dataset summary (saved with runs)."""
         norm = [np.asarray(v).tolist() for v in self.normalize] \
@@ -387,14 +435,14 @@ class FewShotSampler(TaskSampler):
         return plot_episode(jax.jit(FewShotSampler.gather)(self, idx), path, max_per_row, title,
                             [names[y] for y in range(self.ways)])
 
-    # ----- fixed episodes (metalearn.tasks.manifest)
+    # ----- fixed episodes (metalearn.tasks.data.manifest)
     def export_manifest(self, path: str | Path, key: Array, num_episodes: int) -> Path:
         """Write `num_episodes` sampled episodes (those of `sample_batch(key, n)`) as JSON/CSV."""
         return export_manifest(self, path, key, num_episodes)
 
     def episodes_from_manifest(self, path: str | Path) -> Episode:
         """Episodes listed in a manifest (batched: leading axis = episodes), preprocessed as in
-        training (`metalearn.tasks.manifest.manifest_episodes`)."""
+        training (`metalearn.tasks.data.manifest.manifest_episodes`)."""
         return manifest_episodes(self, path)
 
 

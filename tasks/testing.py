@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.data.datasets import ImageDataset
 
 
 def synthetic_dataset(classes: int = 12, examples: int | Sequence[int] = 6, size: int = 8,

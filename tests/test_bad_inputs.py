@@ -20,7 +20,7 @@ from metalearn.tasks import (
     load_omniglot,
     read_manifest,
 )
-from metalearn.tasks.manifest import write_manifest
+from metalearn.tasks.data.manifest import write_manifest
 from metalearn.tasks.testing import synthetic_dataset, write_image_tree
 
 

@@ -66,7 +66,7 @@ def test_train_resume_evaluate(tmp_path, capsys):
     summary = json.loads((rd / "summary.json").read_text())
     assert json.loads((rd / "eval_test.json").read_text())["loss"] == summary["test"]["loss"]
     assert main(["evaluate", str(rd), "--ways", "5"]) == 2  # not a few-shot run
-    assert "has no ways/shots/queries/unlabeled/within-group settings" in capsys.readouterr().err
+    assert "has no episode settings to change (asked for ['ways'])" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [

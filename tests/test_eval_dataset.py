@@ -13,7 +13,7 @@ import pytest
 
 from metalearn.cli import main
 from metalearn.tasks import load_dataset, write_idx
-from metalearn.tasks.folders import default_omniglot_paths
+from metalearn.tasks.data.folders import default_omniglot_paths
 from tests.helpers import MINIMAL_NO_VALIDATION
 
 
@@ -190,8 +190,8 @@ def test_a_dataset_too_small_for_the_episodes_is_refused(tiny_run, tmp_path, cap
     before = sorted(p.name for p in tiny_run.iterdir())
     assert main(["evaluate", str(tiny_run), "--dataset", str(tmp_path / "three.npz")]) == 2
     err = capsys.readouterr().err
-    assert "three.npz' has 3 classes, fewer than the 5 ways of an episode (the run's test " \
-           "setting); evaluate with fewer ways: --ways 3" in err, err
+    assert "three.npz' has 3 classes, fewer than the 5 ways of an episode (the sampler's " \
+           "own setting); evaluate with fewer ways: --ways 3" in err, err
     assert main(["evaluate", str(tiny_run), "--dataset", str(tmp_path / "three.npz"),
                  "--ways", "3", "--shots", "5"]) == 2
     err = capsys.readouterr().err
@@ -211,7 +211,7 @@ def test_an_unreadable_file_stops_the_load_naming_the_setting_that_skips_it(tmp_
     """`load_dataset` (and `evaluate --dataset`) stop on a file that is not an image, naming
     the setting of the interface in use; `on_error="skip"` leaves it out."""
     from metalearn.messages import cli_mode
-    from metalearn.tasks.formats import load_dataset
+    from metalearn.tasks.data.formats import load_dataset
 
     x, y = _images(n_classes=3, per_class=3, size=10)
     spec = _write_forms(tmp_path, x, y)["folder"]

@@ -185,7 +185,7 @@ def test_maml_omniglot_trains_evaluates_and_reads_manifests(tmp_path, capsys):
     assert main(["evaluate", str(run.path), "--episodes", "4", "--ways", "3"]) == 0
     assert "test ways=3" in capsys.readouterr().out
     # more ways than the 5-way head has: refused, nothing written
-    with pytest.raises(ValueError, match=r"cannot be evaluated at 6-way 1-shot: .*out_dim >= 6"):
+    with pytest.raises(ValueError, match=r"cannot be evaluated with ways=6: .*out_dim >= 6"):
         evaluate_run(run.path, episodes=2, ways=6)
     assert not list(run.path.glob("eval_test_6way*"))
     assert_manifest_scores_like_memory(run.path, tmp_path)

@@ -12,8 +12,8 @@ from metalearn.experiment import ConfigDict
 from metalearn.experiments import _omniglot, protonet_omniglot
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks import FewShotSampler
-from metalearn.tasks import omniglot as O
-from metalearn.tasks.splits import VINYALS_TEST, VINYALS_VALIDATION
+from metalearn.tasks.data import omniglot as O
+from metalearn.tasks.data.splits import VINYALS_TEST, VINYALS_VALIDATION
 from metalearn.tasks.testing import synthetic_dataset
 from tests.helpers import OMNIGLOT, needs_full_omniglot
 

@@ -253,7 +253,7 @@ def test_bad_manifests_fail_on_the_command_line_naming_file_and_entry(trained_ru
 def test_manifest_of_png_files_scores_like_in_memory_episodes(trained_run, tmp_path):
     from metalearn.evaluation import evaluate_episodes
     from metalearn.reload import evaluate_manifest, load_run
-    from metalearn.tasks.images import ZIP_SEP
+    from metalearn.tasks.data.images import ZIP_SEP
 
     run, _ = trained_run
     loaded = load_run(run.path)

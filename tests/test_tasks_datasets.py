@@ -20,9 +20,9 @@ from metalearn.tasks import (
     read_idx,
     write_idx,
 )
-from metalearn.tasks.cache import load_npz
-from metalearn.tasks.folders import OMNIGLOT_ENV
-from metalearn.tasks.images import resize_array
+from metalearn.tasks.data.cache import load_npz
+from metalearn.tasks.data.folders import OMNIGLOT_ENV
+from metalearn.tasks.data.images import resize_array
 from metalearn.tasks.testing import synthetic_dataset, write_image_tree
 from tests.helpers import OMNIGLOT
 

@@ -256,7 +256,7 @@ def test_manifest_of_image_files(tmp_path):
     ep = s.episodes_from_manifest(tmp_path / "m.json")
     assert ep.support_x.shape == (1, 2, 6, 6, 1)
     np.testing.assert_array_equal(np.asarray(ep.query_y), [[1, 0]])
-    from metalearn.tasks.images import resize_array
+    from metalearn.tasks.data.images import resize_array
 
     ref = resize_array(imgs["a/y"][1][..., None], 6).astype(np.float32) * np.float32(1 / 255)
     np.testing.assert_array_equal(np.asarray(ep.query_x[0, 0]), ref)

@@ -17,7 +17,7 @@ from metalearn.tasks import (
     split_by_source,
     vinyals_split,
 )
-from metalearn.tasks import splits as S
+from metalearn.tasks.data import splits as S
 from metalearn.tasks.testing import synthetic_dataset
 
 

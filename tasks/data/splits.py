@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.data.datasets import ImageDataset
 
 Fractions = Mapping[str, float] | Sequence[tuple[str, float]]
 DEFAULT_FRACTIONS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode
-from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.images import read_image_ref
+from metalearn.tasks.data.datasets import ImageDataset
+from metalearn.tasks.data.images import read_image_ref
 
 if TYPE_CHECKING:
     from metalearn.tasks.fewshot import FewShotSampler

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.tasks.datasets import ImageDataset
+from metalearn.tasks.data.datasets import ImageDataset
 
 CACHE_VERSION = 1
 CACHE_ENV = "METALEARN_CACHE"

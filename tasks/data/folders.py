@@ -1,7 +1,7 @@
 """Image datasets from folders and zips in the `class/*.png` or `group/class/*.png` layout,
 and Omniglot (`alphabet/character/*.png`, `$METALEARN_OMNIGLOT` or ../shared/data/omniglot).
 
-Classes met in several sources are kept once; decoded datasets are cached (`tasks.cache`).
+Classes met in several sources are kept once; decoded datasets are cached (`tasks.data.cache`).
 Files that are not readable images raise an error naming them, or with `on_error="skip"` are
 left out with a warning. Zip members with absolute paths or `..` are refused.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from metalearn.messages import setting
-from metalearn.tasks.cache import cached
-from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.images import (
+from metalearn.tasks.data.cache import cached
+from metalearn.tasks.data.datasets import ImageDataset
+from metalearn.tasks.data.images import (
     IMAGE_SUFFIXES,
     ZIP_READ_ERRORS,
     ZIP_SEP,

@@ -3,8 +3,8 @@
 An `ImageDataset` holds the images of class c as `images[c, :counts[c]]` (classes with fewer
 examples are zero-padded up to the largest class), with a name and a group (alphabet, or the
 dataset's name) per class. `concat` joins datasets and `from_numpy` groups labelled arrays into
-one. Loaders live in `tasks.folders` (image folders and zips, Omniglot) and `tasks.formats`
-(IDX, TFDS); `tasks.cache` keeps their decoded arrays as `.npz` files.
+one. Loaders live in `tasks.data.folders` (image folders and zips, Omniglot) and
+`tasks.data.formats` (IDX, TFDS); `tasks.data.cache` keeps their decoded arrays as `.npz` files.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from metalearn.tasks.images import as_hw, resize_array
+from metalearn.tasks.data.images import as_hw, resize_array
 
 
 @dataclasses.dataclass(eq=False)

@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from metalearn.tasks.datasets import ImageDataset
-from metalearn.tasks.folders import load_omniglot
-from metalearn.tasks.splits import _part, split_by_group, vinyals_split
+from metalearn.tasks.data.datasets import ImageDataset
+from metalearn.tasks.data.folders import load_omniglot
+from metalearn.tasks.data.splits import _part, split_by_group, vinyals_split
 
 ROTATIONS = ("classes", "augment", "none")  # how a sampler uses 90-degree rotations
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.tasks.cache import cached
-from metalearn.tasks.datasets import ImageDataset, from_numpy
-from metalearn.tasks.folders import _folder_tree, load_image_folder
-from metalearn.tasks.images import IMAGE_SUFFIXES, decode_image
+from metalearn.tasks.data.cache import cached
+from metalearn.tasks.data.datasets import ImageDataset, from_numpy
+from metalearn.tasks.data.folders import _folder_tree, load_image_folder
+from metalearn.tasks.data.images import IMAGE_SUFFIXES, decode_image
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -134,7 +134,7 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
     image files are converted (RGB -> gray: PIL's ITU-R 601-2 luminance; gray -> RGB: the
     channel repeated), then `image_size` resizes (antialiased), so that the same images stored
     in any of the forms load alike. `name` defaults to the folder or file stem; `cache` keeps
-    decoded image folders in the dataset cache (`tasks.cache`); `on_error="skip"` leaves out
+    decoded image folders in the dataset cache (`tasks.data.cache`); `on_error="skip"` leaves out
     the files of an image folder that are not readable images (with a warning), as
     `load_image_folder` does."""
     if channels not in (None, 1, 3):
