@@ -98,7 +98,7 @@ def python_run_config(loop: OuterLoop, learner: InnerLearner, train_sampler: Tas
              eval_every=options.eval_every, eval_episodes=options.eval_episodes,
              eval_batch_size=options.eval_batch_size, test_episodes=options.eval_episodes,
              checkpoint_every=options.checkpoint_every, log_every=options.log_every,
-             outer=loop_config(loop))
+             outer=loop_config(loop).to_dict())
     c.update(made_by="OuterLoop.run", key=key_spec(key), learner=object_spec(learner),
              eval_learner=object_spec(eval_learner) if eval_learner is not None else None,
              samplers={"train": object_spec(train_sampler),

@@ -99,3 +99,41 @@ def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
             for v in ev.summary.value:
                 out.setdefault(v.tag, {})[ev.step] = v.simple_value
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerGD(InnerLearner):
+    """Linear regression ([S, d] -> [S, 1]) learnt by `horizon` inner gradient steps from zero
+    with meta-learned per-weight step sizes: a learner cheap to compile that every outer loop
+    can train, the truncated one included (it unrolls in pieces)."""
+
+    horizon: int = 4
+
+    def init(self, key, example) -> dict:
+        """Log step sizes, one per input dimension."""
+        return {"log_lr": jnp.full(example.support_x.shape[-1], -1.0)}
+
+    def _step(self, meta, w, x, y):
+        return w - jnp.exp(meta["log_lr"])[:, None] * x.T @ (x @ w - y) / x.shape[0]
+
+    def unroll_init(self, meta, episode, key):
+        """The weights at inner step 0: zero."""
+        return jnp.zeros((episode.support_x.shape[-1], 1))
+
+    def unroll(self, meta, carry, episode, t0, steps):
+        """`steps` inner steps; the loss is the mean query loss after each."""
+        def body(w, _):
+            w = self._step(meta, w, episode.support_x, episode.support_y)
+            return w, 0.5 * jnp.mean((episode.query_x @ w - episode.query_y) ** 2)
+
+        w, losses = jax.lax.scan(body, carry, None, length=steps)
+        return w, jnp.mean(losses), {"loss": jnp.mean(losses)}
+
+    def adapt(self, meta, support: Support, key):
+        """The whole inner loop."""
+        ep = Episode(support.x, support.y, support.x, support.y)
+        return self.unroll(meta, self.unroll_init(meta, ep, key), ep, 0, self.horizon)[0]
+
+    def predict(self, meta, state, query_x):
+        """The linear model's outputs."""
+        return query_x @ state

@@ -240,7 +240,7 @@ def _stat(p: Path) -> list:
 
 def repo_root() -> Path:
     """The repository (or installed tree) holding `tasks/`."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def default_omniglot_paths(full: bool = False) -> list[Path]:
