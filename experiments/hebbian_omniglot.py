@@ -35,7 +35,8 @@ def get_config() -> ConfigDict:
     return c
 
 
-QUICK = _hebbian.QUICK
+# `--quick`: a 20-unit hidden layer and 2 tasks a step besides the cheap tuning
+QUICK = {**_hebbian.QUICK, "learner.hidden": "20", "outer.batch_size": 2}
 
 DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
            if k.startswith(("data.", "task.")) and k != "task.unlabeled"},

@@ -24,8 +24,8 @@ def get_config() -> ConfigDict:
     return c
 
 
-# `--quick`: one transformer layer per generated layer (compiling three dominates a short run)
-QUICK = {"learner.num_layers": 1}
+# `--quick`: two generated blocks, one transformer layer each (compiling dominates a short run)
+QUICK = {"learner.num_layers": 1, "learner.num_blocks": 2}
 
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the generated CNN",

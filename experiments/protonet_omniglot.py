@@ -23,6 +23,10 @@ def get_config() -> ConfigDict:
     return c
 
 
+# `--quick`: a 16-channel CNN on 20-way episodes (a 64-channel CNN on 60 ways is slow to even
+# compile and run)
+QUICK = {"learner.channels": 16, "task.ways": 20}
+
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the CNN",
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",

@@ -110,8 +110,19 @@ class TaskSampler:
         return jax.vmap(self.sample)(jax.random.split(key, batch_size))
 
     def example(self) -> Episode:
-        """One concrete episode, used to initialise learners (shapes and dtypes)."""
-        return self.sample(jax.random.PRNGKey(0))
+        """One concrete episode (that of key 0), used to initialise learners (shapes and
+        dtypes); drawn once per sampler object, as runs ask for it many times."""
+        ex = self.__dict__.get("_example")
+        if ex is None:
+            ex = self.draw(jax.random.PRNGKey(0))
+            if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(ex)):
+                object.__setattr__(self, "_example", ex)  # frozen dataclasses too
+        return ex
+
+    def draw(self, key: Array) -> Episode:
+        """`sample(key)` outside any trace (samplers that are pytrees compile it: one program
+        instead of many small eager ones)."""
+        return self.sample(key)
 
     def describe(self) -> dict:
         """A JSON-able description of the task distribution (saved as a run's tasks.json)."""

@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, TaskSampler
-from metalearn.tasks.fewshot import FewShotSampler, ImageRefs, _random_subset, random_permutation
+from metalearn.tasks.fewshot import (
+    FewShotSampler,
+    ImageRefs,
+    _jit_sample,
+    _random_subset,
+    random_permutation,
+)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -110,6 +116,10 @@ class ContinualSampler(TaskSampler):
         """The sequence setting in a file name: `5tasks_5way_1shot_15query_25pool`."""
         return (f"{self.tasks}tasks_{self.ways}way_{self.shots}shot_{self.queries}query_"
                 f"{self.pool}pool")
+
+    def draw(self, key: Array) -> Episode:
+        """`sample(key)`, compiled (the images are an argument of the program)."""
+        return _jit_sample(self, key)
 
     def describe(self) -> dict:
         """JSON-able settings and the base sampler's description."""

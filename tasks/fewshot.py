@@ -401,6 +401,10 @@ class FewShotSampler(TaskSampler):
         return x.astype(jnp.float32) * jnp.tile(self._scale, pixels) + \
             jnp.tile(self._shift, pixels)
 
+    def draw(self, key: Array) -> Episode:
+        """`sample(key)`, compiled (the images are an argument of the program)."""
+        return _jit_sample(self, key)
+
     def sample(self, key: Array) -> Episode:
         """One episode: support [N*K, H, W, C], labels [N*K] in [0, N), query [N*Q, ...]."""
         return self.gather(self.sample_indices(key))
@@ -412,8 +416,8 @@ class FewShotSampler(TaskSampler):
     def batch_sampler(self, batch_size: int) -> Callable[[Array], Episode]:
         """`key -> sample_batch(key, batch_size)`, compiled, for sampling outside a training step
         (data pipelines, evaluation); the episodes are identical. On CPU it uses XLA's loop
-        emitters and writes whole image rows (see `_gather_apart`): 2.2-4.2x as fast as
-        `jax.jit(sample_batch)` in six runs of `benchmarks/sampling.py`."""
+        emitters and writes whole image rows (see `_gather_apart`), faster than
+        `jax.jit(sample_batch)` (`benchmarks/sampling.py` measures both)."""
         compiled = _compiled_batch(batch_size)
         return lambda key: compiled(self, key)
 
@@ -447,6 +451,11 @@ class FewShotSampler(TaskSampler):
 
 
 CPU_SAMPLING_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+@jax.jit
+def _jit_sample(sampler: TaskSampler, key: Array) -> Episode:
+    return sampler.sample(key)
 
 
 @functools.cache
