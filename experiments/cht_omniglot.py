@@ -48,6 +48,7 @@ def get_config() -> ConfigDict:
                             "prototypes": "frozen", "objective": "class", "merged": False})
     c.report_episodes = 500
     c.report_baselines = ""
+    c.report_independent = True
     c.outer.batch_size = 1
     g = c.outer.gradient
     # clipped: one unclipped step can throw the loss up for good (docs/continual.md)
@@ -55,9 +56,10 @@ def get_config() -> ConfigDict:
     return c
 
 
-# `--quick`: sequences of 2 tasks (3 in the report) and one transformer layer per generated
-# layer: compiling the unrolled sequence dominates a short run
-QUICK = {"task.tasks": 2, "task.eval_tasks": 3, "learner.num_layers": 1}
+# `--quick`: sequences of 2 tasks (3 in the report), one transformer layer per generated layer
+# and no independent-HT row: compiling the unrolled sequences dominates a short run
+QUICK = {"task.tasks": 2, "task.eval_tasks": 3, "learner.num_layers": 1,
+         "report_independent": False}
 
 DOCS = {**_omniglot.DOCS,
         "task.tasks": "T: tasks per training sequence (the unroll)",
@@ -76,6 +78,8 @@ DOCS = {**_omniglot.DOCS,
         "learner.merged": "MergedHT (the paper's upper bound): the weights after task t are "
                           "generated from the support sets of tasks 0..t at once",
         "report_episodes": "test sequences of task.eval_tasks tasks in the report",
+        "report_independent": "also score the same run non-recurrently (each task's weights "
+                              "from its own support set alone: the independent HT) in the report",
         "report_baselines": "run directories (comma-separated) of other continual learners "
                             "scored on the report's sequences, e.g. a learner.method=constpn run",
         "report_settings": "unused here (the report is per task learned)",
@@ -166,7 +170,7 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     sampler = exp.splits["test"].replace(tasks=T_eval)
     learner = make_learner(config, T_eval)
     methods = {method_label(config): (learner, meta)}
-    if isinstance(learner, ContinualHyperTransformer):
+    if isinstance(learner, ContinualHyperTransformer) and config.get("report_independent", True):
         methods["independent HT"] = (dataclasses.replace(learner, recurrent=False), meta)
     for path in [p.strip() for p in config.report_baselines.split(",") if p.strip()]:
         other = load_run(path)
