@@ -8,6 +8,7 @@ step can be `jit`-compiled and `vmap`ped over a batch of episodes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import jax
@@ -112,11 +113,12 @@ class TaskSampler:
     def example(self) -> Episode:
         """One concrete episode (that of key 0), used to initialise learners (shapes and
         dtypes); drawn once per sampler object, as runs ask for it many times."""
-        ex = self.__dict__.get("_example")
+        ex = getattr(self, "_example", None)
         if ex is None:
             ex = self.draw(jax.random.PRNGKey(0))
             if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(ex)):
-                object.__setattr__(self, "_example", ex)  # frozen dataclasses too
+                with contextlib.suppress(AttributeError):  # a sampler with __slots__: no memo
+                    object.__setattr__(self, "_example", ex)  # frozen dataclasses too
         return ex
 
     def draw(self, key: Array) -> Episode:

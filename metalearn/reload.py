@@ -188,8 +188,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
                           progress=label if progress else None)
     res = {"split": label, "step": loaded.step, "seed": seed, **res}
     if settings:
-        res["setting"] = {**{k: getattr(sampler, k) for k in SETTINGS if hasattr(sampler, k)},
-                          **{k: getattr(sampler, k) for k in settings}}
+        res["setting"] = {k: getattr(sampler, k) for k in dict.fromkeys([*SETTINGS, *settings])
+                          if hasattr(sampler, k)}
     if data_info is not None:
         res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
