@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
@@ -100,12 +101,13 @@ def build_learner(config: ConfigDict, ways: int) -> HebbianLearner:
     return HebbianLearner(ways=ways, **cfg)
 
 
-def baseline(learner: HebbianLearner, optimizer: str, lr: float) -> GradientBaseline:
-    """The same network as `learner` (f for f/f' neurons), trained by `optimizer` at `lr`."""
+def baseline(learner: HebbianLearner, optimizer: str) -> GradientBaseline:
+    """The same network as `learner` (f for f/f' neurons), trained by `optimizer` at the rate
+    of its meta-parameters {"learning_rate": lr}."""
     same = {f: getattr(learner, f) for f in NETWORK_FIELDS}
     for f in ("hidden_activation", "output_activation"):  # f(z) of the f / f' neurons
         same[f] = same[f].removesuffix("_with_grad")
-    return GradientBaseline(optimizer=optimizer, learning_rate=lr, **same)
+    return GradientBaseline(optimizer=optimizer, **same)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +135,11 @@ def _curve(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, steps:
 
 def tune(learner: HebbianLearner, optimizer: str, sampler: TaskSampler, lrs: list[float],
          episodes: int, batch: int, progress: bool = False) -> tuple[float, dict]:
-    """The rate of `lrs` whose network is most accurate after T steps on training tasks."""
+    """The rate of `lrs` whose network is most accurate after T steps on training tasks (the
+    rate a meta-parameter: one compiled program per optimizer)."""
     scores = {}
     for lr in lrs:
-        res = evaluate(baseline(learner, optimizer, lr), {}, sampler,
+        res = evaluate(baseline(learner, optimizer), {"learning_rate": jnp.float32(lr)}, sampler,
                        jax.random.PRNGKey(REPORT_SEED + BASELINE_OFFSET), episodes, batch,
                        check=False, progress=f"tuning {optimizer} lr={lr:g}" if progress else None)
         scores[lr] = res["accuracy"]
@@ -186,8 +189,9 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     for opt in ("sgd", "adam"):
         lr = tuning[opt]["learning_rate"]
         out["tuning"][opt] = tuning[opt]
-        curves[opt] = _curve(baseline(learner, opt, lr), {}, test, steps, n, batch,
-                             REPORT_SEED, f"report: {opt}" if progress else None)
+        curves[opt] = _curve(baseline(learner, opt), {"learning_rate": jnp.float32(lr)}, test,
+                             steps, n, batch, REPORT_SEED,
+                             f"report: {opt}" if progress else None)
     out["curves"] = curves
     lines = [f"test tasks ({n}), accuracy % at " + ", ".join(
         f"{s} ({s // t}T)" if s != t else f"T={t}" for s in shown) + " inner steps:"]

@@ -95,14 +95,20 @@ def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key:
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    if check:  # `check=False` where the caller has checked this learner and sampler already
-        check_predictions(learner, meta, sampler.example(), "the evaluation sampler's episode")
     batch_size = min(batch_size, episodes)
     sample = batch_sampler(sampler, batch_size)
     chunks: list[dict[str, np.ndarray]] = []
-    bar = _bar(episodes, progress)
+    bar = None
     for n, k_s, k_l in _chunks(key, episodes, batch_size):
-        m = episode_metrics(learner, meta, sample(k_s), k_l)
+        batch = sample(k_s)
+        if bar is None:
+            # checked on the first episode drawn (`check=False` where the caller has checked
+            # this learner and sampler already): no separate program for `sampler.example()`
+            if check:
+                check_predictions(learner, meta, jax.tree.map(lambda a: a[0], batch),
+                                  "the evaluation sampler's episode")
+            bar = _bar(episodes, progress)
+        m = episode_metrics(learner, meta, batch, k_l)
         chunks.append({k: v[:n] for k, v in m.items()})
         bar.update(n)
     bar.close()

@@ -16,6 +16,7 @@ rotation, when set, is drawn once per pool class, so a class keeps its rotation 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -121,6 +122,15 @@ class ContinualSampler(TaskSampler):
         """`sample(key)`, compiled (the images are an argument of the program)."""
         return _jit_sample(self, key)
 
+    def batch_sampler(self, batch_size: int) -> Callable[[Array], Episode]:
+        """`key -> sample_batch(key, batch_size)`: `draw` (compiled, the images an argument) for
+        each sequence's key, stacked; the same episodes, from the one small program that
+        `example` compiles rather than a batched one per split and sequence length."""
+        def sample(key: Array) -> Episode:
+            draws = [self.draw(k) for k in jax.random.split(key, batch_size)]
+            return jax.tree.map(lambda *a: jnp.stack(a), *draws)
+        return sample
+
     def describe(self) -> dict:
         """JSON-able settings and the base sampler's description."""
         return {"sampler": type(self).__name__, "tasks": self.tasks, "ways": self.ways,
@@ -163,3 +173,4 @@ class ContinualSampler(TaskSampler):
         shape = self.base.dataset.image_shape
         xs, xq = (self.base._flat_images(r).reshape(-1, *shape) for r in (s, q))
         return Episode(xs, s.label.astype(jnp.int32), xq, q.label.astype(jnp.int32))
+

@@ -231,6 +231,11 @@ def test_sampler_is_seeded_and_jit_equals_eager():
         np.testing.assert_array_equal(x, y)
     c = sampler.sample(jax.random.PRNGKey(8))
     assert not np.array_equal(a.support_y, c.support_y)
+    # the compiled batch sampler (images an argument) draws what vmapping `sample` draws
+    batch = sampler.batch_sampler(4)(jax.random.PRNGKey(9))
+    ref = sampler.sample_batch(jax.random.PRNGKey(9), 4)
+    for x, y in zip(batch, ref, strict=True):
+        np.testing.assert_array_equal(x, y)
     assert a.support_x.shape == (T * N * K, 8, 8, 1) and a.query_x.shape == (T * N * Q, 8, 8, 1)
 
 

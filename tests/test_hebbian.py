@@ -224,6 +224,12 @@ def test_curve_matches_loss_and_baselines_learn():
     sgd = GradientBaseline(hidden=(8,), inner_steps=20, learning_rate=0.5)
     c = sgd.curve({}, ep, jax.random.PRNGKey(1), 20)
     assert float(c["loss"][-1]) < 0.8 * float(c["loss"][0])
+    # a rate given as a meta-parameter (one program for a sweep) replaces the field's
+    swept = jax.jit(lambda m: GradientBaseline(hidden=(8,), inner_steps=20).curve(
+        m, ep, jax.random.PRNGKey(1), 20))
+    np.testing.assert_array_equal(swept({"learning_rate": jnp.float32(0.5)})["loss"],
+                                  jax.jit(lambda: sgd.curve({}, ep, jax.random.PRNGKey(1), 20))()
+                                  ["loss"])
 
 
 def test_named_genome_and_bad_settings():

@@ -540,7 +540,8 @@ class GradientBaseline(_Network):
     """The same network (layers, activations, initial weight distribution, batches) trained by
     `optimizer` (sgd or adam) at `learning_rate` on the batch-mean 1/2 squared error to the
     target codes; nothing is meta-learned (the rate is tuned on training tasks by the
-    experiment)."""
+    experiment). Meta-parameters {"learning_rate": scalar} replace the field's rate, so one
+    compiled program scores every rate of a sweep."""
 
     optimizer: str = "sgd"
     learning_rate: float = 0.1
@@ -559,9 +560,9 @@ class GradientBaseline(_Network):
                                  f"activation; the plain network uses "
                                  f"{getattr(self, f).removesuffix('_with_grad')!r}")
 
-    def tx(self) -> optax.GradientTransformation:
-        """The optax optimizer."""
-        return getattr(optax, self.optimizer)(self.learning_rate)
+    def tx(self, meta: MetaParams) -> optax.GradientTransformation:
+        """The optax optimizer, at meta's "learning_rate" when it has one."""
+        return getattr(optax, self.optimizer)(meta.get("learning_rate", self.learning_rate))
 
     def init(self, key: Array, example: Episode) -> MetaParams:
         """No meta-parameters."""
@@ -571,7 +572,7 @@ class GradientBaseline(_Network):
     def init_state(self, meta: MetaParams, key: Array, d_in: int) -> tuple:
         """Weights [n_c + 1, n_{c+1}] (bias last row) and the optimizer state."""
         w = [s["F"][0] for s in self.synapses(key, d_in)]
-        return w, self.tx().init(w)
+        return w, self.tx(meta).init(w)
 
     def outputs(self, meta: MetaParams, state: tuple, x: Array) -> Array:
         """The MLP's outputs [B, ways]."""
@@ -581,5 +582,5 @@ class GradientBaseline(_Network):
         """One optimizer step on the batch."""
         w, opt = state
         g = jax.grad(self.train_loss)(w, x, y)
-        upd, opt = self.tx().update(g, opt, w)
+        upd, opt = self.tx(meta).update(g, opt, w)
         return optax.apply_updates(w, upd), opt
