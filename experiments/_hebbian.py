@@ -168,6 +168,16 @@ def tuned_rates(learner: HebbianLearner, sampler: TaskSampler, lrs: list[float],
     return cached_json(run, TUNING_FILE, fit, key=settings)
 
 
+def report_plan(config: ConfigDict) -> tuple[str, int]:
+    """The report's test curves and baseline tuning (unless kept in the run), in words and
+    episodes."""
+    curves = 3 + len([p for p in str(config.get("report_runs", "")).split(",") if p.strip()])
+    rates = len([v for v in str(config.baseline_lrs).split(",") if v.strip()])
+    n, tune = config.report_episodes, config.tune_episodes
+    return (f"report {curves} curves x {n} test episodes + SGD/Adam tuning 2 x {rates} rates x "
+            f"{tune} training episodes", curves * n + 2 * rates * tune)
+
+
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
            progress: bool = False) -> dict:
     """Rule vs SGD vs Adam (rates tuned on training tasks) on the test tasks, at T and

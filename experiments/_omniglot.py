@@ -202,6 +202,12 @@ def parse_settings(text: str) -> list[Setting]:
     return out
 
 
+def report_plan(config: ConfigDict) -> tuple[str, int]:
+    """The report's settings and episodes, in words and in all."""
+    n, each = len(parse_settings(config.report_settings)), config.report_episodes
+    return f"report {n} setting{'s' if n != 1 else ''} x {each} episodes", n * each
+
+
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
            progress: bool = False) -> dict:
     """Test accuracy (95% CI) at the extra N-way K-shot settings of `config.report_settings`."""

@@ -116,7 +116,7 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
                          f"task.eval_tasks={t.tasks}")
     splits = {name: ContinualSampler(s, t.tasks, pool=t.pool)
               for name, s in _omniglot.samplers(config, run).items()}
-    return Experiment(learner=learner, splits=splits, report=report)
+    return Experiment(learner=learner, splits=splits, report=report, report_plan=report_plan)
 
 
 def method_label(config: ConfigDict) -> str:
@@ -157,6 +157,18 @@ def summarize_curves(scores: dict[str, np.ndarray]) -> dict[str, Any]:
                 if e > 1 else [float("nan")] * T
         out[f"{kind}_matrix"] = acc.mean(0).tolist()
     return out
+
+
+def report_plan(config: ConfigDict) -> tuple[str, int]:
+    """The report's learners and test sequences, in words and in all."""
+    methods = 1 + (config.learner.method == "cht" and config.get("report_independent", True)) \
+        + len([p for p in config.report_baselines.split(",") if p.strip()])
+    n, t = config.report_episodes, config.task.eval_tasks
+    mb = config.get("report_minibatches", True)
+    each = f"{n} sequences of {t} tasks" + (f" + {n} of one task in {t} mini-batches" if mb
+                                             else "")
+    return (f"report {methods} learner{'s' if methods != 1 else ''} x {each}",
+            methods * n * (2 if mb else 1))
 
 
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,

@@ -47,4 +47,5 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """Omniglot alphabet split (as protonet_omniglot's), a Hebbian MLP on flattened images."""
     return Experiment(learner=_hebbian.build_learner(config, ways=config.task.ways),
-                      splits=_omniglot.samplers(config, run), report=_hebbian.report)
+                      splits=_omniglot.samplers(config, run), report=_hebbian.report,
+                      report_plan=_hebbian.report_plan)

@@ -51,4 +51,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """A HyperTransformer generating a `task.ways`-way CNN; the Omniglot samplers."""
     learner = HyperTransformer(ways=config.task.ways, **config.learner.to_dict())
     return Experiment(learner=learner, splits=_omniglot.samplers(config, run),
-                      report=_omniglot.report)
+                      report=_omniglot.report,
+                      report_plan=_omniglot.report_plan)

@@ -82,4 +82,5 @@ def build_learner(config: ConfigDict, ways: int):
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """The protocol's Omniglot split; a learned optimizer training an MLP on flattened images."""
     return Experiment(learner=build_learner(config, config.task.ways),
-                      splits=_omniglot.samplers(config, run), report=_hebbian.report)
+                      splits=_omniglot.samplers(config, run), report=_hebbian.report,
+                      report_plan=_hebbian.report_plan)

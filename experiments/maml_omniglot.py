@@ -46,4 +46,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     model = CNN(cfg.pop("channels"), cfg.pop("num_blocks"), out_dim=config.task.ways)
     learner = MAML(model, **cfg)
     return Experiment(learner=learner, splits=_omniglot.samplers(config, run),
-                      eval_learner=learner.for_evaluation(), report=_omniglot.report)
+                      eval_learner=learner.for_evaluation(), report=_omniglot.report,
+                      report_plan=_omniglot.report_plan)

@@ -38,4 +38,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """ProtoNet learner; the protocol's train, validation and test samplers."""
     learner = ProtoNet(**config.learner.to_dict())
     return Experiment(learner=learner, splits=_omniglot.samplers(config, run),
-                      report=_omniglot.report)
+                      report=_omniglot.report,
+                      report_plan=_omniglot.report_plan)

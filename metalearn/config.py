@@ -98,8 +98,8 @@ def parse_value(text: str, current: Any) -> Any:
         if low in ("false", "0", "no"):
             return False
         raise ValueError(f"expected true/false, got {text!r}")
-    if low in ("none", "null"):
-        return None
+    if low in ("none", "null"):  # a string field keeps the word (e.g. task.augment=none)
+        return text.strip() if isinstance(current, str) else None
     try:
         v = ast.literal_eval(text)
     except (ValueError, SyntaxError):

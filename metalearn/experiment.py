@@ -39,6 +39,8 @@ class Experiment:
     eval_learner: InnerLearner | None = None
     # extra headline figures: report(exp, meta, run, config, progress=...) -> dict for summary.json
     report: Callable[..., dict] | None = None
+    # what the report will run, said before it starts: report_plan(config) -> (words, episodes)
+    report_plan: Callable[[ConfigDict], tuple[str, int]] | None = None
 
     @property
     def evaluator(self) -> InnerLearner:

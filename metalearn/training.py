@@ -189,12 +189,11 @@ def final_episodes(config: ConfigDict, exp: Experiment) -> str:
     if "test" in exp.splits:
         parts.append(f"test {config.test_episodes} episodes")
         total += config.test_episodes
-    settings = config.get("report_settings")
-    if exp.report is not None and isinstance(settings, str) and settings.strip():
-        n = len([x for x in settings.split(",") if x.strip()])
-        each = config.get("report_episodes", 0)
-        parts.append(f"report {n} setting{'s' if n != 1 else ''} x {each} episodes")
-        total += n * each
+    if exp.report is not None and exp.report_plan is not None:
+        words, n = exp.report_plan(config)
+        if n:
+            parts.append(words)
+            total += n
     if not parts:
         return ""
     return f"final evaluation: {' + '.join(parts)} ({total} episodes)"

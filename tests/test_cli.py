@@ -10,6 +10,8 @@ import jax
 import pytest
 
 from metalearn.cli import hugepages_env, main
+from metalearn.config import apply_overrides
+from metalearn.experiment import Experiment
 
 
 def test_help_runs():
@@ -169,16 +171,29 @@ def test_a_slow_compilation_says_so(tmp_path, capsys, monkeypatch):
 
 def test_the_final_evaluation_says_how_many_episodes_come(tmp_path, capsys):
     """Before the final test and report run, one line says how many episodes they hold."""
-    from metalearn.experiments import protonet_omniglot
+    from metalearn.experiments import _hebbian, _omniglot, protonet_omniglot
+    from metalearn.experiments import lopt_omniglot as lopt
     from metalearn.training import final_episodes
 
+    def exp(plan):  # the parts of an Experiment that final_episodes reads
+        return Experiment(learner=None, splits={"train": None, "test": None},
+                          report=lambda *a, **k: {}, report_plan=plan)
+
     config = protonet_omniglot.get_config()
-
-    class Exp:  # the parts of an Experiment that final_episodes reads
-        splits, report = {"train": None, "test": None}, staticmethod(lambda *a, **k: {})
-
-    assert final_episodes(config, Exp) == ("final evaluation: test 1000 episodes + report 3 "
-                                           "settings x 1000 episodes (4000 episodes)")
+    assert final_episodes(config, exp(_omniglot.report_plan)) == (
+        "final evaluation: test 1000 episodes + report 3 settings x 1000 episodes (4000 "
+        "episodes)")
+    config = lopt.get_config()
+    assert final_episodes(config, exp(_hebbian.report_plan)) == (
+        "final evaluation: test 1000 episodes + report 3 curves x 1000 test episodes + SGD/Adam "
+        "tuning 2 x 9 rates x 500 training episodes (13000 episodes)")
+    from metalearn.experiments import cht_omniglot as cht
+    config = cht.get_config()
+    assert cht.report_plan(config) == (
+        "report 2 learners x 500 sequences of 10 tasks + 500 of one task in 10 mini-batches",
+        2000)
+    apply_overrides(config, ["report_independent=false", "report_minibatches=false"])
+    assert cht.report_plan(config)[1] == 500
     assert main(["train", "linreg_sgd", "--run-dir", str(tmp_path / "a"), "--set", "steps=2",
                  "--set", "test_episodes=4", "--set", "eval_every=0"]) == 0
     assert "final evaluation: test 4 episodes (4 episodes)" in capsys.readouterr().out

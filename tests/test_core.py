@@ -101,6 +101,9 @@ def test_overrides_parse_and_reject():
                         "outer.gradient.clip_norm=1", "outer.kind=evolution", "eval_every=5"])
     assert c.steps == 20 and c.outer.gradient.learning_rate == 0.01
     assert c.outer.kind == "evolution" and c.outer.gradient.clip_norm == 1
+    # "none" is the word for a string field and None (no value) for an optional one
+    apply_overrides(c, ["outer.kind=none", "outer.gradient.clip_norm=none"])
+    assert c.outer.kind == "none" and c.outer.gradient.clip_norm is None
     with pytest.raises(KeyError, match="no field 'stepz'"):
         apply_overrides(c, ["stepz=3"])
     with pytest.raises(KeyError, match="'nope' is not a config section"):
