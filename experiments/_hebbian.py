@@ -15,7 +15,7 @@ import numpy as np
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
 from metalearn.evaluation import evaluate
-from metalearn.experiment import ConfigDict, Experiment, cached_json, outer_config
+from metalearn.experiment import ConfigDict, Experiment, cached_json, comma_list, outer_config
 from metalearn.learners.hebbian import GradientBaseline, HebbianLearner
 from metalearn.runs import Run, pyplot, save_figure
 from metalearn.seeds import BASELINE_OFFSET, REPORT_SEED
@@ -96,7 +96,7 @@ DOCS = {
 def build_learner(config: ConfigDict, ways: int) -> HebbianLearner:
     """The HebbianLearner of `config.learner` for `ways` classes."""
     cfg = config.learner.to_dict()
-    cfg["hidden"] = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h.strip())
+    cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
     return HebbianLearner(ways=ways, **cfg)
 
@@ -171,8 +171,8 @@ def tuned_rates(learner: HebbianLearner, sampler: TaskSampler, lrs: list[float],
 def report_plan(config: ConfigDict) -> tuple[str, int]:
     """The report's test curves and baseline tuning (unless kept in the run), in words and
     episodes."""
-    curves = 3 + len([p for p in str(config.get("report_runs", "")).split(",") if p.strip()])
-    rates = len([v for v in str(config.baseline_lrs).split(",") if v.strip()])
+    curves = 3 + len(comma_list(config.get("report_runs", "")))
+    rates = len(comma_list(config.baseline_lrs))
     n, tune = config.report_episodes, config.tune_episodes
     return (f"report {curves} curves x {n} test episodes + SGD/Adam tuning 2 x {rates} rates x "
             f"{tune} training episodes", curves * n + 2 * rates * tune)
@@ -186,7 +186,7 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
         return {}
     learner, test = exp.learner, exp.splits["test"]
     t, steps = learner.inner_steps, learner.inner_steps * config.report_horizon
-    lrs = [float(v) for v in str(config.baseline_lrs).split(",") if v.strip()]
+    lrs = [float(v) for v in comma_list(config.baseline_lrs)]
     batch, n = config.eval_batch_size, config.report_episodes
     curves = {"rule": _curve(learner, meta, test, steps, n, batch, REPORT_SEED,
                              "report: rule" if progress else None)}
@@ -226,7 +226,7 @@ def _report_runs(config: ConfigDict, learner: Any) -> dict[str, tuple[Any, MetaP
     from metalearn.reload import load_run
 
     out = {}
-    for path in [p.strip() for p in str(config.get("report_runs", "")).split(",") if p.strip()]:
+    for path in comma_list(config.get("report_runs", "")):
         run = load_run(path)
         other = run.learner
         same = {f: getattr(learner, f) for f in NETWORK_FIELDS if f != "meta_loss"}

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from metalearn.core import MetaParams
 from metalearn.evaluation import evaluate
-from metalearn.experiment import ConfigDict, Experiment, base_config, outer_config
+from metalearn.experiment import ConfigDict, Experiment, base_config, comma_list, outer_config
 from metalearn.runs import Run
 from metalearn.seeds import REPORT_SEED
 from metalearn.tasks.augment import from_setting
@@ -97,10 +97,6 @@ DOCS = {
 }
 
 
-def _names(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def protocol_of(config: ConfigDict) -> str:
     """The run's `data.protocol` (runs made before the field: minimal)."""
     return config.data.get("protocol", OLD_RUNS_PROTOCOL)
@@ -135,13 +131,14 @@ def _splits(config: ConfigDict, run: Run | None) -> dict[str, ImageDataset]:
     kept in the run so evaluation reuses it."""
     d = config.data
     protocol = protocol_of(config)
-    ds = load_protocol(protocol, _names(d.paths) or None, image_size=d.image_size,
+    ds = load_protocol(protocol, comma_list(d.paths) or None, image_size=d.image_size,
                        on_error=d.get("on_error", "raise"))  # runs made before the field
     path = run.path / SPLIT_FILE if run is not None else None
     if path is not None and path.exists():
         return load_split(path, ds)
-    alphabets = {"train": _names(d.train_alphabets), "validation": _names(d.validation_alphabets),
-                 "test": _names(d.test_alphabets)}
+    alphabets = {"train": comma_list(d.train_alphabets),
+                 "validation": comma_list(d.validation_alphabets),
+                 "test": comma_list(d.test_alphabets)}
     custom = any(alphabets.values())
     splits = protocol_split(ds, protocol, alphabets if custom else None)
     if path is not None:
@@ -190,7 +187,7 @@ class Setting(NamedTuple):
 def parse_settings(text: str) -> list[Setting]:
     """'20x5x5,20x1x5+5,20x1x5@group' -> [Setting(ways, shots, queries, unlabeled, within)]."""
     out = []
-    for part in _names(text):
+    for part in comma_list(text):
         body, at, where = part.partition("@")
         head, plus, unl = body.partition("+")
         nums = head.split("x") + ([unl] if plus else ["0"])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from metalearn.core import MetaParams
-from metalearn.experiment import ConfigDict, Experiment
+from metalearn.experiment import ConfigDict, Experiment, comma_list
 from metalearn.experiments import _omniglot
 from metalearn.experiments.ht_omniglot import DOCS as HT_DOCS
 from metalearn.learners.continual import MATRICES, ConstPN, ContinualHyperTransformer
@@ -162,7 +162,7 @@ def summarize_curves(scores: dict[str, np.ndarray]) -> dict[str, Any]:
 def report_plan(config: ConfigDict) -> tuple[str, int]:
     """The report's learners and test sequences, in words and in all."""
     methods = 1 + (config.learner.method == "cht" and config.get("report_independent", True)) \
-        + len([p for p in config.report_baselines.split(",") if p.strip()])
+        + len(comma_list(config.report_baselines))
     n, t = config.report_episodes, config.task.eval_tasks
     mb = config.get("report_minibatches", True)
     each = f"{n} sequences of {t} tasks" + (f" + {n} of one task in {t} mini-batches" if mb
@@ -188,7 +188,7 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     methods = {method_label(config): (learner, meta)}
     if isinstance(learner, ContinualHyperTransformer) and config.get("report_independent", True):
         methods["independent HT"] = (dataclasses.replace(learner, recurrent=False), meta)
-    for path in [p.strip() for p in config.report_baselines.split(",") if p.strip()]:
+    for path in comma_list(config.report_baselines):
         other = load_run(path)
         name = f"{method_label(other.config)} ({Path(path).name})"
         methods[name] = (make_learner(other.config, T_eval), other.meta)

@@ -10,7 +10,7 @@ image dataset."""
 
 from __future__ import annotations
 
-from metalearn.experiment import ConfigDict, Experiment, base_config
+from metalearn.experiment import ConfigDict, Experiment, base_config, comma_list
 from metalearn.experiments import _hebbian, _omniglot, hebbian_omniglot
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.runs import Run
@@ -72,7 +72,7 @@ def build_learner(config: ConfigDict, ways: int):
     kind = cfg.pop("kind")
     if kind not in KINDS:
         raise ValueError(f"learner.kind={kind!r}: use adafac or mlp")
-    cfg["hidden"] = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h.strip())
+    cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
     if not cfg["hidden_size"]:
         cfg.pop("hidden_size")

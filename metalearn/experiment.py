@@ -26,7 +26,7 @@ from metalearn.core import InnerLearner, TaskSampler
 from metalearn.outer.registry import outer_config
 from metalearn.runs import Run
 
-__all__ = ["ConfigDict", "Experiment", "base_config", "cached_json", "outer_config"]
+__all__ = ["ConfigDict", "Experiment", "base_config", "cached_json", "comma_list", "outer_config"]
 
 
 @dataclasses.dataclass
@@ -56,6 +56,11 @@ class Experiment:
     def eval_split(self) -> str | None:
         """The split evaluated during training: validation if there is one, else test."""
         return next((s for s in ("validation", "test") if s in self.splits), None)
+
+
+def comma_list(value: Any) -> list[str]:
+    """The non-empty, stripped items of a comma-separated config value ("a, b," -> [a, b])."""
+    return [s.strip() for s in str(value).split(",") if s.strip()]
 
 
 def cached_json(run: Run | None, name: str, compute: Callable[[], dict],

@@ -173,4 +173,3 @@ class ContinualSampler(TaskSampler):
         shape = self.base.dataset.image_shape
         xs, xq = (self.base._flat_images(r).reshape(-1, *shape) for r in (s, q))
         return Episode(xs, s.label.astype(jnp.int32), xq, q.label.astype(jnp.int32))
-
