@@ -56,6 +56,7 @@ def report_config(c: ConfigDict) -> None:
     c.baseline_lrs = "0.001,0.003,0.01,0.03,0.1,0.3,1,3,10"
     c.tune_episodes = 500
     c.report_runs = ""
+    c.report_dataset = ""
 
 
 # `--quick`: the report's SGD/Adam tuning on a few tasks and rates, not 500 x 9
@@ -90,6 +91,9 @@ DOCS = {
     "tune_episodes": "training tasks each baseline learning rate is scored on",
     "report_runs": "run directories (comma-separated) of other learners of the same network "
                    "(a Hebbian genome, a learned optimizer) scored on the same test tasks",
+    "report_dataset": "image dataset the report also scores every learner on, with the "
+                      "training tasks' settings (e.g. sklearn:digits, an image folder, a .npz; "
+                      "see `metalearn evaluate --help`); empty: none",
 }
 
 
@@ -168,54 +172,100 @@ def tuned_rates(learner: HebbianLearner, sampler: TaskSampler, lrs: list[float],
     return cached_json(run, TUNING_FILE, fit, key=settings)
 
 
+def _tuning(exp: Experiment, run: Run | None, config: ConfigDict, progress: bool) -> dict:
+    """`tuned_rates` at the config's rates, tuning episodes and batch."""
+    lrs = [float(v) for v in comma_list(config.baseline_lrs)]
+    return tuned_rates(exp.learner, exp.train, lrs, config.tune_episodes,
+                       config.eval_batch_size, run, progress)
+
+
 def report_plan(config: ConfigDict) -> tuple[str, int]:
-    """The report's test curves and baseline tuning (unless kept in the run), in words and
-    episodes."""
+    """The report's test (and `report_dataset`) curves and baseline tuning (unless kept in
+    the run), in words and episodes."""
     curves = 3 + len(comma_list(config.get("report_runs", "")))
     rates = len(comma_list(config.baseline_lrs))
     n, tune = config.report_episodes, config.tune_episodes
-    return (f"report {curves} curves x {n} test episodes + SGD/Adam tuning 2 x {rates} rates x "
-            f"{tune} training episodes", curves * n + 2 * rates * tune)
+    spec = config.get("report_dataset", "")
+    sets = 2 if spec else 1
+    where = f"test episodes and {curves} x {n} of {spec}" if spec else "test episodes"
+    return (f"report {curves} curves x {n} {where} + SGD/Adam tuning 2 x {rates} rates x "
+            f"{tune} training episodes", sets * curves * n + 2 * rates * tune)
 
 
 def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDict,
            progress: bool = False) -> dict:
     """Rule vs SGD vs Adam (rates tuned on training tasks) on the test tasks, at T and
-    horizon x T inner steps; the accuracy-versus-step figure in the run's plots/."""
+    horizon x T inner steps, and the same on `report_dataset`'s tasks when one is named; the
+    accuracy-versus-step figures in the run's plots/."""
     if "test" not in exp.splits:
         return {}
-    learner, test = exp.learner, exp.splits["test"]
+    learner = exp.learner
     t, steps = learner.inner_steps, learner.inner_steps * config.report_horizon
-    lrs = [float(v) for v in comma_list(config.baseline_lrs)]
-    batch, n = config.eval_batch_size, config.report_episodes
-    curves = {"rule": _curve(learner, meta, test, steps, n, batch, REPORT_SEED,
-                             "report: rule" if progress else None)}
-    for name, (other, other_meta) in _report_runs(config, learner).items():
-        curves[name] = _curve(other, other_meta, test, steps, n, batch, REPORT_SEED,
-                              f"report: {name}" if progress else None)
-    shown = sorted({t * k for k in (1, 4) if t * k <= steps} | {steps})
-    out: dict = {"report_steps": shown, "tuning": {}}
-    tuning = tuned_rates(learner, exp.train, lrs, config.tune_episodes, batch, run, progress)
+    learners = {"rule": (learner, meta), **_report_runs(config, learner)}
+    out: dict = {"report_steps": sorted({t * k for k in (1, 4) if t * k <= steps} | {steps}),
+                 "tuning": {}}
+    tuning = _tuning(exp, run, config, progress)
     for opt in ("sgd", "adam"):
-        lr = tuning[opt]["learning_rate"]
         out["tuning"][opt] = tuning[opt]
-        curves[opt] = _curve(baseline(learner, opt), {"learning_rate": jnp.float32(lr)}, test,
-                             steps, n, batch, REPORT_SEED,
-                             f"report: {opt}" if progress else None)
-    out["curves"] = curves
-    lines = [f"test tasks ({n}), accuracy % at " + ", ".join(
+        learners[opt] = (baseline(learner, opt),
+                         {"learning_rate": jnp.float32(tuning[opt]["learning_rate"])})
+    test = _report_curves(learners, exp.splits["test"], "test tasks", steps, config, out["tuning"],
+                          progress)
+    out.update(test)
+    tables = [test["table"]]
+    spec = config.get("report_dataset", "")
+    if spec:
+        # the training split's episode settings (no rotations as classes) on the other dataset
+        sampler, info = exp.train.for_dataset(spec)
+        other = _report_curves(learners, sampler, f"{info['name']} tasks", steps, config,
+                               out["tuning"], progress)
+        out["dataset"] = {**info, **other}
+        tables.append(other["table"])
+    out["table"] = "\n".join(tables)
+    if run is not None and run.writes:
+        plot_curves(test["curves"], t, run.path / "plots" / "accuracy_vs_steps.png",
+                    title=config.experiment)
+        if spec:
+            plot_curves(out["dataset"]["curves"], t,
+                        run.path / "plots" / f"accuracy_vs_steps_{info['name']}.png",
+                        title=f"{config.experiment} on {info['name']}")
+    return out
+
+
+def _report_curves(learners: dict, sampler: TaskSampler, what: str, steps: int,
+                   config: ConfigDict, tuning: dict, progress: bool) -> dict:
+    """Every learner's accuracy curve on the same `report_episodes` tasks of `sampler`; the
+    figures at T, 4T and `steps` by name and as a table."""
+    t, n = config.learner.inner_steps, config.report_episodes
+    shown = sorted({t * k for k in (1, 4) if t * k <= steps} | {steps})
+    curves = {name: _curve(lrn, m, sampler, steps, n, config.eval_batch_size, REPORT_SEED,
+                           f"report ({what}): {name}" if progress else None)
+              for name, (lrn, m) in learners.items()}
+    out: dict = {"curves": curves}
+    lines = [f"{what} ({n}), accuracy % at " + ", ".join(
         f"{s} ({s // t}T)" if s != t else f"T={t}" for s in shown) + " inner steps:"]
     for name, c in curves.items():
-        lr = f" (lr {out['tuning'][name]['learning_rate']:g})" if name in out["tuning"] else ""
+        lr = f" (lr {tuning[name]['learning_rate']:g})" if name in tuning else ""
         out[f"{name}_accuracy"] = {str(s): {"mean": c["mean"][s], "ci95": c["ci95"][s]}
                                    for s in shown}
         lines.append(f"  {name + lr:<28} " + "   ".join(
             f"{100 * c['mean'][s]:.2f} ± {100 * c['ci95'][s]:.2f}" for s in shown))
     out["table"] = "\n".join(lines)
-    if run is not None and run.writes:
-        plot_curves(curves, t, run.path / "plots" / "accuracy_vs_steps.png",
-                    title=config.experiment)
     return out
+
+
+def baselines(exp: Experiment, run: Run | None, config: ConfigDict,
+              progress: Any = False) -> dict[str, tuple[Any, MetaParams]]:
+    """SGD and Adam at the rates tuned on training tasks (read back from the run's
+    TUNING_FILE, else tuned now) and the `report_runs` learners: what `metalearn evaluate`
+    scores beside the trained rule."""
+    tuning = _tuning(exp, run, config, bool(progress))
+    out = {}
+    for opt in ("sgd", "adam"):
+        lr = tuning[opt]["learning_rate"]
+        out[f"{opt} (lr {lr:g}, tuned)"] = (baseline(exp.learner, opt),
+                                           {"learning_rate": jnp.float32(lr)})
+    return {**out, **_report_runs(config, exp.learner)}
 
 
 def _report_runs(config: ConfigDict, learner: Any) -> dict[str, tuple[Any, MetaParams]]:

@@ -50,4 +50,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
             splits[split] = Functions2D(families=fams, num_support=t.num_support,
                                         num_queries=t.num_queries, label_noise=t.label_noise)
     return Experiment(learner=_hebbian.build_learner(config, ways=2), splits=splits,
-                      report=_hebbian.report, report_plan=_hebbian.report_plan)
+                      report=_hebbian.report, report_plan=_hebbian.report_plan,
+                      baselines=_hebbian.baselines)

@@ -48,4 +48,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """Omniglot alphabet split (as protonet_omniglot's), a Hebbian MLP on flattened images."""
     return Experiment(learner=_hebbian.build_learner(config, ways=config.task.ways),
                       splits=_omniglot.samplers(config, run), report=_hebbian.report,
-                      report_plan=_hebbian.report_plan)
+                      report_plan=_hebbian.report_plan,
+                      baselines=_hebbian.baselines)

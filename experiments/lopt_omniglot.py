@@ -83,4 +83,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """The protocol's Omniglot split; a learned optimizer training an MLP on flattened images."""
     return Experiment(learner=build_learner(config, config.task.ways),
                       splits=_omniglot.samplers(config, run), report=_hebbian.report,
-                      report_plan=_hebbian.report_plan)
+                      report_plan=_hebbian.report_plan,
+                      baselines=_hebbian.baselines)

@@ -91,12 +91,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         settings["within_group"] = True if args.within_group else None
         res = reload.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                   progress=not args.no_progress, dataset=args.dataset,
-                                  on_error=args.on_error, **settings)
+                                  on_error=args.on_error, baselines=not args.no_baselines,
+                                  **settings)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""
     print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}): "
           f"{format_metrics(res)}")
+    if res.get("baselines"):
+        print("beside it, on the same episodes:")
+        width = max(map(len, res["baselines"]))
+        for name, metrics in res["baselines"].items():
+            print(f"  {name:<{width}}  {format_metrics(metrics)}")
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -172,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--within-group", action="store_true",
                    help="few-shot runs: draw each episode's classes from one group (an "
                         "alphabet of Omniglot), chosen in proportion to its classes")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="leave out the experiment's baselines (learned-rule runs: SGD and Adam "
+                        "at their tuned rates), scored by default on the same episodes")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_evaluate)

@@ -41,6 +41,10 @@ class Experiment:
     report: Callable[..., dict] | None = None
     # what the report will run, said before it starts: report_plan(config) -> (words, episodes)
     report_plan: Callable[[ConfigDict], tuple[str, int]] | None = None
+    # learners `metalearn evaluate` scores beside the trained one, on the same episodes (e.g.
+    # SGD/Adam at tuned rates): baselines(exp, run, config, progress=...) -> {name: (learner,
+    # meta)}, each of the trained learner's episode shapes
+    baselines: Callable[..., dict[str, tuple[InnerLearner, Any]]] | None = None
 
     @property
     def evaluator(self) -> InnerLearner:

@@ -145,7 +145,7 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, *, progress: bool = False, dataset: str | Path | None = None,
-                 on_error: str = "raise", **settings: Any) -> dict:
+                 on_error: str = "raise", baselines: bool = True, **settings: Any) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
@@ -161,7 +161,11 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     y, converted to the run's image size and channels and preprocessed as the `split` sampler's
     images); the result goes to eval_dataset_<NAME>[_<setting>].json (NAME: the dataset's
     folder or file stem), with the dataset's spec and class count; `on_error="skip"` leaves out
-    its files that are not readable images."""
+    its files that are not readable images.
+
+    An experiment with `baselines` (e.g. the learned-rule experiments: SGD and Adam at the rates
+    tuned on training tasks) also scores those on the same episodes, under "baselines" in the
+    result; `baselines=False` leaves them out."""
     settings = {k: v for k, v in settings.items() if v is not None}
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
@@ -187,6 +191,13 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
                           progress=label if progress else None)
     res = {"split": label, "step": loaded.step, "seed": seed, **res}
+    exp = loaded.experiment
+    if baselines and exp is not None and exp.baselines is not None:
+        others = exp.baselines(exp, Run(run_dir, create=False), loaded.config, progress=progress)
+        res["baselines"] = {
+            b: evaluate_split(loaded.config, loaded, b_meta, seed, episodes, sampler,
+                              f"{label}: {b}" if progress else None, learner=b_learner)
+            for b, (b_learner, b_meta) in others.items()}
     if settings:
         res["setting"] = {k: getattr(sampler, k) for k in dict.fromkeys([*SETTINGS, *settings])
                           if hasattr(sampler, k)}

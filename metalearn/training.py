@@ -275,10 +275,12 @@ def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: 
 
 def evaluate_split(config: ConfigDict, exp: Experiment | LoadedRun, meta: MetaParams,
                     seed: int = 0, episodes: int | None = None,
-                    sampler: TaskSampler | None = None, progress: str | None = None) -> dict:
-    """The run's test figures (or `sampler`'s): `test_episodes` episodes from the test seed."""
+                    sampler: TaskSampler | None = None, progress: str | None = None,
+                    learner: InnerLearner | None = None) -> dict:
+    """The run's test figures (or `sampler`'s): `test_episodes` episodes from the test seed,
+    scored by the run's evaluator (or by `learner`, e.g. a baseline, on the same episodes)."""
     key = jax.random.PRNGKey(TEST_SEED)
     if seed:
         key = jax.random.fold_in(key, seed)
-    return evaluate(exp.evaluator, meta, sampler or exp.splits["test"], key,
+    return evaluate(learner or exp.evaluator, meta, sampler or exp.splits["test"], key,
                     episodes or config.test_episodes, config.eval_batch_size, progress=progress)

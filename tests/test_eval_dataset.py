@@ -238,3 +238,26 @@ def test_evaluate_on_a_dataset_with_an_unreadable_file(tiny_run, tmp_path, capsy
     assert main([*args, "--on-error", "skip"]) == 0
     assert json.loads((tiny_run / "eval_dataset_folder.json").read_text())["dataset"][
         "examples"] == 36
+
+
+def test_sklearn_digits_load_as_dark_ink_on_white_with_their_labels():
+    """`sklearn:digits`: scikit-learn's 1,797 digits, ink counts 0-16 mapped to 255 (blank) ..
+    0 (full ink), labels and class names 0-9; resized like any other form."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    ds = load_dataset("sklearn:digits")
+    assert (ds.num_classes, ds.num_examples, ds.image_shape) == (10, 1797, (8, 8, 1))
+    assert ds.class_names == [str(i) for i in range(10)]
+    assert d.target[0] == 0 and ds.counts.tolist() == np.bincount(d.target).tolist()
+    np.testing.assert_array_equal(ds.images[0, 0, ..., 0], np.round(255 * (1 - d.images[0] / 16)))
+    assert load_dataset("sklearn:digits", image_size=28).image_shape == (28, 28, 1)
+
+
+def test_sklearn_datasets_other_than_digits_and_a_missing_sklearn_are_refused(monkeypatch):
+    import sys
+
+    with pytest.raises(ValueError, match="shipped with the package is sklearn:digits"):
+        load_dataset("sklearn:olivetti_faces")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        load_dataset("sklearn:digits")

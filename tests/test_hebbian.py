@@ -320,6 +320,49 @@ def test_hebbian_2d_trains_and_reports_from_the_command_line(tmp_path):
     assert summary["tuning"]["sgd"]["learning_rate"] in (0.1, 1.0)
     assert (run / "plots" / "accuracy_vs_steps.png").stat().st_size > 0
 
+    # `metalearn evaluate` scores the tuned baselines beside the rule, on the test episodes
+    import jax
+    import jax.numpy as jnp
+
+    from metalearn.evaluation import evaluate
+    from metalearn.experiments import _hebbian
+    from metalearn.reload import evaluate_run, load_run
+    from metalearn.seeds import TEST_SEED
+
+    res = evaluate_run(run)
+    loaded = load_run(run)
+    names = {f"{o} (lr {summary['tuning'][o]['learning_rate']:g}, tuned)": o
+             for o in ("sgd", "adam")}
+    assert set(res["baselines"]) == set(names)
+    for name, opt in names.items():
+        lr = summary["tuning"][opt]["learning_rate"]
+        alone = evaluate(_hebbian.baseline(loaded.learner, opt),
+                         {"learning_rate": jnp.float32(lr)}, loaded.splits["test"],
+                         jax.random.PRNGKey(TEST_SEED), 20, loaded.config.eval_batch_size)
+        assert res["baselines"][name]["accuracy"] == pytest.approx(alone["accuracy"])
+    assert "baselines" not in evaluate_run(run, baselines=False)
+
+
+def test_evaluate_baselines_are_the_rules_network_at_the_tuned_rates(tmp_path, monkeypatch):
+    """The baselines `metalearn evaluate` scores beside a rule: SGD and Adam training the
+    rule's network at the rates the tuning chose, then the `report_runs` learners."""
+    from metalearn.experiments import _hebbian, hebbian_2d
+    from metalearn.runs import Run
+
+    config = hebbian_2d.get_config()
+    config.baseline_lrs = "0.1,1"
+    exp = hebbian_2d.build(config)
+    monkeypatch.setattr(_hebbian, "tune", lambda learner, opt, *a, **k: (
+        {"sgd": 1.0, "adam": 0.1}[opt], {0.1: 0.5, 1.0: 0.6}))
+    out = _hebbian.baselines(exp, Run(tmp_path), config)
+    assert list(out) == ["sgd (lr 1, tuned)", "adam (lr 0.1, tuned)"]
+    for name, (learner, meta) in out.items():
+        assert learner.optimizer == name.split()[0]
+        assert float(meta["learning_rate"]) == pytest.approx(
+            {"sgd": 1.0, "adam": 0.1}[learner.optimizer])
+        for f in ("hidden", "ways", "inner_steps"):
+            assert getattr(learner, f) == getattr(exp.learner, f)
+
 
 def test_baseline_tuning_is_kept_in_the_run_and_redone_when_its_settings_change(tmp_path,
                                                                               monkeypatch):

@@ -22,6 +22,7 @@ from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.functions2d import Functions2D
 from metalearn.tasks.testing import synthetic_dataset
+from tests.helpers import MINIMAL_NO_VALIDATION, needs_omniglot
 
 NET = dict(ways=3, hidden=(6,), inner_steps=4)
 
@@ -152,3 +153,43 @@ def test_bad_settings_are_refused():
         MLPLOpt(start="adam")
     with pytest.raises(ValueError, match="hidden_size >= 2"):
         AdafacLOpt(hidden_size=1)
+
+
+@needs_omniglot
+@pytest.mark.slow  # trains and reports a tiny run
+def test_the_report_and_evaluate_score_every_learner_on_another_dataset(tmp_path, capsys):
+    """`report_dataset=sklearn:digits`: the report's curves of the rule and the tuned
+    baselines on digit tasks too (their table and figure); `metalearn evaluate --dataset`
+    scores the baselines beside the rule on the same digit episodes."""
+    import json
+
+    from metalearn.cli import main
+
+    pytest.importorskip("sklearn.datasets")
+    run = tmp_path / "lopt"
+    sets = ["steps=2", "eval_every=0", "test_episodes=4", "report_episodes=6", "tune_episodes=4",
+            "baseline_lrs=0.01,0.1", "learner.hidden=8", "learner.inner_steps=2",
+            "report_horizon=2", "outer.batch_size=1", "outer.steps_per_call=2",
+            "eval_batch_size=6", "report_dataset=sklearn:digits", *MINIMAL_NO_VALIDATION]
+    assert main(["train", "lopt_omniglot", "--run-dir", str(run), "--no-progress",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    said = capsys.readouterr().out
+    assert "sklearn_digits tasks (6), accuracy % at T=2, 4 (2T) inner steps:" in said
+    summary = json.loads((run / "summary.json").read_text())
+    digits = summary["dataset"]
+    assert (digits["name"], digits["classes"], digits["examples"]) == ("sklearn_digits", 10, 1797)
+    assert set(digits["curves"]) == set(summary["curves"]) == {"rule", "sgd", "adam"}
+    for name in ("rule", "sgd", "adam"):
+        assert len(digits["curves"][name]["mean"]) == 5
+        assert digits["curves"][name] != summary["curves"][name]  # other tasks, other figures
+    assert (run / "plots" / "accuracy_vs_steps_sklearn_digits.png").stat().st_size > 0
+
+    assert main(["evaluate", str(run), "--dataset", "sklearn:digits", "--split", "train",
+                 "--episodes", "6", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset:sklearn_digits (step 2, 6 episodes, seed 0)" in out
+    res = json.loads((run / "eval_dataset_sklearn_digits.json").read_text())
+    assert set(res["baselines"]) == {
+        f"{o} (lr {summary['tuning'][o]['learning_rate']:g}, tuned)" for o in ("sgd", "adam")}
+    for name, metrics in res["baselines"].items():
+        assert f"  {name}" in out and 0 <= metrics["accuracy"] <= 1

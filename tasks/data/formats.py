@@ -117,6 +117,8 @@ DATASET_FORMS = (
     "*labels*idx* file",
     "a .npz file with arrays x (or images) [N, H, W] or [N, H, W, C] uint8 and y (or labels) "
     "[N] integer labels",
+    "sklearn:digits (scikit-learn's 1,797 handwritten digits, 8 x 8, shipped with the package: "
+    "no download; pip install scikit-learn)",
 )
 _NPZ_IMAGES, _NPZ_LABELS = ("x", "images"), ("y", "labels")
 
@@ -130,7 +132,8 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
     `load_image_folder` reads) or a zip of one; two IDX files `"IMAGES,LABELS"`, or a folder
     holding exactly one `*images*idx*` and one `*labels*idx*` file (optionally .gz); a `.npz`
     with arrays `x` (or `images`) [N, H, W(, C)] and `y` (or `labels`) [N] (and optionally
-    `class_names`). `channels` (1 or 3; None keeps the data's) converts grayscale <-> RGB as
+    `class_names`); or `sklearn:digits` (see `load_sklearn_digits`). `channels` (1 or 3; None
+    keeps the data's) converts grayscale <-> RGB as
     image files are converted (RGB -> gray: PIL's ITU-R 601-2 luminance; gray -> RGB: the
     channel repeated), then `image_size` resizes (antialiased), so that the same images stored
     in any of the forms load alike. `name` defaults to the folder or file stem; `cache` keeps
@@ -139,6 +142,12 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
     `load_image_folder` does."""
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None, got {channels!r}")
+    if isinstance(spec, str) and spec.startswith("sklearn:"):
+        if spec != "sklearn:digits":
+            raise ValueError(f"dataset {spec!r}: the scikit-learn dataset shipped with the "
+                             "package is sklearn:digits (the others are downloads)")
+        x, y, names = load_sklearn_digits()
+        return _from_arrays(x, y, names, image_size, channels, name or "sklearn_digits", spec)
     path = Path(spec).expanduser()
     if isinstance(spec, str) and "," in spec and not path.exists():
         parts = [p.strip() for p in spec.split(",")]
@@ -170,6 +179,20 @@ def load_dataset(spec: str | Path, image_size: int | tuple[int, int] | None = No
                          "t10k-labels-idx1-ubyte.gz), or the folder holding both")
     raise ValueError(f"dataset {path}: unknown format ({suffixes or 'no suffix'}); give "
                      f"{_forms()}")
+
+
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's handwritten digits (1,797 images of 10 classes, 8 x 8, ink counts 0-16)
+    as uint8 images [N, 8, 8], dark ink on white as scikit-learn draws them and as the Omniglot
+    files are stored; labels [N] and class names "0".."9"."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the dataset sklearn:digits needs scikit-learn: pip install "
+                          "scikit-learn") from e
+    d = load_digits()
+    x = np.round(255.0 * (1.0 - d.images / 16.0)).astype(np.uint8)
+    return x, d.target.astype(np.int64), [str(n) for n in d.target_names]
 
 
 def _forms() -> str:
