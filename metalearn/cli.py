@@ -92,17 +92,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         res = reload.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                   progress=not args.no_progress, dataset=args.dataset,
                                   on_error=args.on_error, baselines=not args.no_baselines,
-                                  **settings)
+                                  against=args.against or (), **settings)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""
     print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}): "
           f"{format_metrics(res)}")
-    if res.get("baselines"):
-        print("beside it, on the same episodes:")
-        width = max(map(len, res["baselines"]))
-        for name, metrics in res["baselines"].items():
-            print(f"  {name:<{width}}  {format_metrics(metrics)}")
+    beside = {**res.get("against", {}), **res.get("baselines", {})}
+    if beside:
+        print("beside it, on the same episodes (difference: this run minus it, episode by "
+              "episode):")
+        width = max(map(len, beside))
+        for name, metrics in beside.items():
+            diff = metrics["difference"]
+            k = "accuracy" if "accuracy" in diff else "loss"
+            print(f"  {name:<{width}}  {format_metrics(metrics)}  difference "
+                  f"{k}={diff[k]:+.4f} ± {diff[k + '_ci95']:.4f}")
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baselines", action="store_true",
                    help="leave out the experiment's baselines (learned-rule runs: SGD and Adam "
                         "at their tuned rates), scored by default on the same episodes")
+    e.add_argument("--against", action="append", metavar="RUN_DIR",
+                   help="also score another run's learner on the same episodes (a run of the "
+                        "same tasks), with the paired difference; repeat for more runs")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_evaluate)

@@ -93,6 +93,14 @@ def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key:
     learner keys), so the episodes depend on `key`, `episodes` and `batch_size` only
     (`sample_episodes` returns them). `progress`: a label to show a progress bar under.
     """
+    return summarize(episode_values(learner, meta, sampler, key, episodes, batch_size, progress,
+                                    check))
+
+
+def episode_values(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key: Array,
+                   episodes: int = 1000, batch_size: int = 100, progress: str | None = None,
+                   check: bool = True) -> dict[str, np.ndarray]:
+    """The per-episode metrics [episodes] that `evaluate` (same arguments) summarises."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     batch_size = min(batch_size, episodes)
@@ -112,7 +120,15 @@ def evaluate(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, key:
         chunks.append({k: v[:n] for k, v in m.items()})
         bar.update(n)
     bar.close()
-    return summarize({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and 95% CI of the per-episode differences a - b of the metrics both have: two
+    learners scored on the same episodes, compared episode by episode (the episodes' shared
+    difficulty cancels, so the interval is narrower than the two side by side)."""
+    return summarize({k: np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)
+                      for k in a if k in b})
 
 
 def sample_episodes(sampler: TaskSampler, key: Array, episodes: int,

@@ -6,6 +6,7 @@ few-shot setting, a dataset of your own, a manifest of fixed episodes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from metalearn.checkpoint import Checkpointer, CheckpointError
 from metalearn.config import ConfigDict
 from metalearn.core import InnerLearner, MetaParams, TaskSampler
+from metalearn.evaluation import paired_difference, summarize
 from metalearn.experiment import Experiment
 from metalearn.messages import arg, in_cli, option
 from metalearn.outer.driver import key_from_spec
@@ -145,7 +147,8 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, *, progress: bool = False, dataset: str | Path | None = None,
-                 on_error: str = "raise", baselines: bool = True, **settings: Any) -> dict:
+                 on_error: str = "raise", baselines: bool = True,
+                 against: Sequence[str | Path] = (), **settings: Any) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
@@ -165,7 +168,10 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
 
     An experiment with `baselines` (e.g. the learned-rule experiments: SGD and Adam at the rates
     tuned on training tasks) also scores those on the same episodes, under "baselines" in the
-    result; `baselines=False` leaves them out."""
+    result; `baselines=False` leaves them out. `against` names other runs whose learners are
+    scored on the same episodes too (their split must draw the same episodes: the same data,
+    split and preprocessing), under "against". Each of these carries "difference": this run's
+    metrics minus theirs, episode by episode, with its 95% CI (`paired_difference`)."""
     settings = {k: v for k, v in settings.items() if v is not None}
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
@@ -188,16 +194,24 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
             given = ", ".join(option(k, v) for k, v in settings.items())
             raise ValueError(f"{what} cannot be evaluated with {given}: {e}") from None
         name = f"{name.removesuffix('.json')}_{sampler.setting_tag()}.json"
-    res = loaded.evaluate(seed=seed, episodes=episodes, sampler=sampler,
-                          progress=label if progress else None)
-    res = {"split": label, "step": loaded.step, "seed": seed, **res}
+    others = {"against": _against(loaded, split, against)}
     exp = loaded.experiment
     if baselines and exp is not None and exp.baselines is not None:
-        others = exp.baselines(exp, Run(run_dir, create=False), loaded.config, progress=progress)
-        res["baselines"] = {
-            b: evaluate_split(loaded.config, loaded, b_meta, seed, episodes, sampler,
-                              f"{label}: {b}" if progress else None, learner=b_learner)
-            for b, (b_learner, b_meta) in others.items()}
+        others["baselines"] = exp.baselines(exp, Run(run_dir, create=False), loaded.config,
+                                            progress=progress)
+
+    def values(learner: InnerLearner, meta: MetaParams, who: str | None = None) -> dict:
+        return evaluate_split(loaded.config, loaded, meta, seed, episodes, sampler,
+                              (label + (f": {who}" if who else "")) if progress else None,
+                              learner=learner, per_episode=True)
+
+    mine = values(loaded.evaluator, loaded.meta)
+    res = {"split": label, "step": loaded.step, "seed": seed, **summarize(mine)}
+    for group, learners in others.items():
+        for b, (b_learner, b_meta) in learners.items():
+            theirs = values(b_learner, b_meta, b)
+            res.setdefault(group, {})[b] = {**summarize(theirs),
+                                            "difference": paired_difference(mine, theirs)}
     if settings:
         res["setting"] = {k: getattr(sampler, k) for k in dict.fromkeys([*SETTINGS, *settings])
                           if hasattr(sampler, k)}
@@ -205,6 +219,25 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
         res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
     return res
+
+
+def _against(loaded: LoadedRun, split: str, runs: Sequence[str | Path]) -> dict:
+    """{run directory: (evaluator, meta)} of other runs whose `split` sampler draws the same
+    episodes as `loaded`'s (the same data, split and preprocessing)."""
+    out = {}
+    mine = loaded.splits[split].describe()
+    for path in runs:
+        other = load_run(path)
+        if split not in other.splits:
+            raise ValueError(f"--against {path}: that run has no {split!r} split (its splits: "
+                             f"{sorted(other.splits)}); compare runs of one protocol")
+        theirs = other.splits[split].describe()
+        if theirs != mine:
+            diff = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+            raise ValueError(f"--against {path}: its {split} episodes differ from this run's "
+                             f"(in {', '.join(diff)}); compare runs trained on the same tasks")
+        out[str(path)] = (other.evaluator, other.meta)
+    return out
 
 
 def evaluate_manifest(run_dir: str | Path, manifest: str | Path, split: str = "test") -> dict:

@@ -23,7 +23,7 @@ from metalearn.discovery import (
     import_experiment,
     resolve_experiment,
 )
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import episode_values, evaluate
 from metalearn.experiment import Experiment
 from metalearn.messages import arg, in_cli, override
 from metalearn.outer.registry import build_outer, check_outer_sets, upgrade_outer, used_outer
@@ -276,11 +276,13 @@ def summarize_run(config: ConfigDict, exp: Experiment, run: Run | None, result: 
 def evaluate_split(config: ConfigDict, exp: Experiment | LoadedRun, meta: MetaParams,
                     seed: int = 0, episodes: int | None = None,
                     sampler: TaskSampler | None = None, progress: str | None = None,
-                    learner: InnerLearner | None = None) -> dict:
+                    learner: InnerLearner | None = None, per_episode: bool = False) -> dict:
     """The run's test figures (or `sampler`'s): `test_episodes` episodes from the test seed,
-    scored by the run's evaluator (or by `learner`, e.g. a baseline, on the same episodes)."""
+    scored by the run's evaluator (or by `learner`, e.g. a baseline, on the same episodes);
+    `per_episode`: each episode's metrics (`episode_values`) instead of their summary."""
     key = jax.random.PRNGKey(TEST_SEED)
     if seed:
         key = jax.random.fold_in(key, seed)
-    return evaluate(learner or exp.evaluator, meta, sampler or exp.splits["test"], key,
-                    episodes or config.test_episodes, config.eval_batch_size, progress=progress)
+    fn = episode_values if per_episode else evaluate
+    return fn(learner or exp.evaluator, meta, sampler or exp.splits["test"], key,
+              episodes or config.test_episodes, config.eval_batch_size, progress=progress)

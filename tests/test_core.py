@@ -62,6 +62,34 @@ def test_summarize_ci():
     assert s["accuracy_ci95"] == pytest.approx(1.96 * v.std(ddof=1) / 10)
 
 
+def test_episode_values_are_what_evaluate_summarises_and_pair_by_episode():
+    """`episode_values` gives one value per episode (a ragged last chunk cut), `evaluate` its
+    summary; `paired_difference` is the summary of the differences, narrower than either
+    interval when the episodes' difficulty is shared."""
+    from metalearn.evaluation import episode_values, evaluate, paired_difference
+    from metalearn.learners.hebbian import GradientBaseline
+    from metalearn.tasks.functions2d import Functions2D
+
+    tasks = Functions2D(families=("moons",), num_support=16, num_queries=16)
+    net = GradientBaseline(ways=2, hidden=(4,), inner_steps=3, optimizer="sgd")
+    key = jax.random.PRNGKey(3)
+    args = (tasks, key, 5, 2)
+    slow, fast = ({"learning_rate": jnp.float32(lr)} for lr in (0.01, 1.0))
+    v_slow = episode_values(net, slow, *args)
+    assert v_slow["accuracy"].shape == (5,) and len(set(v_slow["loss"].tolist())) > 1
+    assert summarize(v_slow) == evaluate(net, slow, *args)
+    v_fast = episode_values(net, fast, *args)
+    d = paired_difference(v_fast, v_slow)
+    assert d == summarize({k: v_fast[k].astype(np.float64) - v_slow[k] for k in v_fast})
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.3, 0.9, 400)
+    a, b = difficulty + 0.02, difficulty + rng.normal(0, 0.01, 400)
+    paired = paired_difference({"accuracy": a}, {"accuracy": b})
+    assert paired["accuracy"] == pytest.approx(0.02, abs=0.002)
+    assert paired["accuracy_ci95"] < summarize({"accuracy": a})["accuracy_ci95"] / 10
+
+
 def test_sampler_is_deterministic_and_vmappable():
     s = LinearRegression(dim=3, num_context=5, num_queries=2)
     a = s.sample_batch(jax.random.PRNGKey(1), 4)

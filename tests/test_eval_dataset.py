@@ -130,13 +130,47 @@ def tiny_run(tmp_path_factory) -> Path:
     from metalearn.training import train
 
     run_dir = tmp_path_factory.mktemp("eval_dataset") / "run"
-    sets = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=2",
-            "eval_batch_size=2", "learner.channels=4", "learner.num_blocks=2",
-            "task.ways=5", "task.eval_ways=0", "task.queries=2", "task.eval_queries=2",
-            "outer.batch_size=1",
-            "outer.steps_per_call=2", *MINIMAL_NO_VALIDATION, "report_settings="]
-    run, _ = train("protonet_omniglot", sets, run_dir=run_dir, progress=False)
+    run, _ = train("protonet_omniglot", TINY, run_dir=run_dir, progress=False)
     return run.path
+
+
+TINY = ["steps=2", "eval_every=0", "checkpoint_every=0", "test_episodes=2", "eval_batch_size=2",
+        "learner.channels=4", "learner.num_blocks=2", "task.ways=5", "task.eval_ways=0",
+        "task.queries=2", "task.eval_queries=2", "outer.batch_size=1", "outer.steps_per_call=2",
+        *MINIMAL_NO_VALIDATION, "report_settings="]
+
+
+@needs_omniglot
+@pytest.mark.slow  # trains a second tiny run
+def test_evaluate_against_another_run_scores_both_on_the_same_episodes(tiny_run, tmp_path,
+                                                                        capsys):
+    """`metalearn evaluate RUN --against OTHER`: OTHER's figures as its own evaluation gives
+    them, and the paired difference of the two; a run of other tasks is refused."""
+    import shutil
+
+    from metalearn.reload import evaluate_run
+    from metalearn.training import train
+
+    other = tmp_path / "other"
+    train("protonet_omniglot", TINY, seed=1, run_dir=other, progress=False)
+    res = evaluate_run(tiny_run, episodes=6, against=[other])
+    mine, theirs = evaluate_run(tiny_run, episodes=6), evaluate_run(other, episodes=6)
+    got = res["against"][str(other)]
+    assert res["accuracy"] == mine["accuracy"] and got["accuracy"] == theirs["accuracy"]
+    assert got["difference"]["accuracy"] == pytest.approx(mine["accuracy"] - theirs["accuracy"])
+    assert got["difference"]["episodes"] == 6
+    assert main(["evaluate", str(tiny_run), "--episodes", "6", "--against", str(other),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {other}  accuracy=" in out and "difference accuracy=" in out
+
+    shutil.copytree(other, tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config["task"]["normalize"] = "none"
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"test episodes differ from this run's \(in "
+                                         r"normalize\); compare runs trained on the same"):
+        evaluate_run(tiny_run, episodes=6, against=[tmp_path / "plain"])
 
 
 @needs_omniglot
