@@ -75,12 +75,16 @@ def inner_steps(repeats: int) -> tuple[float, float]:
     return 1 / t_rule, 1 / t_sgd
 
 
-def outer_steps(sampler, learner, repeats: int) -> tuple[float, float]:
-    """(gradient meta-steps/s, CMA-ES generations/s at population 32)."""
-    out = []
-    for outer in (GradientOuterLoop(batch_size=8, steps_per_call=5, clip_norm=1.0),
-                  EvolutionOuterLoop(strategy="CMA_ES", population_size=32, batch_size=8,
-                                     steps_per_call=5)):
+def outer_steps(sampler, learner, repeats: int, evolution: bool = True
+                ) -> tuple[float, float | None]:
+    """(gradient meta-steps/s, CMA-ES generations/s at population 32, or None without
+    `evolution`)."""
+    out: list = []
+    loops = [GradientOuterLoop(batch_size=8, steps_per_call=5, clip_norm=1.0)]
+    if evolution:
+        loops.append(EvolutionOuterLoop(strategy="CMA_ES", population_size=32, batch_size=8,
+                                        steps_per_call=5))
+    for outer in loops:
         fn = outer.compiled_steps(learner, sampler)
         state = [outer.init(learner, sampler, jax.random.PRNGKey(0))]
 
@@ -88,7 +92,7 @@ def outer_steps(sampler, learner, repeats: int) -> tuple[float, float]:
             state[0], m = fn(jax.tree.map(jnp.copy, state[0]), 5)
             return m
         out.append(5 / _median_seconds(call, repeats, rounds=3))
-    return out[0], out[1]
+    return out[0], (out[1] if evolution else None)
 
 
 def main() -> None:

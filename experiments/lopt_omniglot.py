@@ -5,8 +5,9 @@ linear outputs, T full-batch steps on the support's squared error to the target 
 full Omniglot's Vinyals split: meta-trained on the training characters, tested on unseen
 alphabets against SGD and Adam with their rates tuned on training tasks, and against any runs
 named in `report_runs` (e.g. `hebbian_omniglot --set data.protocol=vinyals`), at T, 4T and
-`report_horizon` x T inner steps. `metalearn evaluate RUN --dataset PATH` scores it on another
-image dataset."""
+`report_horizon` x T inner steps, and on a second dataset with `report_dataset` (e.g.
+sklearn:digits). `metalearn evaluate RUN --dataset PATH` scores it, and tuned SGD and Adam beside
+it, on another image dataset."""
 
 from __future__ import annotations
 

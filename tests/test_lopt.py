@@ -12,11 +12,13 @@ import pytest
 
 from metalearn.learners.hebbian import _Network
 from metalearn.learners.lopt import (
+    FUSED_WIDTH,
     MLP_DECAYS,
     TIME_SCALES,
     AdafacLOpt,
     MLPLOpt,
     second_moment_normalize,
+    time_features,
 )
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.fewshot import FewShotSampler
@@ -83,6 +85,21 @@ def test_update_is_p_minus_d_exp_a_times_constants(cls):
         4, 3, 2)
     want = np.asarray(p) - out[..., 0] * np.exp(out[..., 1] * 0.5) * 0.3
     np.testing.assert_allclose(new, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [FUSED_WIDTH, FUSED_WIDTH + 1])
+def test_the_mlp_of_split_inputs_is_the_mlp_of_the_stacked_ones(width):
+    """`mlp_of` (step features as one bias; fused sums up to FUSED_WIDTH units, products
+    beyond) equals `mlp` of the whole input array."""
+    lopt = AdafacLOpt(**NET, hidden_size=width, hidden_layers=2, start="random")
+    meta = lopt.init(jax.random.PRNGKey(0), episode())
+    p = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    g = jax.random.normal(jax.random.PRNGKey(2), (5, 3))
+    feats = lopt.feature_list(p, g, lopt.accumulate(lopt.init_accumulators(p), g))
+    tf = time_features(jnp.asarray(12))
+    whole = jnp.concatenate([jnp.stack(feats, -1), jnp.broadcast_to(tf, (5, 3, tf.size))], -1)
+    for got, want in zip(lopt.mlp_of(meta, feats, tf), lopt.mlp(meta, whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [MLPLOpt, AdafacLOpt])

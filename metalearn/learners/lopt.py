@@ -53,6 +53,7 @@ from metalearn.nn import dense, init_dense
 
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 INITS = ("sgd", "random")
+FUSED_WIDTH = 8  # MLPs up to this wide run as fused elementwise sums (`mlp_of`)
 
 
 def time_features(t: Array) -> Array:
@@ -101,9 +102,14 @@ class _LearnedOptimizer(_Network):
         """The accumulators after gradient g."""
         raise NotImplementedError
 
-    def tensor_features(self, p: Array, g: Array, acc: PyTree) -> Array:
-        """Per-parameter features [..., F] of one tensor (gradient first), normalised."""
+    def feature_list(self, p: Array, g: Array, acc: PyTree) -> list[Array]:
+        """The F per-parameter features of one tensor (gradient first), normalised, each
+        shaped as p."""
         raise NotImplementedError
+
+    def tensor_features(self, p: Array, g: Array, acc: PyTree) -> Array:
+        """The features stacked: [*p.shape, F]."""
+        return jnp.stack(self.feature_list(p, g, acc), axis=-1)
 
     # ----- the optimizer
     def init(self, key: Array, example: Episode) -> MetaParams:
@@ -142,10 +148,34 @@ class _LearnedOptimizer(_Network):
              ) -> tuple[Array, PyTree]:
         """One tensor's update: the accumulators after g, then p - d exp(a c1) c2."""
         acc = self.accumulate(acc, g)
-        feats = self.tensor_features(p, g, acc)
-        tf = jnp.broadcast_to(time_features(t), (*p.shape, len(TIME_SCALES)))
-        d, a = self.mlp(meta, jnp.concatenate([feats, tf], axis=-1))
+        d, a = self.mlp_of(meta, self.feature_list(p, g, acc), time_features(t))
         return p - d * jnp.exp(a * self.exp_mult) * self.step_mult, acc
+
+    def mlp_of(self, meta: MetaParams, feats: list[Array], tf: Array) -> tuple[Array, Array]:
+        """`mlp` of every parameter's inputs [f_1 .. f_F, tf] (tf: the step features, the same
+        for every parameter), computed without the [*p.shape, F + 11] input array: tf's
+        first-layer product is one bias, and a narrow MLP runs as fused elementwise sums
+        (XLA's CPU matrix product is slow at inner sizes of a few units), a wide one as
+        products with the parameters on the long axis."""
+        layers, n = meta["mlp"], len(feats)
+        w0 = layers[0]["w"]
+        bias = tf @ w0[n:] + layers[0]["b"]
+        if self.hidden_size <= FUSED_WIDTH:
+            def layer(x: list[Array], w: Array, b: Array) -> list[Array]:
+                return [sum(xk * w[k, j] for k, xk in enumerate(x)) + b[j]
+                        for j in range(w.shape[1])]
+
+            h = [jax.nn.relu(u) for u in layer(feats, w0[:n], bias)]
+            for lay in layers[1:-1]:
+                h = [jax.nn.relu(u) for u in layer(h, lay["w"], lay["b"])]
+            d, a = layer(h, layers[-1]["w"], layers[-1]["b"])
+            return d, a
+        x = jnp.stack([f.reshape(-1) for f in feats])  # [F, parameters]
+        h = jax.nn.relu(w0[:n].T @ x + bias[:, None])
+        for lay in layers[1:-1]:
+            h = jax.nn.relu(lay["w"].T @ h + lay["b"][:, None])
+        out = layers[-1]["w"].T @ h + layers[-1]["b"][:, None]
+        return out[0].reshape(feats[0].shape), out[1].reshape(feats[0].shape)
 
     # ----- the _Network contract
     def init_state(self, meta: MetaParams, key: Array, d_in: int) -> tuple:
@@ -231,10 +261,9 @@ class MLPLOpt(_LearnedOptimizer):
         b = jnp.asarray(MLP_DECAYS, g.dtype).reshape(-1, *([1] * g.ndim))
         return b * acc + (1 - b) * g[None]
 
-    def tensor_features(self, p: Array, g: Array, acc: Array) -> Array:
-        """[g, p, m_0.1 .. m_0.9999], each second-moment normalised: [*p.shape, 8]."""
-        raw = [g, p, *acc]
-        return jnp.stack([second_moment_normalize(x) for x in raw], axis=-1)
+    def feature_list(self, p: Array, g: Array, acc: Array) -> list[Array]:
+        """g, p, m_0.1 .. m_0.9999, each second-moment normalised."""
+        return [second_moment_normalize(x) for x in (g, p, *acc)]
 
 
 ADAFAC_MOMENTA = (0.9, 0.99, 0.999)
@@ -268,7 +297,7 @@ class AdafacLOpt(_LearnedOptimizer):
             out["c"] = ADAFAC_RMS * acc["c"] + (1 - ADAFAC_RMS) * jnp.mean(g2, axis=0)
         return out
 
-    def tensor_features(self, p: Array, g: Array, acc: dict) -> Array:
+    def feature_list(self, p: Array, g: Array, acc: dict) -> list[Array]:
         """The 14 features of the module docstring, each second-moment normalised."""
         m, v = acc["m"], acc["v"]
         rs = jax.lax.rsqrt(v + ROOT_EPS)
@@ -278,4 +307,4 @@ class AdafacLOpt(_LearnedOptimizer):
             vf = v
         rf = jax.lax.rsqrt(vf + ROOT_EPS)
         raw = [g, p, *m, jnp.sqrt(v + ROOT_EPS), *(m * rs[None]), rs, g * rf, *(m * rf[None])]
-        return jnp.stack([second_moment_normalize(x) for x in raw], axis=-1)
+        return [second_moment_normalize(x) for x in raw]
