@@ -95,19 +95,31 @@ def outer_steps(sampler, learner, repeats: int, evolution: bool = True
     return out[0], (out[1] if evolution else None)
 
 
-def main() -> None:
-    """Print the figures."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def start(doc: str) -> argparse.Namespace:
+    """The command line (--quick) of a benchmark described by `doc`; prints the JAX version,
+    the platform and the load average."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     args = p.parse_args()
-    reps = 3 if args.quick else 20
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, load average "
           f"{os.getloadavg()[0]:.2f}")
+    return args
+
+
+def image_tasks() -> FewShotSampler:
+    """Synthetic stand-ins for `hebbian_omniglot`'s tasks: 5-way, 10 + 10 images of 28x28."""
+    return FewShotSampler(synthetic_dataset(classes=40, examples=20, size=28), 5, 10, 10,
+                          normalize="invert")
+
+
+def main() -> None:
+    """Print the figures."""
+    args = start(__doc__)
+    reps = 3 if args.quick else 20
     rule, sgd = inner_steps(reps)
     print(f"inner steps/s, 784-100-10, batch 32: rule (k=2) {rule:,.0f}   jax.grad + SGD "
           f"{sgd:,.0f}   rule costs {sgd / rule:.2f}x an SGD step (goal <= 2x)")
-    images = FewShotSampler(synthetic_dataset(classes=40, examples=20, size=28), 5, 10, 10,
-                            normalize="invert")
+    images = image_tasks()
     learner = HebbianLearner(ways=5, hidden=(100,), inner_steps=10)
     gd, es = outer_steps(images, learner, 1 if args.quick else 3)
     print(f"hebbian_omniglot setting (5-way, 50 support images, T=10, 784-100-5, 8 episodes): "

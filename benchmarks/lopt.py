@@ -13,8 +13,6 @@ Usage: python benchmarks/lopt.py [--quick]
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,12 +21,15 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hebbian import _median_seconds, outer_steps  # noqa: E402  (benchmarks/hebbian.py)
+from hebbian import (  # noqa: E402  (benchmarks/hebbian.py, next to this file)
+    _median_seconds,
+    image_tasks,
+    outer_steps,
+    start,
+)
 
 from metalearn.learners.hebbian import GradientBaseline  # noqa: E402
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt  # noqa: E402
-from metalearn.tasks.fewshot import FewShotSampler  # noqa: E402
-from metalearn.tasks.testing import synthetic_dataset  # noqa: E402
 
 NET = dict(ways=5, hidden=(100,), inner_steps=10, hidden_activation="tanh",
            output_activation="identity", meta_loss="cross_entropy")
@@ -51,14 +52,9 @@ def inner_steps(learner, meta, tasks: int, repeats: int) -> float:
 
 def main() -> None:
     """Print the figures."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    args = p.parse_args()
+    args = start(__doc__)
     reps = 3 if args.quick else 20
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, load average "
-          f"{os.getloadavg()[0]:.2f}")
-    images = FewShotSampler(synthetic_dataset(classes=40, examples=20, size=28), 5, 10, 10,
-                            normalize="invert")
+    images = image_tasks()
     example = images.example()
     adam = GradientBaseline(optimizer="adam", **NET)
     learners = {"Adam": (adam, {"learning_rate": jnp.float32(0.01)})}
