@@ -187,6 +187,10 @@ def test_the_final_evaluation_says_how_many_episodes_come(tmp_path, capsys):
     assert final_episodes(config, exp(_hebbian.report_plan)) == (
         "final evaluation: test 1000 episodes + report 3 curves x 1000 test episodes + SGD/Adam "
         "tuning 2 x 9 rates x 500 training episodes (13000 episodes)")
+    apply_overrides(config, ["report_dataset=sklearn:digits"])
+    assert _hebbian.report_plan(config) == (
+        "report 3 curves x 1000 test episodes and 3 x 1000 of sklearn:digits + SGD/Adam tuning "
+        "2 x 9 rates x 500 training episodes", 15000)
     from metalearn.experiments import cht_omniglot as cht
     config = cht.get_config()
     assert cht.report_plan(config) == (
