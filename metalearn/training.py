@@ -63,7 +63,23 @@ def upgrade_config(d: dict) -> dict:
     d["outer"] = upgrade_outer(d["outer"])  # before the per-loop sections
     if d.get("experiment") and not d.get("experiment_source"):  # before the source was kept
         d["experiment_source"] = resolve_experiment(d["experiment"])[1]
+    if d.get("experiment_source"):
+        # fields the experiment gained since the run was made, at their defaults (a new
+        # field's default keeps the old behaviour), so that `--resume --set NEW=...` works
+        defaults = import_experiment(d["experiment_source"]).get_config().to_dict()
+        d = _with_missing(d, defaults)
     return d
+
+
+def _with_missing(d: dict, defaults: dict) -> dict:
+    """`d` with the keys of `defaults` it lacks (recursively in sections both have)."""
+    out = dict(d)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict) and k != "outer":
+            out[k] = _with_missing(out[k], v)
+    return out
 
 
 QUICK_STEPS = 20

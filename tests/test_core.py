@@ -191,6 +191,21 @@ def test_runs_of_the_flat_outer_config_are_upgraded():
     assert upgrade_outer(new) == new
 
 
+def test_a_run_made_before_an_experiment_gained_a_field_reads_it_at_its_default():
+    """A recorded config lacking fields the experiment has today (top level and in a section)
+    gets them at their defaults; what it recorded is kept."""
+    from metalearn.experiments import lopt_omniglot
+    from metalearn.training import upgrade_config
+
+    recorded = lopt_omniglot.get_config().to_dict()
+    recorded.update(experiment="lopt_omniglot", report_runs="runs/a", steps=7)
+    del recorded["report_dataset"], recorded["learner"]["loss_cap"]
+    recorded["learner"]["step_mult"] = 0.03
+    up = upgrade_config(recorded)
+    assert up["report_dataset"] == "" and up["learner"]["loss_cap"] == 10.0
+    assert (up["report_runs"], up["steps"], up["learner"]["step_mult"]) == ("runs/a", 7, 0.03)
+
+
 def test_top_level_exports_resolve():
     import metalearn
 
