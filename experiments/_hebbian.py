@@ -202,13 +202,10 @@ def report(exp: Experiment, meta: MetaParams, run: Run | None, config: ConfigDic
     learner = exp.learner
     t, steps = learner.inner_steps, learner.inner_steps * config.report_horizon
     learners = {"rule": (learner, meta), **_report_runs(config, learner)}
-    out: dict = {"report_steps": sorted({t * k for k in (1, 4) if t * k <= steps} | {steps}),
-                 "tuning": {}}
+    out: dict = {"report_steps": sorted({t * k for k in (1, 4) if t * k <= steps} | {steps})}
     tuning = _tuning(exp, run, config, progress)
-    for opt in ("sgd", "adam"):
-        out["tuning"][opt] = tuning[opt]
-        learners[opt] = (baseline(learner, opt),
-                         {"learning_rate": jnp.float32(tuning[opt]["learning_rate"])})
+    out["tuning"] = {opt: tuning[opt] for opt in ("sgd", "adam")}
+    learners.update(_tuned_baselines(learner, tuning))
     test = _report_curves(learners, exp.splits["test"], "test tasks", steps, config, out["tuning"],
                           progress)
     out.update(test)
@@ -260,12 +257,16 @@ def baselines(exp: Experiment, run: Run | None, config: ConfigDict,
     TUNING_FILE, else tuned now) and the `report_runs` learners: what `metalearn evaluate`
     scores beside the trained rule."""
     tuning = _tuning(exp, run, config, bool(progress))
-    out = {}
-    for opt in ("sgd", "adam"):
-        lr = tuning[opt]["learning_rate"]
-        out[f"{opt} (lr {lr:g}, tuned)"] = (baseline(exp.learner, opt),
-                                           {"learning_rate": jnp.float32(lr)})
+    out = {f"{opt} (lr {tuning[opt]['learning_rate']:g}, tuned)": pair
+           for opt, pair in _tuned_baselines(exp.learner, tuning).items()}
     return {**out, **_report_runs(config, exp.learner)}
+
+
+def _tuned_baselines(learner: HebbianLearner, tuning: dict) -> dict[str, tuple[Any, dict]]:
+    """{"sgd"/"adam": (the baseline of `learner`'s network, its tuned rate as meta)}."""
+    return {opt: (baseline(learner, opt),
+                  {"learning_rate": jnp.float32(tuning[opt]["learning_rate"])})
+            for opt in ("sgd", "adam")}
 
 
 def _report_runs(config: ConfigDict, learner: Any) -> dict[str, tuple[Any, MetaParams]]:
