@@ -7,16 +7,22 @@ alphabets against SGD and Adam with their rates tuned on training tasks, and aga
 named in `report_runs` (e.g. `hebbian_omniglot --set data.protocol=vinyals`), at T, 4T and
 `report_horizon` x T inner steps, and on a second dataset with `report_dataset` (e.g.
 sklearn:digits). `metalearn evaluate RUN --dataset PATH` scores it, and tuned SGD and Adam beside
-it, on another image dataset."""
+it, on another image dataset.
+
+`learner.kind=maml` or `metasgd` trains the head-to-head's learned-initialisation entry on the
+same tasks and network instead: MAML's meta-learned initial weights then T SGD steps at
+`learner.inner_lr`, or Meta-SGD's initial weights and per-weight rates (`MAMLNetwork`)."""
 
 from __future__ import annotations
 
 from metalearn.experiment import ConfigDict, Experiment, base_config, comma_list
 from metalearn.experiments import _hebbian, _omniglot, hebbian_omniglot
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
+from metalearn.learners.maml import MAMLNetwork
 from metalearn.runs import Run
 
 KINDS = {"mlp": MLPLOpt, "adafac": AdafacLOpt}
+MAML_KINDS = {"maml": "fixed", "metasgd": "per_param"}  # kind -> MAMLNetwork.lr_mode
 
 
 def get_config() -> ConfigDict:
@@ -34,7 +40,7 @@ def get_config() -> ConfigDict:
                             "target_low": -1.0, "meta_loss": "cross_entropy",
                             "hidden_size": 0, "hidden_layers": 2, "step_mult": 0.003,
                             "exp_mult": 0.1, "start": "sgd", "max_offset": 0,
-                            "loss_cap": 10.0})
+                            "loss_cap": 10.0, "inner_lr": 0.1})
     _hebbian.report_config(c)
     c.report_horizon = 10
     c.outer = _hebbian.hebbian_outer(batch_size=8, steps_per_call=25)
@@ -54,8 +60,11 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
                "output_activation", "init_scale", "target_low", "meta_loss")},
         "learner.inner_steps": "learned-optimizer steps per episode (T, the meta-training "
                                "unroll)",
-        "learner.kind": "adafac (small factored, 134 meta-parameters at hidden_size 4) or mlp "
-                        "(Metz et al.'s MLPLOpt, 1,762 at 32)",
+        "learner.kind": "adafac (small factored, 134 meta-parameters at hidden_size 4), mlp "
+                        "(Metz et al.'s MLPLOpt, 1,762 at 32), maml (learned initial weights, "
+                        "then SGD at inner_lr) or metasgd (learned weights and per-weight rates)",
+        "learner.inner_lr": "maml: the SGD rate; metasgd: where its rates start (default: "
+                            "SGD's tuned rate on this network); unused by the optimizers",
         "learner.hidden_size": "units per hidden layer of the optimizer's MLP (0: the kind's: "
                                "32 mlp, 4 adafac)",
         "learner.hidden_layers": "hidden layers of the optimizer's MLP",
@@ -68,13 +77,17 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
 
 
 def build_learner(config: ConfigDict, ways: int):
-    """The learned optimizer of `config.learner` for `ways` classes."""
+    """The learned optimizer (or MAML / Meta-SGD) of `config.learner` for `ways` classes."""
     cfg = config.learner.to_dict()
     kind = cfg.pop("kind")
-    if kind not in KINDS:
-        raise ValueError(f"learner.kind={kind!r}: use adafac or mlp")
+    if kind not in KINDS and kind not in MAML_KINDS:
+        raise ValueError(f"learner.kind={kind!r}: use adafac, mlp, maml or metasgd")
     cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
+    inner_lr = cfg.pop("inner_lr", 0.1)
+    if kind in MAML_KINDS:
+        net = {f: cfg[f] for f in _hebbian.NETWORK_FIELDS if f != "ways"}
+        return MAMLNetwork(ways=ways, inner_lr=inner_lr, lr_mode=MAML_KINDS[kind], **net)
     if not cfg["hidden_size"]:
         cfg.pop("hidden_size")
     return KINDS[kind](ways=ways, **cfg)

@@ -7,13 +7,13 @@ loop, finite meta-gradients, `vmap` over a population of meta-parameters (the ev
 path) equal to a loop, same seed same numbers through both outer loops, and the claimed
 permutation behaviour of the support set.
 
-Registered: ProtoNet (on the CNN, and on an MLP embedding); the Continual HyperTransformer and
-its Constant ProtoNet baseline (on sequences of two tasks); the learned optimizers MLPLOpt and
-AdafacLOpt; MAML (second order, and first
-order with Meta-SGD step sizes) on the CNN, the MLP and the linear model (ANIL, the head-only
-option, has its own tests in test_maml.py); LSA (linear and softmax); the multi-state Hebbian
-network (a random genome) and its Adam baseline; the explicit in-context baselines of
-`metalearn.learners.gd` (the `LinearInContext` learners GradientDescent and LeastSquares).
+Registered: ProtoNet (on the CNN, and on an MLP embedding); the Continual HyperTransformer and its
+Constant ProtoNet baseline (on sequences of two tasks); the learned optimizers MLPLOpt and
+AdafacLOpt; MAML (second order, and first order with Meta-SGD step sizes) on the CNN, the MLP and
+the linear model (ANIL, the head-only option, has its own tests in test_maml.py) and Meta-SGD on the
+learned rules' network; LSA (linear and softmax); the multi-state Hebbian network (a random genome)
+and its Adam baseline; the explicit in-context baselines of `metalearn.learners.gd` (the
+`LinearInContext` learners GradientDescent and LeastSquares).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Networ
 from metalearn.learners.hypertransformer import HyperTransformer
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.learners.lsa import LSA
-from metalearn.learners.maml import MAML
+from metalearn.learners.maml import MAML, MAMLNetwork
 from metalearn.learners.protonet import ProtoNet
 from metalearn.nn import CNN, MLP, Linear
 from metalearn.outer.evolution import EvolutionOuterLoop
@@ -117,6 +117,8 @@ LEARNERS = [
     Entry("mlp_lopt", MLPLOpt(ways=WAYS, hidden=(6,), inner_steps=2), images),
     Entry("adafac_lopt", AdafacLOpt(ways=WAYS, hidden=(6,), inner_steps=2, max_offset=50),
           images),
+    Entry("metasgd_network", MAMLNetwork(ways=WAYS, hidden=(6,), inner_steps=2,
+                                         lr_mode="per_param"), images),
     Entry("gd", GradientDescent(steps=2), regression),
     Entry("least_squares", LeastSquares(ridge=0.1), regression, trainable=False),
 ]
@@ -133,7 +135,7 @@ SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline", "const_pn"
             "adafac_lopt", "continual_ht"}
 SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "continual_ht", "const_pn",
               "maml_cnn", "protonet", "lsa", "lsa_softmax", "maml_mlp_metasgd", "hebbian",
-              "adafac_lopt"}
+              "adafac_lopt", "metasgd_network"}
 
 
 def with_slow(entries: list[Entry], slow: set[str]) -> list:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from metalearn.core import Episode, Support
-from metalearn.learners.maml import MAML
+from metalearn.learners.hebbian import GradientBaseline
+from metalearn.learners.maml import MAML, MAMLNetwork
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
 from tests.helpers import (
@@ -158,6 +159,98 @@ def test_regression_state_has_no_class_mask_nor_statistics():
     meta = learner.init(jax.random.PRNGKey(0), ep)
     state = learner.adapt(meta, Support(ep.support_x, ep.support_y), None)
     assert state["present"] is None and state["stats"] is None
+
+
+# ---------------------------------------------------------------- on the learned rules' network
+
+KEY0 = jax.random.PRNGKey(0)
+NET = {"ways": 3, "hidden": (6,), "inner_steps": 3, "hidden_activation": "tanh",
+       "output_activation": "identity", "meta_loss": "cross_entropy"}
+
+
+def _drawn_weights(learner, key, d_in):
+    """The initial weights a `_Network` learner draws for an episode's key (one replica)."""
+    k_init = jax.random.split(key)[0]
+    return [s["F"][0] for s in learner.synapses(jax.random.split(k_init, 1)[0], d_in)]
+
+
+def test_maml_network_from_the_drawn_weights_is_sgd():
+    """theta set to the weights SGD's baseline draws for a key: the same T steps, the same
+    predictions, at every inner step of the curve."""
+    ep = images().sample(jax.random.PRNGKey(4))
+    key = jax.random.PRNGKey(5)
+    sgd = GradientBaseline(optimizer="sgd", learning_rate=0.3, **NET)
+    maml = MAMLNetwork(inner_lr=0.3, **NET)
+    meta = maml.init(jax.random.PRNGKey(0), ep)
+    meta["weights"] = _drawn_weights(sgd, key, int(np.prod(ep.support_x.shape[1:])))
+    np.testing.assert_allclose(
+        maml.predict(meta, maml.adapt(meta, ep.support(), key), ep.query_x),
+        sgd.predict({}, sgd.adapt({}, ep.support(), key), ep.query_x), rtol=1e-5, atol=1e-6)
+    got, want = maml.curve(meta, ep, key, 5), sgd.curve({}, ep, key, 5)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+
+
+def test_maml_network_inner_steps_follow_the_update_rule():
+    """theta_{t+1} = theta_t - alpha * grad L_S(theta_t), alpha per weight for Meta-SGD; with
+    every per-weight rate at inner_lr, Meta-SGD is MAML."""
+    ep = images().sample(jax.random.PRNGKey(6))
+    maml = MAMLNetwork(inner_lr=0.2, **NET)
+    meta = maml.init(jax.random.PRNGKey(1), ep)
+    x = ep.support_x.reshape(len(ep.support_x), -1)
+    w = meta["weights"]
+    for _ in range(NET["inner_steps"]):
+        g = jax.grad(maml.train_loss)(w, x, maml.codes(ep.support_y))
+        w = [a - 0.2 * b for a, b in zip(w, g, strict=True)]
+    state = maml.adapt(meta, ep.support(), KEY0)
+    for a, b in zip(state, w, strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)  # replica 0
+    meta_sgd = MAMLNetwork(inner_lr=0.2, lr_mode="per_param", **NET)
+    m2 = meta_sgd.init(jax.random.PRNGKey(1), ep)
+    assert [a.shape for a in m2["log_lr"]] == [a.shape for a in m2["weights"]]
+    np.testing.assert_allclose(meta_sgd.loss(m2, ep, KEY0)[0], maml.loss(meta, ep, KEY0)[0],
+                               rtol=1e-6)
+    # a rate of zero on one layer freezes it
+    m2["log_lr"][0] = jnp.full_like(m2["log_lr"][0], -jnp.inf)
+    frozen = meta_sgd.adapt(m2, ep.support(), KEY0)
+    np.testing.assert_array_equal(frozen[0][0], m2["weights"][0])
+
+
+def test_maml_network_meta_training_lowers_the_query_loss_and_orders_differ():
+    """Adam on theta lowers the mean query loss of a batch of tasks; the first-order
+    meta-gradient is not the second-order one."""
+    import optax
+
+    sampler = images()
+    batch = sampler.sample_batch(jax.random.PRNGKey(7), 8)
+    maml = MAMLNetwork(inner_lr=0.3, **NET)
+    meta = maml.init(jax.random.PRNGKey(2), sampler.example())
+
+    def batch_loss(m, lrn=maml):
+        return jnp.mean(jax.vmap(lambda e: lrn.loss(m, e, KEY0)[0])(batch))
+
+    tx = optax.adam(1e-2)
+    opt, m = tx.init(meta), meta
+    grad = jax.jit(jax.value_and_grad(batch_loss))
+    losses = []
+    for _ in range(30):
+        loss, g = grad(m)
+        upd, opt = tx.update(g, opt, m)
+        m = optax.apply_updates(m, upd)
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]
+    fo = MAMLNetwork(inner_lr=0.3, first_order=True, **NET)
+    g2 = jax.grad(batch_loss)(meta)
+    g1 = jax.grad(lambda m: batch_loss(m, fo))(meta)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
+    assert diff > 1e-4
+
+
+def test_maml_network_refuses_bad_settings():
+    with pytest.raises(ValueError, match=r"MAMLNetwork.lr_mode='adam'"):
+        MAMLNetwork(lr_mode="adam")
+    with pytest.raises(ValueError, match=r"MAMLNetwork.inner_lr must be > 0"):
+        MAMLNetwork(inner_lr=0.0)
 
 
 # ---------------------------------------------------------------- real data, end to end

@@ -27,6 +27,13 @@ predictions depend on the other queries).
 Classification uses logits over `model.out_dim` classes; columns of labels that have no support
 example are masked out (`MASKED_LOGIT`), in the inner loss and in the predictions, so a model
 trained 20-way is evaluated 5-way on its first five output units.
+
+`MAMLNetwork` is the same method on the network that the learned update rules train (the
+Hebbian genome's and the learned optimizers' `_Network`: fully connected, squared error to the
+target codes, scored by `meta_loss`): theta is that network's initial weights, meta-learned
+instead of drawn per episode, and the T inner steps are SGD at alpha (fixed, one learned scalar,
+or Meta-SGD's per-weight rates). It is the learned-initialisation entry of the learned-rule
+head-to-head: the rules learn how to step from a random start, MAML where to start.
 """
 
 from __future__ import annotations
@@ -38,10 +45,38 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Support, query_loss
+from metalearn.learners.hebbian import _Network
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import Model
 
 LR_MODES = ("fixed", "scalar", "per_param")
+
+
+def _check_options(name: str, lr_mode: str, inner_lr: float) -> None:
+    if lr_mode not in LR_MODES:
+        raise ValueError(f"{name}.lr_mode={lr_mode!r}; choose one of {LR_MODES}")
+    if not inner_lr > 0:
+        raise ValueError(f"{name}.inner_lr must be > 0, got {inner_lr}")
+
+
+def _step_sizes(lr_mode: str, inner_lr: float, adapted: PyTree) -> PyTree:
+    """The meta-parameters of alpha: {} (fixed), {"log_lr": scalar} or per-weight log rates."""
+    log_lr = jnp.log(jnp.float32(inner_lr))
+    if lr_mode == "scalar":
+        return {"log_lr": log_lr}
+    if lr_mode == "per_param":
+        return {"log_lr": jax.tree.map(lambda p: jnp.full(p.shape, log_lr), adapted)}
+    return {}
+
+
+def _sgd_step(lr_mode: str, inner_lr: float, meta: MetaParams, params: PyTree, grads: PyTree
+              ) -> PyTree:
+    """params - alpha * grads, alpha of `lr_mode` (per weight for per_param)."""
+    if lr_mode == "fixed":
+        return jax.tree.map(lambda p, g: p - jnp.float32(inner_lr) * g, params, grads)
+    if lr_mode == "scalar":
+        return jax.tree.map(lambda p, g: p - jnp.exp(meta["log_lr"]) * g, params, grads)
+    return jax.tree.map(lambda p, g, a: p - jnp.exp(a) * g, params, grads, meta["log_lr"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +95,10 @@ class MAML(InnerLearner):
         if not isinstance(self.model, Model):
             raise TypeError(f"MAML.model must be a metalearn.nn.Model (Linear, MLP, CNN or your "
                             f"own), got {type(self.model).__name__}")
-        if self.lr_mode not in LR_MODES:
-            raise ValueError(f"MAML.lr_mode={self.lr_mode!r}; choose one of {LR_MODES}")
+        _check_options("MAML", self.lr_mode, self.inner_lr)
         if self.inner_steps < 0 or (self.eval_inner_steps or 0) < 0:
             raise ValueError(f"MAML.inner_steps and eval_inner_steps must be >= 0, got "
                              f"{self.inner_steps} and {self.eval_inner_steps}")
-        if not self.inner_lr > 0:
-            raise ValueError(f"MAML.inner_lr must be > 0, got {self.inner_lr}")
 
     def for_evaluation(self) -> MAML:
         """The same learner with `eval_inner_steps` inner steps (what scores evaluations)."""
@@ -93,14 +125,8 @@ class MAML(InnerLearner):
         if self.anil and "head" not in params:
             raise ValueError(f"MAML(anil=True) adapts params['head'], but "
                              f"{type(self.model).__name__} has no head (give it an out_dim)")
-        meta = {"params": params}
-        log_lr = jnp.log(jnp.float32(self.inner_lr))
-        if self.lr_mode == "scalar":
-            meta["log_lr"] = log_lr
-        elif self.lr_mode == "per_param":
-            meta["log_lr"] = jax.tree.map(lambda p: jnp.full(p.shape, log_lr),
-                                          self._adapted(params))
-        return meta
+        return {"params": params, **_step_sizes(self.lr_mode, self.inner_lr,
+                                                self._adapted(params))}
 
     # ----- the inner loop
     def _adapted(self, params: PyTree) -> PyTree:
@@ -128,17 +154,13 @@ class MAML(InnerLearner):
             k = jax.eval_shape(lambda p, x: self.model.apply(p, x)[0], params,
                                support.x[:1]).shape[-1]
             present = jnp.sum(jax.nn.one_hot(support.y, k), axis=0) > 0
-        lr = jnp.float32(self.inner_lr) if self.lr_mode == "fixed" else \
-            jax.tree.map(jnp.exp, meta["log_lr"])
 
         def step(fast: PyTree, _) -> tuple[PyTree, None]:
             g = jax.grad(lambda a: self.support_loss(self._merge(params, a), support,
                                                      present))(fast)
             if self.first_order:
                 g = jax.lax.stop_gradient(g)
-            if self.lr_mode == "per_param":
-                return jax.tree.map(lambda p, gi, a: p - a * gi, fast, g, lr), None
-            return jax.tree.map(lambda p, gi: p - lr * gi, fast, g), None
+            return _sgd_step(self.lr_mode, self.inner_lr, meta, fast, g), None
 
         fast, _ = jax.lax.scan(step, self._adapted(params), None, length=self.inner_steps)
         adapted = self._merge(params, fast)
@@ -148,3 +170,40 @@ class MAML(InnerLearner):
     def predict(self, meta: MetaParams, state: dict, query_x: Array) -> Array:
         """Outputs of the adapted model: masked logits [Q, classes] or targets [Q, dy]."""
         return self._outputs(state["params"], query_x, state["stats"], state["present"])
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLNetwork(_Network):
+    """MAML / Meta-SGD on the learned rules' network: meta-learned initial weights theta (and
+    step sizes alpha), then T SGD steps on the support's squared error to the target codes."""
+
+    inner_lr: float = 0.1
+    lr_mode: str = "fixed"
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_options("MAMLNetwork", self.lr_mode, self.inner_lr)
+
+    def init(self, key: Array, example: Episode) -> MetaParams:
+        """theta: the network's random initial weights [n_c + 1, n_{c+1}] (bias last row), as
+        the other learners of this network draw them per episode; log alpha when learned."""
+        self.check_episode(example)
+        weights = [s["F"][0] for s in self.synapses(key, math.prod(example.support_x.shape[1:]))]
+        return {"weights": weights, **_step_sizes(self.lr_mode, self.inner_lr, weights)}
+
+    def init_state(self, meta: MetaParams, key: Array, d_in: int) -> list[Array]:
+        """theta itself: every episode (and replica) starts from the learned weights."""
+        return meta["weights"]
+
+    def outputs(self, meta: MetaParams, state: list[Array], x: Array) -> Array:
+        """The MLP's outputs [B, ways]."""
+        return self.mlp_outputs(state, x)
+
+    def update(self, meta: MetaParams, state: list[Array], x: Array, y: Array, t: Array
+               ) -> list[Array]:
+        """theta_{t+1} = theta_t - alpha * grad of the batch's squared error."""
+        g = jax.grad(self.train_loss)(state, x, y)
+        if self.first_order:
+            g = jax.lax.stop_gradient(g)
+        return _sgd_step(self.lr_mode, self.inner_lr, meta, state, g)
