@@ -21,8 +21,10 @@ do not run in lock step. The whole-task objective is the mean of the truncations
   perturbations that shaped the state).
 
 The estimate goes to an optax optimizer (`optimizer`, `learning_rate`, `clip_norm`, named as in
-the gradient loop). A pair whose loss is NaN or infinite (a diverged inner run) adds nothing to
-the estimate and restarts its task.
+the gradient loop). A pair whose loss is NaN or infinite (a diverged inner run), or above
+`max_loss` when one is set, adds nothing to the estimate and restarts its task: a finite but
+exploding loss (an unbounded meta-loss such as cross-entropy of unbounded outputs) would
+otherwise dominate the PES sum, whose weights are loss differences.
 
 The learner declares truncated unrolls (`Unrollable`): the Hebbian genome and the learned
 optimizers (`metalearn.learners.hebbian`, `metalearn.learners.lopt`) do.
@@ -87,6 +89,8 @@ class TruncatedOuterLoop(OuterLoop):
     learning_rate: float = option(1e-3, "learning rate of the optimizer")
     clip_norm: float | None = option(None, "clip the estimate to this global norm (None: no "
                                            "clip)")
+    max_loss: float = option(0.0, "a truncation loss above this counts as diverged: it adds "
+                                  "nothing and its task restarts (0: only NaN/inf)")
     batch_size: int = 8  # tasks in flight (pes: antithetic pairs)
     steps_per_call: int = 10
     shard: bool | None = None
@@ -102,6 +106,9 @@ class TruncatedOuterLoop(OuterLoop):
         if self.horizon < 0:
             raise ValueError(f"outer.truncated.horizon must be >= 0 (0: the learner's "
                              f"inner_steps), got {self.horizon}")
+        if self.max_loss < 0:
+            raise ValueError(f"outer.truncated.max_loss must be >= 0 (0: no bound), got "
+                             f"{self.max_loss}")
         if self.estimator == "pes" and not self.std > 0:
             raise ValueError(f"outer.truncated.std must be > 0 for PES, got {self.std}")
         self._tx = GradientOuterLoop(optimizer=self.optimizer, learning_rate=self.learning_rate,
@@ -112,6 +119,11 @@ class TruncatedOuterLoop(OuterLoop):
         return "a smaller outer.truncated.learning_rate or outer.truncated.std"
 
     # ----- helpers
+    def _ok(self, losses: Array) -> Array:
+        """Which truncation losses count: finite, and at most `max_loss` when it is set."""
+        ok = jnp.isfinite(losses)
+        return ok & (losses <= self.max_loss) if self.max_loss else ok
+
     def _horizon(self, learner: Any) -> int:
         if not isinstance(learner, Unrollable):
             raise TypeError(f"{type(learner).__name__} has no truncated unrolls (horizon, "
@@ -192,7 +204,7 @@ class TruncatedOuterLoop(OuterLoop):
             def total(theta: MetaParams):
                 carry, losses, metrics = unroll(theta, jax.lax.stop_gradient(p.carry),
                                                 p.episodes, p.t)
-                ok = jnp.isfinite(losses)
+                ok = self._ok(losses)
                 loss = jnp.sum(jnp.where(ok, losses, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
                 return loss, (carry, ok, metrics)
 
@@ -208,7 +220,7 @@ class TruncatedOuterLoop(OuterLoop):
             one = jax.vmap(piece)
             c_plus, l_plus, m_plus = one(plus, p.carry[0], p.episodes, p.t)
             c_minus, l_minus, _ = one(minus, p.carry[1], p.episodes, p.t)
-            ok = jnp.isfinite(l_plus) & jnp.isfinite(l_minus)
+            ok = self._ok(l_plus) & self._ok(l_minus)
             xi = jax.tree.map(lambda a, e: a + e, p.xi, eps)
             w = jnp.where(ok, l_plus - l_minus, 0.0) / (2 * self.std ** 2 * self.batch_size)
             grad = jax.tree.map(lambda a: jnp.tensordot(w, a, axes=1), xi)

@@ -120,6 +120,28 @@ def test_truncated_loops_lower_the_whole_unroll_loss(estimator):
     assert np.std(restarted) < 0.15  # staggered; in lock step it would be 0.43
 
 
+@pytest.mark.parametrize("estimator", ["pes", "tbptt"])
+def test_losses_above_max_loss_add_nothing_and_restart_their_tasks(estimator):
+    """max_loss below every truncation loss: the estimate is zero and every task restarts, as
+    for a NaN loss; far above every loss: the same estimate as without a bound."""
+    learner = HebbianLearner(**NET)
+    key = jax.random.PRNGKey(3)
+
+    def one_step(**kw):
+        loop = TruncatedOuterLoop(estimator=estimator, truncation=2, batch_size=4, **kw)
+        state = loop.init(learner, sampler(), key)
+        return loop.step(learner, sampler(), state)
+
+    free, m_free = one_step()
+    assert float(m_free["diverged"]) == 0.0 and float(m_free["grad_norm"]) > 0
+    loose, m_loose = one_step(max_loss=1e9)
+    _close(loose.params, free.params, rtol=1e-6)
+    tight, m_tight = one_step(max_loss=1e-6)
+    assert float(m_tight["diverged"]) == 1.0 and float(m_tight["restarted"]) == 1.0
+    assert float(m_tight["grad_norm"]) == 0.0
+    assert np.all(np.asarray(tight.opt_state[1].t) == 0)  # every task back at step 0
+
+
 def test_errors_name_the_field_and_the_fix():
     from metalearn.learners.protonet import ProtoNet
     from metalearn.nn import MLP
@@ -128,6 +150,8 @@ def test_errors_name_the_field_and_the_fix():
         TruncatedOuterLoop(estimator="es")
     with pytest.raises(ValueError, match="std must be > 0"):
         TruncatedOuterLoop(std=0.0)
+    with pytest.raises(ValueError, match="max_loss must be >= 0"):
+        TruncatedOuterLoop(max_loss=-1.0)
     loop = TruncatedOuterLoop(truncation=8)
     with pytest.raises(ValueError, match="shorter than one truncation"):
         loop.init(HebbianLearner(**NET), sampler(), jax.random.PRNGKey(0))
