@@ -70,7 +70,8 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
         "learner.hidden_layers": "hidden layers of the optimizer's MLP",
         "learner.step_mult": "c2 in p <- p - d exp(a c1) c2 (learned_optimization: 0.001)",
         "learner.exp_mult": "c1 (learned_optimization: 0.001)",
-        "learner.start": "sgd (the MLP starts as normalised-gradient descent) or random",
+        "learner.start": "sgd (the MLP starts as normalised-gradient descent), adam (as "
+                         "normalised m / sqrt(v), adafac only) or random",
         "learner.max_offset": "each task's step counter starts in [0, max_offset) (0: at 0)",
         "learner.loss_cap": "meta-loss of a diverged (NaN/inf) inner run; its gradient is 0",
         }

@@ -113,6 +113,20 @@ def test_sgd_start_is_normalised_gradient_descent(cls):
                                atol=1e-6)
 
 
+def test_adam_start_steps_along_normalised_m_over_sqrt_v():
+    """start="adam": d is m_0.9 / sqrt(v), normalised per tensor, and a = 0, at every step."""
+    lopt = AdafacLOpt(**NET, step_mult=0.05, start="adam")
+    meta = lopt.init(jax.random.PRNGKey(5), episode())
+    p = jax.random.normal(jax.random.PRNGKey(6), (4, 3))
+    acc = lopt.init_accumulators(p)
+    for i in range(3):
+        g = jax.random.normal(jax.random.PRNGKey(7 + i), (4, 3))
+        new, acc = lopt.step(meta, p, g, acc, jnp.asarray(i))
+        want = p - 0.05 * second_moment_normalize(acc["m"][0] * jax.lax.rsqrt(acc["v"] + 1e-8))
+        np.testing.assert_allclose(new, want, rtol=1e-5, atol=1e-6)
+        p = new
+
+
 @pytest.mark.slow
 def test_a_diverged_inner_run_gives_the_capped_loss_and_finite_gradients():
     lopt = MLPLOpt(**NET, step_mult=float("inf"), loss_cap=7.5, meta_loss="cross_entropy")

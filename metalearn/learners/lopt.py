@@ -29,7 +29,10 @@ size CMA-ES handles (the genome has 20).
 normalised feature (the gradient) and a = 0: each starts as normalised-gradient descent at
 `step_mult` (hidden units 0 and 1 carry relu(g) and relu(-g) and the output subtracts them), a
 working optimizer to improve rather than a random one (as the genome starts from its gradient
-genome). `start="random"`: the MLP alone, as learned_optimization initialises it.
+genome). `start="adam"` (AdafacLOpt) writes the same path from its feature m_0.9 / sqrt(v):
+the rule starts as Adam's direction (bias-free, normalised per tensor) at `step_mult`, so
+meta-training improves on Adam instead of first having to find it. `start="random"`: the MLP
+alone, as learned_optimization initialises it.
 
 Options for long and unstable inner runs: `max_offset` draws each episode's step counter from
 [0, max_offset) (the step features only), so tasks do not run in lock step
@@ -52,7 +55,7 @@ from metalearn.learners.hebbian import _Network
 from metalearn.nn import dense, init_dense
 
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
-INITS = ("sgd", "random")
+INITS = ("sgd", "adam", "random")
 FUSED_WIDTH = 8  # MLPs up to this wide run as fused elementwise sums (`mlp_of`)
 
 
@@ -82,17 +85,21 @@ class _LearnedOptimizer(_Network):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.start == "adam" and self.adam_feature is None:
+            raise ValueError(f"{name}.start='adam' needs an m / sqrt(v) feature, which {name} "
+                             "does not have; use start='sgd' or AdafacLOpt")
         if self.hidden_size < 2 or self.hidden_layers < 1:
             raise ValueError(f"{name} needs hidden_size >= 2 and hidden_layers >= 1, got "
                              f"{self.hidden_size}, {self.hidden_layers}")
         if self.start not in INITS:
             raise ValueError(f"{name}.start={self.start!r}: use sgd (start as normalised-"
-                             "gradient descent) or random")
+                             "gradient descent), adam (as normalised m / sqrt(v)) or random")
         if self.max_offset < 0 or not self.step_mult > 0 or not self.loss_cap > 0:
             raise ValueError(f"{name} needs max_offset >= 0, step_mult > 0 and loss_cap > 0")
 
     # ----- what a subclass defines
     num_features: ClassVar[int] = 0  # per-tensor features (the 11 step features come on top)
+    adam_feature: ClassVar[int | None] = None  # index of m_0.9 / sqrt(v), if a feature
 
     def init_accumulators(self, p: Array) -> PyTree:
         """The accumulators of one parameter tensor, at the start of training."""
@@ -113,22 +120,24 @@ class _LearnedOptimizer(_Network):
 
     # ----- the optimizer
     def init(self, key: Array, example: Episode) -> MetaParams:
-        """The MLP's weights (with the normalised-gradient path when `start="sgd"`)."""
+        """The MLP's weights (with the path from the gradient, or from m / sqrt(v), to d when
+        `start` is sgd or adam)."""
         self.check_episode(example)
         sizes = [self.num_features + len(TIME_SCALES)] + [self.hidden_size] * \
             self.hidden_layers + [2]
         keys = jax.random.split(key, len(sizes) - 1)
         layers = [init_dense(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:],
                                                            strict=True)]
-        if self.start == "sgd":
+        if self.start != "random":
+            src = 0 if self.start == "sgd" else self.adam_feature  # the feature d starts as
             for i, lay in enumerate(layers):
                 w = lay["w"]
-                if i == 0:  # units 0, 1 <- relu(+g), relu(-g)
-                    w = w.at[:, :2].set(0.0).at[0, 0].set(1.0).at[0, 1].set(-1.0)
+                if i == 0:  # units 0, 1 <- relu(+f), relu(-f)
+                    w = w.at[:, :2].set(0.0).at[src, 0].set(1.0).at[src, 1].set(-1.0)
                 elif i < len(layers) - 1:  # pass them on
                     w = w.at[:, :2].set(0.0).at[:2, :].set(0.0).at[0, 0].set(1.0) \
                         .at[1, 1].set(1.0)
-                else:  # d = unit 0 - unit 1 = g, a = 0
+                else:  # d = unit 0 - unit 1 = f, a = 0
                     w = w.at[:2, :].set(0.0).at[:, :].set(0.0).at[0, 0].set(1.0) \
                         .at[1, 0].set(-1.0)
                 layers[i] = {"w": w, "b": jnp.zeros_like(lay["b"])}
@@ -277,6 +286,7 @@ class AdafacLOpt(_LearnedOptimizer):
 
     hidden_size: int = 4
     num_features: ClassVar[int] = 14
+    adam_feature: ClassVar[int | None] = 6
 
     def init_accumulators(self, p: Array) -> dict:
         """Momenta, v, and row/column accumulators (matrices) at zero; a step count."""
