@@ -21,10 +21,12 @@ do not run in lock step. The whole-task objective is the mean of the truncations
   perturbations that shaped the state).
 
 The estimate goes to an optax optimizer (`optimizer`, `learning_rate`, `clip_norm`, named as in
-the gradient loop). A pair whose loss is NaN or infinite (a diverged inner run), or above
-`max_loss` when one is set, adds nothing to the estimate and restarts its task: a finite but
-exploding loss (an unbounded meta-loss such as cross-entropy of unbounded outputs) would
-otherwise dominate the PES sum, whose weights are loss differences.
+the gradient loop). A pair whose loss is NaN or infinite (a diverged inner run) restarts its
+task and adds nothing to the estimate. With `max_loss` set, a loss above it (or NaN/inf) also
+restarts its task, and PES scores it as `max_loss`: an exploding but finite loss (cross-entropy
+of unbounded outputs) would otherwise swamp the sum, whose weights are loss differences, while
+a pair with one side capped still says which direction diverged (dropping such pairs instead
+leaves no signal once most tasks diverge, and the rule never comes back).
 
 The learner declares truncated unrolls (`Unrollable`): the Hebbian genome and the learned
 optimizers (`metalearn.learners.hebbian`, `metalearn.learners.lopt`) do.
@@ -89,8 +91,9 @@ class TruncatedOuterLoop(OuterLoop):
     learning_rate: float = option(1e-3, "learning rate of the optimizer")
     clip_norm: float | None = option(None, "clip the estimate to this global norm (None: no "
                                            "clip)")
-    max_loss: float = option(0.0, "a truncation loss above this counts as diverged: it adds "
-                                  "nothing and its task restarts (0: only NaN/inf)")
+    max_loss: float = option(0.0, "a truncation loss above this (or NaN/inf) restarts its "
+                                  "task and counts as this in PES (0: NaN/inf restart, and add "
+                                  "nothing)")
     batch_size: int = 8  # tasks in flight (pes: antithetic pairs)
     steps_per_call: int = 10
     shard: bool | None = None
@@ -120,7 +123,7 @@ class TruncatedOuterLoop(OuterLoop):
 
     # ----- helpers
     def _ok(self, losses: Array) -> Array:
-        """Which truncation losses count: finite, and at most `max_loss` when it is set."""
+        """Which tasks go on: loss finite, and at most `max_loss` when it is set."""
         ok = jnp.isfinite(losses)
         return ok & (losses <= self.max_loss) if self.max_loss else ok
 
@@ -222,10 +225,17 @@ class TruncatedOuterLoop(OuterLoop):
             c_minus, l_minus, _ = one(minus, p.carry[1], p.episodes, p.t)
             ok = self._ok(l_plus) & self._ok(l_minus)
             xi = jax.tree.map(lambda a, e: a + e, p.xi, eps)
-            w = jnp.where(ok, l_plus - l_minus, 0.0) / (2 * self.std ** 2 * self.batch_size)
+            if self.max_loss:  # capped: every pair counts
+                cap = lambda v: jnp.where(jnp.isfinite(v), jnp.minimum(v, self.max_loss),  # noqa: E731
+                                          self.max_loss)
+                l_plus, l_minus = cap(l_plus), cap(l_minus)
+                counted = jnp.ones_like(ok)
+            else:
+                counted = ok
+            w = jnp.where(counted, l_plus - l_minus, 0.0) / (2 * self.std ** 2 * self.batch_size)
             grad = jax.tree.map(lambda a: jnp.tensordot(w, a, axes=1), xi)
             losses = 0.5 * (l_plus + l_minus)
-            loss = jnp.sum(jnp.where(ok, losses, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+            loss = jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
             carry, metrics = (c_plus, c_minus), m_plus
         return grad, loss, carry, ok, xi, metrics
 

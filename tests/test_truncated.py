@@ -122,8 +122,9 @@ def test_truncated_loops_lower_the_whole_unroll_loss(estimator):
 
 @pytest.mark.parametrize("estimator", ["pes", "tbptt"])
 def test_losses_above_max_loss_add_nothing_and_restart_their_tasks(estimator):
-    """max_loss below every truncation loss: the estimate is zero and every task restarts, as
-    for a NaN loss; far above every loss: the same estimate as without a bound."""
+    """max_loss below every truncation loss: the estimate is zero (PES: both sides capped) and
+    every task restarts, as for a NaN loss; far above every loss: the same estimate as without
+    a bound."""
     learner = HebbianLearner(**NET)
     key = jax.random.PRNGKey(3)
 
@@ -140,6 +141,38 @@ def test_losses_above_max_loss_add_nothing_and_restart_their_tasks(estimator):
     assert float(m_tight["diverged"]) == 1.0 and float(m_tight["restarted"]) == 1.0
     assert float(m_tight["grad_norm"]) == 0.0
     assert np.all(np.asarray(tight.opt_state[1].t) == 0)  # every task back at step 0
+
+
+class _Exploding:
+    """A scalar rule whose truncation loss is 1 + 1000 a: PES pairs straddle any cap near 1."""
+
+    horizon = 4
+
+    def init(self, key, example):
+        return {"a": jnp.zeros(())}
+
+    def unroll_init(self, meta, episode, key):
+        return jnp.zeros(())
+
+    def unroll(self, meta, carry, episode, t0, steps):
+        return carry, 1.0 + 1000.0 * meta["a"], {}
+
+
+def test_pes_scores_a_loss_above_max_loss_as_max_loss():
+    """g = sum_i (min(L+, cap) - min(L-, cap)) xi_i / (2 sigma^2 N): a pair with one side over
+    the cap still counts, and tasks over it restart."""
+    learner, cap = _Exploding(), 6.0
+    loop = TruncatedOuterLoop(truncation=2, batch_size=16, std=0.01, max_loss=cap)
+    state = loop.init(learner, sampler(), jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(4)
+    grad, loss, _, ok, xi, _ = loop.estimate(learner, state.params, state.opt_state[1], key)
+    eps = np.asarray(loop._perturbations(state.params, key)["a"])
+    l_plus, l_minus = np.minimum(1 + 1000 * eps, cap), np.minimum(1 - 1000 * eps, cap)
+    assert 0 < np.sum(l_plus == cap) < 16  # some pairs straddle the cap
+    want = np.sum((l_plus - l_minus) * eps) / (2 * 0.01 ** 2 * 16)
+    np.testing.assert_allclose(grad["a"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, np.mean(0.5 * (l_plus + l_minus)), rtol=1e-5)
+    np.testing.assert_array_equal(ok, (1 + 1000 * np.abs(eps)) <= cap)
 
 
 def test_errors_name_the_field_and_the_fix():
