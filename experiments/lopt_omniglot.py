@@ -28,7 +28,7 @@ MAML_KINDS = {"maml": "fixed", "metasgd": "per_param"}  # kind -> MAMLNetwork.lr
 def get_config() -> ConfigDict:
     """5-way tasks of 10 labelled and 10 query images, the 784-100-5 network, T = 10 steps of
     the small factored optimizer from normalised-gradient descent; Adam 1e-3 (clipped) on 8
-    tasks a step, or (outer.kind=evolution) CMA-ES at population 32."""
+    tasks a step, or (outer.kind=evolution) CMA-ES at population 32 on the error at T."""
     base = _omniglot.base_omniglot_config()
     c = base_config(steps=1000, eval_every=250, eval_episodes=200, test_episodes=1000,
                     checkpoint_every=250, log_every=5, eval_batch_size=100)
@@ -45,6 +45,8 @@ def get_config() -> ConfigDict:
     c.report_horizon = 10
     c.outer = _hebbian.hebbian_outer(batch_size=8, steps_per_call=25)
     c.outer.gradient.learning_rate = 1e-3
+    # evolution needs no gradient, so it scores what the report measures: the error at T
+    c.outer.evolution.fitness = "error"
     return c
 
 
