@@ -113,6 +113,31 @@ def test_sgd_start_is_normalised_gradient_descent(cls):
                                atol=1e-6)
 
 
+def test_zero_output_leaves_parameters_and_a_hand_set_mlp_is_normalised_momentum_sgd():
+    """A zero last layer (d = a = 0) changes nothing; the sgd start's path moved from g's row to
+    m_0.9's is SGD with momentum on the per-tensor normalised momentum, step after step."""
+    lopt = MLPLOpt(**NET, step_mult=0.05)
+    meta = lopt.init(jax.random.PRNGKey(5), episode())
+    p = jax.random.normal(jax.random.PRNGKey(6), (4, 3))
+    g = jax.random.normal(jax.random.PRNGKey(7), (4, 3))
+    last = {"w": jnp.zeros_like(meta["mlp"][-1]["w"]), "b": jnp.zeros_like(meta["mlp"][-1]["b"])}
+    still = {"mlp": [*meta["mlp"][:-1], last]}
+    new, _ = lopt.step(still, p, g, lopt.init_accumulators(p), jnp.asarray(0))
+    np.testing.assert_array_equal(new, p)
+    row = 2 + MLP_DECAYS.index(0.9)  # features: g, p, then the momenta
+    w0 = meta["mlp"][0]["w"]
+    w0 = w0.at[row].set(w0[0]).at[0, :2].set(0.0)
+    momentum = {"mlp": [{"w": w0, "b": meta["mlp"][0]["b"]}, *meta["mlp"][1:]]}
+    acc, m = lopt.init_accumulators(p), np.zeros((4, 3))
+    for i in range(3):
+        g = jax.random.normal(jax.random.PRNGKey(10 + i), (4, 3))
+        m = 0.9 * m + 0.1 * np.asarray(g)
+        new, acc = lopt.step(momentum, p, g, acc, jnp.asarray(i))
+        np.testing.assert_allclose(new, p - 0.05 * m / np.sqrt(1e-5 + np.mean(m ** 2)),
+                                   rtol=1e-5, atol=1e-6)
+        p = new
+
+
 def test_adam_start_steps_along_normalised_m_over_sqrt_v():
     """start="adam": d is m_0.9 / sqrt(v), normalised per tensor, and a = 0, at every step."""
     lopt = AdafacLOpt(**NET, step_mult=0.05, start="adam")
