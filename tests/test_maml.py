@@ -215,6 +215,7 @@ def test_maml_network_inner_steps_follow_the_update_rule():
     np.testing.assert_array_equal(frozen[0][0], m2["weights"][0])
 
 
+@pytest.mark.slow  # compiles two meta-gradients; the conformance suite checks them by default
 def test_maml_network_meta_training_lowers_the_query_loss_and_orders_differ():
     """Adam on theta lowers the mean query loss of a batch of tasks; the first-order
     meta-gradient is not the second-order one."""
