@@ -87,7 +87,7 @@ def build_learner(config: ConfigDict, ways: int):
         raise ValueError(f"learner.kind={kind!r}: use adafac, mlp, maml or metasgd")
     cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
-    inner_lr = cfg.pop("inner_lr", 0.1)
+    inner_lr = cfg.pop("inner_lr")
     if kind in MAML_KINDS:
         net = {f: cfg[f] for f in _hebbian.NETWORK_FIELDS if f != "ways"}
         return MAMLNetwork(ways=ways, inner_lr=inner_lr, lr_mode=MAML_KINDS[kind], **net)

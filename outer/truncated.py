@@ -127,6 +127,10 @@ class TruncatedOuterLoop(OuterLoop):
         ok = jnp.isfinite(losses)
         return ok & (losses <= self.max_loss) if self.max_loss else ok
 
+    def _capped(self, losses: Array) -> Array:
+        """Losses above `max_loss`, NaN or infinite, as `max_loss`."""
+        return jnp.where(jnp.isfinite(losses), jnp.minimum(losses, self.max_loss), self.max_loss)
+
     def _horizon(self, learner: Any) -> int:
         if not isinstance(learner, Unrollable):
             raise TypeError(f"{type(learner).__name__} has no truncated unrolls (horizon, "
@@ -226,12 +230,8 @@ class TruncatedOuterLoop(OuterLoop):
             ok = self._ok(l_plus) & self._ok(l_minus)
             xi = jax.tree.map(lambda a, e: a + e, p.xi, eps)
             if self.max_loss:  # capped: every pair counts
-                cap = lambda v: jnp.where(jnp.isfinite(v), jnp.minimum(v, self.max_loss),  # noqa: E731
-                                          self.max_loss)
-                l_plus, l_minus = cap(l_plus), cap(l_minus)
-                counted = jnp.ones_like(ok)
-            else:
-                counted = ok
+                l_plus, l_minus = self._capped(l_plus), self._capped(l_minus)
+            counted = ok | bool(self.max_loss)
             w = jnp.where(counted, l_plus - l_minus, 0.0) / (2 * self.std ** 2 * self.batch_size)
             grad = jax.tree.map(lambda a: jnp.tensordot(w, a, axes=1), xi)
             losses = 0.5 * (l_plus + l_minus)

@@ -31,8 +31,9 @@ normalised feature (the gradient) and a = 0: each starts as normalised-gradient 
 working optimizer to improve rather than a random one (as the genome starts from its gradient
 genome). `start="adam"` (AdafacLOpt) writes the same path from its feature m_0.9 / sqrt(v):
 the rule starts as Adam's direction (bias-free, normalised per tensor) at `step_mult`, so
-meta-training improves on Adam instead of first having to find it. `start="random"`: the MLP
-alone, as learned_optimization initialises it.
+meta-training starts near Adam instead of first having to find it (whether it then gets past
+Adam depends on the meta-loss: docs/lopt.md). `start="random"`: the MLP alone, as
+learned_optimization initialises it.
 
 Options for long and unstable inner runs: `max_offset` draws each episode's step counter from
 [0, max_offset) (the step features only), so tasks do not run in lock step
