@@ -128,11 +128,12 @@ TRAINABLE = [e for e in LEARNERS if e.trainable]
 # Hebbian entries' (about 1 s of compiling per random draw on XLA:CPU; tests/test_hebbian.py
 # checks the rule by default), the continual learners' (tests/test_continual.py checks their
 # unroll under jit against a reference by default) and the learned optimizers' (their
-# update, guard and offsets are checked by default in tests/test_lopt.py). The outer-loop
+# update, guard and offsets are checked by default in tests/test_lopt.py, and Meta-SGD on
+# their network in tests/test_maml.py). The outer-loop
 # and population checks compile both loops for 5-30 s each: they run by default for one
 # learner of each kind of model (ProtoNet on an MLP, GD, MAML on the linear model).
 SLOW_ALL = {"fomaml_cnn_metasgd", "hebbian", "hebbian_adam_baseline", "const_pn", "mlp_lopt",
-            "adafac_lopt", "continual_ht"}
+            "adafac_lopt", "continual_ht", "metasgd_network"}
 SLOW_OUTER = {*SLOW_ALL, "ht_logits_only", "hypertransformer", "continual_ht", "const_pn",
               "maml_cnn", "protonet", "lsa", "lsa_softmax", "maml_mlp_metasgd", "hebbian",
               "adafac_lopt", "metasgd_network"}
