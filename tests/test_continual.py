@@ -110,11 +110,11 @@ def test_unroll_matches_a_step_by_step_reference(prototypes):
     learner = dataclasses.replace(learner, prototypes=prototypes)
     ep = sequence()
     thetas = jax.jit(learner.generated)(meta, ep.support())
-    emb = learner.embedding
+    apply = jax.jit(learner.embedding.apply)
 
     def embed_fn(t):
-        stats = emb.apply(thetas[t], _chunk(ep.support_x, t, N * K))[1]
-        return lambda x: np.asarray(emb.apply(thetas[t], x, stats)[0])
+        stats = apply(thetas[t], _chunk(ep.support_x, t, N * K))[1]
+        return lambda x: np.asarray(apply(thetas[t], x, stats)[0])
 
     want = {k: np.zeros((T, T)) for k in ("ci_accuracy", "ti_accuracy", "ci_loss", "ti_loss")}
     for t in range(T):
@@ -223,20 +223,15 @@ def test_sampler_class_bookkeeping(pool):
         assert set().union(*tasks) <= set(range(pool))
 
 
-def test_sampler_is_seeded_and_jit_equals_eager():
+def test_the_compiled_batch_sampler_draws_what_sample_batch_draws():
+    """(Seeding and jit against eager: tests/test_samplers.py, as for every sampler.)"""
     sampler = ContinualSampler(base(), tasks=T)
-    a = sampler.sample(jax.random.PRNGKey(7))
-    b = jax.jit(lambda smp, k: smp.sample(k))(sampler, jax.random.PRNGKey(7))
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
-    c = sampler.sample(jax.random.PRNGKey(8))
-    assert not np.array_equal(a.support_y, c.support_y)
-    # the compiled batch sampler (images an argument) draws what vmapping `sample` draws
-    batch = sampler.batch_sampler(4)(jax.random.PRNGKey(9))
+    batch = sampler.batch_sampler(4)(jax.random.PRNGKey(9))  # the images an argument
     ref = sampler.sample_batch(jax.random.PRNGKey(9), 4)
     for x, y in zip(batch, ref, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert a.support_x.shape == (T * N * K, 8, 8, 1) and a.query_x.shape == (T * N * Q, 8, 8, 1)
+    assert batch.support_x.shape == (4, T * N * K, 8, 8, 1)
+    assert batch.query_x.shape == (4, T * N * Q, 8, 8, 1)
 
 
 def test_sampler_and_learner_errors_name_the_fix():
