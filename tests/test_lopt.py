@@ -18,6 +18,7 @@ from metalearn.learners.lopt import (
     AdafacLOpt,
     MLPLOpt,
     second_moment_normalize,
+    second_moments,
     time_features,
 )
 from metalearn.outer.gradient import GradientOuterLoop
@@ -85,6 +86,15 @@ def test_update_is_p_minus_d_exp_a_times_constants(cls):
         4, 3, 2)
     want = np.asarray(p) - out[..., 0] * np.exp(out[..., 1] * 0.5) * 0.3
     np.testing.assert_allclose(new, want, rtol=1e-4, atol=1e-5)
+
+
+def test_second_moments_and_their_gradient_are_the_mean_squares():
+    xs = [jax.random.normal(jax.random.PRNGKey(i), (6, 5)) * (i + 1) for i in range(4)]
+    want = [np.mean(np.asarray(x) ** 2) for x in xs]
+    np.testing.assert_allclose(second_moments(xs), want, rtol=1e-6)
+    f = lambda a: jnp.sum(jnp.arange(1.0, 4.0) * second_moments([a, a ** 3, jnp.sin(a)]))
+    ref = lambda a: (jnp.mean(a ** 2) + 2 * jnp.mean(a ** 6) + 3 * jnp.mean(jnp.sin(a) ** 2))
+    np.testing.assert_allclose(jax.grad(f)(xs[0]), jax.grad(ref)(xs[0]), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("width", [FUSED_WIDTH, FUSED_WIDTH + 1])

@@ -65,9 +65,21 @@ def time_features(t: Array) -> Array:
     return jnp.tanh(jnp.asarray(t, jnp.float32) / jnp.asarray(TIME_SCALES) - 1.0)
 
 
-def second_moment_normalize(x: Array, eps: float = 1e-5) -> Array:
+NORM_EPS = 1e-5
+
+
+def second_moment_normalize(x: Array, eps: float = NORM_EPS) -> Array:
     """x / sqrt(eps + mean(x^2)) over the whole tensor (learned_optimization's normaliser)."""
     return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x)))
+
+
+def second_moments(xs: list[Array]) -> Array:
+    """[mean(x^2) for x in xs] (arrays of one shape) as one reduction, so XLA reads the
+    arrays' inputs once instead of writing and reading each x."""
+    sums = jax.lax.reduce([jnp.square(x) for x in xs], [jnp.zeros((), xs[0].dtype)] * len(xs),
+                          lambda a, b: [u + v for u, v in zip(a, b, strict=True)],
+                          tuple(range(xs[0].ndim)))
+    return jnp.stack(sums) / xs[0].size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +122,14 @@ class _LearnedOptimizer(_Network):
         """The accumulators after gradient g."""
         raise NotImplementedError
 
-    def feature_list(self, p: Array, g: Array, acc: PyTree) -> list[Array]:
-        """The F per-parameter features of one tensor (gradient first), normalised, each
-        shaped as p."""
+    def raw_features(self, p: Array, g: Array, acc: PyTree) -> list[Array]:
+        """The F per-parameter features of one tensor (gradient first) before their per-tensor
+        normalisation, each shaped as p."""
         raise NotImplementedError
+
+    def feature_list(self, p: Array, g: Array, acc: PyTree) -> list[Array]:
+        """The F features, each second-moment normalised per tensor."""
+        return [second_moment_normalize(x) for x in self.raw_features(p, g, acc)]
 
     def tensor_features(self, p: Array, g: Array, acc: PyTree) -> Array:
         """The features stacked: [*p.shape, F]."""
@@ -158,30 +174,36 @@ class _LearnedOptimizer(_Network):
              ) -> tuple[Array, PyTree]:
         """One tensor's update: the accumulators after g, then p - d exp(a c1) c2."""
         acc = self.accumulate(acc, g)
-        d, a = self.mlp_of(meta, self.feature_list(p, g, acc), time_features(t))
+        raw = self.raw_features(p, g, acc)
+        scales = jax.lax.rsqrt(NORM_EPS + second_moments(raw))
+        d, a = self.mlp_of(meta, raw, time_features(t), scales)
         return p - d * jnp.exp(a * self.exp_mult) * self.step_mult, acc
 
-    def mlp_of(self, meta: MetaParams, feats: list[Array], tf: Array) -> tuple[Array, Array]:
-        """`mlp` of every parameter's inputs [f_1 .. f_F, tf] (tf: the step features, the same
-        for every parameter), computed without the [*p.shape, F + 11] input array: tf's
-        first-layer product is one bias, and a narrow MLP runs as fused elementwise sums
-        (XLA's CPU matrix product is slow at inner sizes of a few units), a wide one as
-        products with the parameters on the long axis."""
+    def mlp_of(self, meta: MetaParams, feats: list[Array], tf: Array,
+               scales: Array | None = None) -> tuple[Array, Array]:
+        """`mlp` of every parameter's inputs [s_1 f_1 .. s_F f_F, tf] (tf: the step features,
+        the same for every parameter; s: per-tensor feature scales, 1 if None), computed
+        without the [*p.shape, F + 11] input array: s is folded into the first layer's
+        weights and tf's first-layer product is one bias (both per tensor, not per
+        parameter), and a narrow MLP runs as fused elementwise sums (XLA's CPU matrix product
+        is slow at inner sizes of a few units), a wide one as products with the parameters on
+        the long axis."""
         layers, n = meta["mlp"], len(feats)
         w0 = layers[0]["w"]
         bias = tf @ w0[n:] + layers[0]["b"]
+        w0 = w0[:n] if scales is None else w0[:n] * scales[:, None]
         if self.hidden_size <= FUSED_WIDTH:
             def layer(x: list[Array], w: Array, b: Array) -> list[Array]:
                 return [sum(xk * w[k, j] for k, xk in enumerate(x)) + b[j]
                         for j in range(w.shape[1])]
 
-            h = [jax.nn.relu(u) for u in layer(feats, w0[:n], bias)]
+            h = [jax.nn.relu(u) for u in layer(feats, w0, bias)]
             for lay in layers[1:-1]:
                 h = [jax.nn.relu(u) for u in layer(h, lay["w"], lay["b"])]
             d, a = layer(h, layers[-1]["w"], layers[-1]["b"])
             return d, a
         x = jnp.stack([f.reshape(-1) for f in feats])  # [F, parameters]
-        h = jax.nn.relu(w0[:n].T @ x + bias[:, None])
+        h = jax.nn.relu(w0.T @ x + bias[:, None])
         for lay in layers[1:-1]:
             h = jax.nn.relu(lay["w"].T @ h + lay["b"][:, None])
         out = layers[-1]["w"].T @ h + layers[-1]["b"][:, None]
@@ -271,9 +293,9 @@ class MLPLOpt(_LearnedOptimizer):
         b = jnp.asarray(MLP_DECAYS, g.dtype).reshape(-1, *([1] * g.ndim))
         return b * acc + (1 - b) * g[None]
 
-    def feature_list(self, p: Array, g: Array, acc: Array) -> list[Array]:
-        """g, p, m_0.1 .. m_0.9999, each second-moment normalised."""
-        return [second_moment_normalize(x) for x in (g, p, *acc)]
+    def raw_features(self, p: Array, g: Array, acc: Array) -> list[Array]:
+        """g, p, m_0.1 .. m_0.9999."""
+        return [g, p, *acc]
 
 
 ADAFAC_MOMENTA = (0.9, 0.99, 0.999)
@@ -308,8 +330,8 @@ class AdafacLOpt(_LearnedOptimizer):
             out["c"] = ADAFAC_RMS * acc["c"] + (1 - ADAFAC_RMS) * jnp.mean(g2, axis=0)
         return out
 
-    def feature_list(self, p: Array, g: Array, acc: dict) -> list[Array]:
-        """The 14 features of the module docstring, each second-moment normalised."""
+    def raw_features(self, p: Array, g: Array, acc: dict) -> list[Array]:
+        """The 14 features of the module docstring."""
         m, v = acc["m"], acc["v"]
         rs = jax.lax.rsqrt(v + ROOT_EPS)
         if "r" in acc:
@@ -317,5 +339,4 @@ class AdafacLOpt(_LearnedOptimizer):
         else:
             vf = v
         rf = jax.lax.rsqrt(vf + ROOT_EPS)
-        raw = [g, p, *m, jnp.sqrt(v + ROOT_EPS), *(m * rs[None]), rs, g * rf, *(m * rf[None])]
-        return [second_moment_normalize(x) for x in raw]
+        return [g, p, *m, jnp.sqrt(v + ROOT_EPS), *(m * rs[None]), rs, g * rf, *(m * rf[None])]
