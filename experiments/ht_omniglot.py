@@ -20,7 +20,7 @@ def get_config() -> ConfigDict:
                             "learned_base": False, "embed_dim": 32,
                             "shared_features": 32, "local_features": 8, "num_layers": 3,
                             "heads": 2, "width_fraction": 1.0, "sequential": True,
-                            "batch_norm": "support"})
+                            "batch_norm": "support", "block_order": "conv-bn-relu-pool"})
     return c
 
 
@@ -43,6 +43,8 @@ DOCS = {**_omniglot.DOCS,
         "learner.batch_norm": "queries normalised with the support's batch-norm statistics "
                               "(support) or with their own batch's, as the official code "
                               "(batch: transductive)",
+        "learner.block_order": "a conv block's order: conv-bn-relu-pool (ours) or "
+                               "conv-relu-pool-bn (the official HyperTransformer's)",
         "learner.sequential": "run a batch's episodes one after another when conv layers are "
                               "generated (faster on CPU; false on accelerators); same numbers"}
 

@@ -21,7 +21,8 @@ def get_config() -> ConfigDict:
     # lr_mode: fixed | scalar | per_param (Meta-SGD); anil: adapt the head only
     c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "inner_steps": 5,
                             "eval_inner_steps": None, "inner_lr": 0.4, "lr_mode": "scalar",
-                            "first_order": False, "anil": False})
+                            "first_order": False, "anil": False,
+                            "block_order": "conv-bn-relu-pool"})
     c.outer.gradient.learning_rate = 3e-3
     return c
 
@@ -32,6 +33,8 @@ QUICK = {"learner.channels": 8, "learner.num_blocks": 2}
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the CNN",
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
+        "learner.block_order": "a conv block's order: conv-bn-relu-pool (ours) or "
+                               "conv-relu-pool-bn (the official HyperTransformer's)",
         "learner.inner_steps": "inner SGD steps on the support set (T)",
         "learner.eval_inner_steps": "inner steps at evaluation (None: inner_steps)",
         "learner.inner_lr": "inner step size alpha (its initial value when learned)",
@@ -43,7 +46,8 @@ DOCS = {**_omniglot.DOCS,
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:
     """MAML on the CNN with a `task.ways`-way head; evaluations use `eval_inner_steps`."""
     cfg = config.learner.to_dict()
-    model = CNN(cfg.pop("channels"), cfg.pop("num_blocks"), out_dim=config.task.ways)
+    model = CNN(cfg.pop("channels"), cfg.pop("num_blocks"), out_dim=config.task.ways,
+                block_order=cfg.pop("block_order", "conv-bn-relu-pool"))
     learner = MAML(model, **cfg)
     return Experiment(learner=learner, splits=_omniglot.samplers(config, run),
                       eval_learner=learner.for_evaluation(), report=_omniglot.report,

@@ -16,7 +16,8 @@ def get_config() -> ConfigDict:
     c = _omniglot.base_omniglot_config(report_settings="20x5x5,5x1x15,5x5x15", steps=10000,
                                        eval_every=1000, eval_episodes=200, checkpoint_every=1000)
     c.task.ways, c.task.eval_ways = 60, 20
-    c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "refine_steps": 1})
+    c.learner = ConfigDict({"channels": 64, "num_blocks": 4, "refine_steps": 1,
+                            "block_order": "conv-bn-relu-pool"})
     c.outer.batch_size = 1
     g = c.outer.gradient
     g.learning_rate, g.schedule, g.decay_every, g.decay_rate = 1e-3, "step", 2000, 0.5
@@ -30,6 +31,8 @@ QUICK = {"learner.channels": 16, "task.ways": 20}
 DOCS = {**_omniglot.DOCS,
         "learner.channels": "channels of every conv block of the CNN",
         "learner.num_blocks": "conv blocks (3x3 conv, batch norm, ReLU, 2x2 max-pool)",
+        "learner.block_order": "a conv block's order: conv-bn-relu-pool (ours) or "
+                               "conv-relu-pool-bn (the official HyperTransformer's)",
         "learner.refine_steps": "soft k-means refinements of the prototypes with unlabeled "
                                 "images (0: none)"}
 

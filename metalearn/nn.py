@@ -193,6 +193,43 @@ def conv_bn_relu_pool(x: Array, w: Array, scale: Array, shift: Array,
     return max_pool(jax.nn.relu(batch_norm(y, scale, shift, stats)), size), stats
 
 
+def conv_relu_pool_bn(x: Array, w: Array, scale: Array, shift: Array,
+                      stats: BNStats | None = None, size: int = 2,
+                      ops: str | None = None) -> tuple[Array, BNStats]:
+    """batch_norm(max_pool(relu(conv2d(x, w)))), the official HyperTransformer's block order,
+    and the batch-norm statistics used (those of the pooled activations, the batch's own
+    unless given). Max-pooling commutes with ReLU, so the convolution is pooled first; on "cpu"
+    ops through `metalearn.cpu_ops.conv_pool`, whose kernel gradient comes from the pooled
+    gradient."""
+    if resolve_ops(ops) == "cpu":
+        from metalearn import cpu_ops
+
+        pooled = cpu_ops.conv_pool(x, w, jnp.ones((w.shape[-1],), w.dtype), size)
+    else:
+        pooled = max_pool(conv_same(x, w), size)
+    h = jax.nn.relu(pooled)
+    stats = batch_stats(h) if stats is None else stats
+    return batch_norm(h, scale, shift, stats), stats
+
+
+BLOCK_ORDERS = {"conv-bn-relu-pool": conv_bn_relu_pool, "conv-relu-pool-bn": conv_relu_pool_bn}
+
+
+def check_block_order(owner: str, order: str) -> None:
+    """Refuse a block order other than those of `BLOCK_ORDERS`, naming the choices."""
+    if order not in BLOCK_ORDERS:
+        raise ValueError(f"{owner}.block_order={order!r}: use conv-bn-relu-pool (ours, batch "
+                         "norm before the ReLU) or conv-relu-pool-bn (the official "
+                         "HyperTransformer's, batch norm on the pooled activations)")
+
+
+def cnn_block(x: Array, w: Array, scale: Array, shift: Array, stats: BNStats | None = None,
+              ops: str | None = None, order: str = "conv-bn-relu-pool"
+              ) -> tuple[Array, BNStats]:
+    """One CNN block in the given order (`BLOCK_ORDERS`) and the statistics it used."""
+    return BLOCK_ORDERS[order](x, w, scale, shift, stats, ops=ops)
+
+
 def _check_images(params: PyTree, x: Array) -> None:
     if x.ndim != 4:
         raise ValueError(f"the CNN takes images [N, H, W, C], got shape {x.shape}")
@@ -207,9 +244,11 @@ def _check_images(params: PyTree, x: Array) -> None:
 
 
 def cnn_forward(params: PyTree, x: Array, stats: Sequence[BNStats] | None = None,
-                ops: str | None = None) -> tuple[Array, list[BNStats]]:
+                ops: str | None = None, order: str = "conv-bn-relu-pool"
+                ) -> tuple[Array, list[BNStats]]:
     """Flattened features [N, D] and the batch-norm statistics used (from `x` unless given);
-    `ops` picks how the blocks are computed (`resolve_ops`)."""
+    `ops` picks how the blocks are computed (`resolve_ops`), `order` their order
+    (`BLOCK_ORDERS`)."""
     _check_images(params, x)
     blocks = params["blocks"]
     if stats is not None and len(stats) != len(blocks):
@@ -218,8 +257,8 @@ def cnn_forward(params: PyTree, x: Array, stats: Sequence[BNStats] | None = None
     used: list[BNStats] = []
     h = x
     for i, blk in enumerate(blocks):
-        h, s = conv_bn_relu_pool(h, blk["w"], blk["scale"], blk["shift"],
-                                 None if stats is None else stats[i], ops=ops)
+        h, s = cnn_block(h, blk["w"], blk["scale"], blk["shift"],
+                         None if stats is None else stats[i], ops=ops, order=order)
         used.append(s)
     return h.reshape(h.shape[0], -1), used
 
@@ -334,12 +373,14 @@ class CNN(Model):
     """The 4-block few-shot CNN (conv-BN-ReLU-pool) with a dense head of `out_dim` outputs
     (`out_dim=0`: no head, the flattened features are the output, as ProtoNet embeds).
     `stats` are the per-block batch-norm statistics (`cnn_forward`); `ops` how the blocks are
-    computed: "auto" (by backend), "cpu" (`metalearn.cpu_ops`) or "xla"."""
+    computed: "auto" (by backend), "cpu" (`metalearn.cpu_ops`) or "xla"; `block_order` the
+    order of a block's operations (`BLOCK_ORDERS`)."""
 
     channels: int = 64
     num_blocks: int = 4
     out_dim: int = 0
     ops: str = "auto"
+    block_order: str = "conv-bn-relu-pool"
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.num_blocks < 1 or self.out_dim < 0:
@@ -348,6 +389,7 @@ class CNN(Model):
                              f"out_dim={self.out_dim}")
         if self.ops not in OPS:
             raise ValueError(f"CNN ops={self.ops!r}: use one of {', '.join(OPS)}")
+        check_block_order("CNN", self.block_order)
 
     def init(self, key: Array, example_x: Array) -> PyTree:
         """He-normal kernels, BN scale 1 / shift 0; Glorot-uniform head, zero bias."""
@@ -362,7 +404,8 @@ class CNN(Model):
     def apply(self, params: PyTree, x: Array,
               stats: Sequence[BNStats] | None = None) -> tuple[Array, list[BNStats]]:
         """Logits [N, out_dim] (features [N, D] without a head) and the BN statistics used."""
-        feats, used = cnn_forward(params, x, stats, None if self.ops == "auto" else self.ops)
+        feats, used = cnn_forward(params, x, stats, None if self.ops == "auto" else self.ops,
+                                  self.block_order)
         return (dense(params["head"], feats) if "head" in params else feats), used
 
 

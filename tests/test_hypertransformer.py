@@ -51,14 +51,21 @@ def test_transformer_is_permutation_equivariant_and_masks():
     np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5, atol=1e-5)
 
 
-def test_generated_cnn_is_a_plain_cnn_with_the_predicted_logits():
-    ht, meta, ep = setup()
+@pytest.mark.parametrize("order", ["conv-bn-relu-pool", "conv-relu-pool-bn"])
+def test_generated_cnn_is_a_plain_cnn_with_the_predicted_logits(order):
+    """The generated CNN, in either block order, is the plain CNN of that order, with the
+    support's statistics at every block."""
+    ht, meta, ep = setup(block_order=order)
     state = jax.jit(ht.adapt)(meta, ep.support(), None)
     params = state["params"]
-    ref = CNN(4, 2, out_dim=3).init(jax.random.PRNGKey(0), ep.support_x)
+    cnn = CNN(4, 2, out_dim=3, block_order=order)
+    ref = cnn.init(jax.random.PRNGKey(0), ep.support_x)
     assert jax.tree.structure(params) == jax.tree.structure(ref)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref)
-    logits, _ = CNN(4, 2, out_dim=3).apply(params, ep.query_x, state["stats"])
+    _, support_stats = cnn.apply(params, ep.support_x)  # labelled support only here
+    for got, want in zip(state["stats"], support_stats, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    logits, _ = cnn.apply(params, ep.query_x, state["stats"])
     np.testing.assert_allclose(ht.predict(meta, state, ep.query_x), logits, rtol=1e-6)
 
 

@@ -205,6 +205,40 @@ def _block(given):
     return block
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_the_official_block_order_is_bn_of_the_pooled_relu_on_both_ops(given):
+    """`conv_relu_pool_bn` on the CPU kernels (pooled first) and on XLA's ops is batch norm
+    (statistics given, or those of the pooled activations) of max_pool(relu(conv)) written out
+    with lax, in values and gradients."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 7, 2))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+    scale, shift = jnp.array([1.5, -0.5, 0.3, -2.0]), jnp.array([0.1, 0.2, -0.3, 0.0])
+    stats = nn.BNStats(jnp.array([0.1, -0.2, 0.0, 0.3]), jnp.array([1.0, 0.5, 2.0, 0.8]))
+
+    def written_out(x, w, scale, shift):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.lax.reduce_window(jax.nn.relu(y), -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                  (1, 2, 2, 1), "VALID")
+        mean, var = (stats.mean, stats.var) if given else (h.mean((0, 1, 2)), h.var((0, 1, 2)))
+        return (h - mean) / jnp.sqrt(var + nn.BN_EPS) * scale + shift
+
+    want = written_out(x, w, scale, shift)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    want_grads = jax.grad(loss(written_out), argnums=(0, 1, 2, 3))(x, w, scale, shift)
+    for ops in ("cpu", "xla"):
+        block = lambda x, w, scale, shift, ops=ops: nn.cnn_block(  # noqa: E731
+            x, w, scale, shift, stats if given else None, ops=ops, order="conv-relu-pool-bn")[0]
+        np.testing.assert_allclose(jax.jit(block)(x, w, scale, shift), want, rtol=1e-5,
+                                   atol=1e-5)
+        grads = jax.jit(jax.grad(loss(block), argnums=(0, 1, 2, 3)))(x, w, scale, shift)
+        for a, b in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4,
+                                       atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
+    with pytest.raises(ValueError, match="CNN.block_order='bn-last': use conv-bn-relu-pool"):
+        nn.CNN(4, 2, block_order="bn-last")
+
+
 @pytest.mark.parametrize("per_example", [False, True])
 # row-chunked and with statistics computed inside the block: in the slow run (compiling-heavy)
 @pytest.mark.parametrize("rows,given", [(None, True),

@@ -290,7 +290,7 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     @property
     def embedding(self) -> nn.CNN:
         """The generated model: the CNN without a head (flattened features)."""
-        return nn.CNN(self.channels, self.num_blocks)
+        return nn.CNN(self.channels, self.num_blocks, block_order=self.block_order)
 
     def init(self, key: Array, example: Episode) -> MetaParams:
         """The HyperTransformer's conv generators (no logits generator) and theta_{-1}."""

@@ -52,8 +52,12 @@ batch's statistics, in training and evaluation, so a query's prediction depends 
 queries of its batch (transductive); generation still sees the support's statistics.
 
 Differences from the official TensorFlow code (google-research `hypertransformer/tf`), and why:
-- Block order: conv -> BN -> ReLU -> 2x2 max-pool (`metalearn.nn`'s few-shot CNN, shared with
-  ProtoNet and MAML so the widths compare), against the official conv -> ReLU -> max-pool -> BN.
+- Block order (`block_order`): conv -> BN -> ReLU -> 2x2 max-pool by default (`metalearn.nn`'s
+  few-shot CNN, shared with ProtoNet and MAML so the widths compare); "conv-relu-pool-bn" is the
+  official conv -> ReLU -> max-pool -> BN (BN statistics then those of the pooled
+  activations). At 4 channels ours can die: the last block's positive activations can end up
+  only in the row and column of its 3x3 map that the 2x2 pool drops, leaving every feature 0;
+  with BN last the features are normalised over the batch and never all 0.
 - Generated-weight scaling: each slice is divided by sqrt(fan-in); the official code reshapes
   the transformer's output into the kernel as it is.
 - Initialisation of the logits generator (matched query/key, identity value/output maps,
@@ -142,6 +146,7 @@ class HyperTransformer(InnerLearner):
     # way; False where grouped convolutions are fast (accelerators).
     sequential: bool = True
     batch_norm: str = "support"  # query statistics: "support" (ours) or "batch" (official)
+    block_order: str = "conv-bn-relu-pool"  # or "conv-relu-pool-bn" (official; nn.BLOCK_ORDERS)
 
     @property
     def sequential_episodes(self) -> bool:
@@ -160,6 +165,7 @@ class HyperTransformer(InnerLearner):
             raise ValueError(f"HyperTransformer.batch_norm={self.batch_norm!r}: use support "
                              "(queries normalised with the support's statistics) or batch "
                              "(each query batch its own, as the official code)")
+        nn.check_block_order("HyperTransformer", self.block_order)
         if min(self.embed_dim, self.local_features, self.num_layers, self.heads) < 1 \
                 or self.shared_features < 0 or self.width_fraction <= 0:
             raise ValueError("HyperTransformer needs embed_dim, local_features, num_layers, "
@@ -168,7 +174,8 @@ class HyperTransformer(InnerLearner):
     @property
     def cnn(self) -> nn.CNN:
         """The target model: the few-shot CNN with a `ways`-class logits layer."""
-        return nn.CNN(self.channels, self.num_blocks, out_dim=self.ways)
+        return nn.CNN(self.channels, self.num_blocks, out_dim=self.ways,
+                      block_order=self.block_order)
 
     # ----- shapes
     def _layer_shapes(self, example_x: Array) -> list[tuple[int, int, int]]:
@@ -303,8 +310,11 @@ class HyperTransformer(InnerLearner):
                 w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
                 if self.learned_base:
                     w = w + bn["w"]
-            s = nn.batch_stats(nn.conv2d(h[:n], w))  # the labelled support's statistics
-            h, _ = nn.conv_bn_relu_pool(h, w, bn["scale"], bn["shift"], s)
+            if self.block_order == "conv-bn-relu-pool":  # the labelled support's statistics
+                s = nn.batch_stats(nn.conv2d(h[:n], w))
+            else:
+                s = nn.cnn_block(h[:n], w, bn["scale"], bn["shift"], order=self.block_order)[1]
+            h, _ = nn.cnn_block(h, w, bn["scale"], bn["shift"], s, order=self.block_order)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
         return blocks, stats, h, shared, raws

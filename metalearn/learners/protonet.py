@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, Support
-from metalearn.nn import CNN, Model
+from metalearn.nn import CNN, Model, check_block_order
 
 MASKED_LOGIT = -1e30
 
@@ -72,7 +72,11 @@ class ProtoNet(InnerLearner):
     num_blocks: int = 4
     refine_steps: int = 1  # soft k-means steps when the support has unlabeled samples
     num_classes: int | None = None  # logit columns; None: one per support example
-    embedding: Model | None = None  # None: CNN(channels, num_blocks)
+    embedding: Model | None = None  # None: CNN(channels, num_blocks, block_order=...)
+    block_order: str = "conv-bn-relu-pool"  # of the default CNN (`metalearn.nn.BLOCK_ORDERS`)
+
+    def __post_init__(self) -> None:
+        check_block_order("ProtoNet", self.block_order)
 
     def init(self, key: Array, example: Episode) -> MetaParams:
         """The embedding's parameters (the CNN: He-normal kernels, BN scale 1 and shift 0)."""
@@ -94,7 +98,8 @@ class ProtoNet(InnerLearner):
     @property
     def model(self) -> Model:
         """The embedding f_phi (the CNN without a head by default)."""
-        return self.embedding or CNN(self.channels, self.num_blocks)
+        return self.embedding or CNN(self.channels, self.num_blocks,
+                                     block_order=self.block_order)
 
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
         """Class prototypes (refined with unlabeled samples) and the support's BN statistics."""
