@@ -92,11 +92,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         res = reload.evaluate_run(args.run_dir, args.split, args.episodes, args.seed,
                                   progress=not args.no_progress, dataset=args.dataset,
                                   on_error=args.on_error, baselines=not args.no_baselines,
-                                  against=args.against or (), **settings)
+                                  against=args.against or (), inner_steps=args.inner_steps,
+                                  **settings)
     where = res.get("split", "manifest") + "".join(
         f" {k}={v}" for k, v in res.get("setting", {}).items() if v is not False)
     seed = f", seed {res['seed']}" if "seed" in res else ""
-    print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}): "
+    steps = f", {res['inner_steps']} inner steps" if "inner_steps" in res else ""
+    print(f"{where} (step {res.get('step')}, {res.get('episodes')} episodes{seed}{steps}): "
           f"{format_metrics(res)}")
     beside = {**res.get("against", {}), **res.get("baselines", {})}
     if beside:
@@ -189,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--against", action="append", metavar="RUN_DIR",
                    help="also score another run's learner on the same episodes (a run of the "
                         "same tasks), with the paired difference; repeat for more runs")
+    e.add_argument("--inner-steps", type=int, default=None, metavar="N",
+                   help="score every learner (the run's, the baselines, --against runs) after "
+                        "N inner steps instead of its own (learned rules, MAML, SGD/Adam "
+                        "baselines), e.g. 10x the meta-training unroll; saves "
+                        "eval_SPLIT_steps<N>.json")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_evaluate)

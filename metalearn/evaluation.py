@@ -177,5 +177,5 @@ def format_value(x: Any, ci: Any = None, digits: int = 4) -> str:
 def format_metrics(res: dict, digits: int = 4) -> str:
     """`loss=0.1234 ± 0.0056  accuracy=...`: every numeric metric of a result with its CI."""
     keys = [k for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)
-            and not k.endswith("_ci95") and k not in ("episodes", "step", "seed")]
+            and not k.endswith("_ci95") and k not in ("episodes", "step", "seed", "inner_steps")]
     return "  ".join(f"{k}={format_value(res[k], res.get(k + '_ci95'), digits)}" for k in keys)

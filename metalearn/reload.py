@@ -6,6 +6,7 @@ few-shot setting, a dataset of your own, a manifest of fixed episodes).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -148,7 +149,8 @@ def _not_rebuildable(path: Path, what: str, arg_name: str, why: Exception) -> Va
 def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | None = None,
                  seed: int = 0, *, progress: bool = False, dataset: str | Path | None = None,
                  on_error: str = "raise", baselines: bool = True,
-                 against: Sequence[str | Path] = (), **settings: Any) -> dict:
+                 against: Sequence[str | Path] = (), inner_steps: int | None = None,
+                 **settings: Any) -> dict:
     """Evaluate a trained run on one of its splits (default: test, else the run's evaluation
     split), or on a dataset of your own; saves eval_SPLIT.json in the run.
 
@@ -171,7 +173,15 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     result; `baselines=False` leaves them out. `against` names other runs whose learners are
     scored on the same episodes too (their split must draw the same episodes: the same data,
     split and preprocessing), under "against". Each of these carries "difference": this run's
-    metrics minus theirs, episode by episode, with its 95% CI (`paired_difference`)."""
+    metrics minus theirs, episode by episode, with its 95% CI (`paired_difference`).
+
+    `inner_steps` scores every learner (this run's, the baselines, `against`) after that many
+    inner steps instead of its own (learners with an `inner_steps` field: a learned rule, MAML,
+    the SGD/Adam baselines), e.g. 10 x the meta-training unroll; the result goes to
+    eval_SPLIT_steps<N>.json."""
+    if inner_steps is not None and inner_steps < 1:
+        raise ValueError(f"inner_steps={inner_steps}: must be at least 1 (omit it for the "
+                         "learners' own)")
     settings = {k: v for k, v in settings.items() if v is not None}
     loaded = load_run(run_dir)
     split, sampler = loaded.split_sampler(split)
@@ -199,14 +209,22 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
     if baselines and exp is not None and exp.baselines is not None:
         others["baselines"] = exp.baselines(exp, Run(run_dir, create=False), loaded.config,
                                             progress=progress)
+    evaluator = loaded.evaluator
+    if inner_steps is not None:
+        evaluator = _with_inner_steps(evaluator, inner_steps, what)
+        others = {g: {b: (_with_inner_steps(lrn, inner_steps, b), m)
+                      for b, (lrn, m) in learners.items()} for g, learners in others.items()}
+        name = f"{name.removesuffix('.json')}_steps{inner_steps}.json"
 
     def values(learner: InnerLearner, meta: MetaParams, who: str | None = None) -> dict:
         return evaluate_split(loaded.config, loaded, meta, seed, episodes, sampler,
                               (label + (f": {who}" if who else "")) if progress else None,
                               learner=learner, per_episode=True)
 
-    mine = values(loaded.evaluator, loaded.meta)
+    mine = values(evaluator, loaded.meta)
     res = {"split": label, "step": loaded.step, "seed": seed, **summarize(mine)}
+    if inner_steps is not None:
+        res["inner_steps"] = inner_steps
     for group, learners in others.items():
         for b, (b_learner, b_meta) in learners.items():
             theirs = values(b_learner, b_meta, b)
@@ -219,6 +237,15 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, episodes: int | 
         res["dataset"] = {**data_info, "sampler_of": split}
     Run(run_dir, create=False).write_json(name, res)
     return res
+
+
+def _with_inner_steps(learner: InnerLearner, steps: int, who: str) -> InnerLearner:
+    """`learner` taking `steps` inner steps; an error naming `who` if it has no such field."""
+    if not (dataclasses.is_dataclass(learner) and "inner_steps" in
+            {f.name for f in dataclasses.fields(learner)}):
+        raise ValueError(f"{who}: its learner ({type(learner).__name__}) takes no inner steps "
+                         "(no inner_steps field); evaluate it without --inner-steps")
+    return dataclasses.replace(learner, inner_steps=steps)
 
 
 def _against(loaded: LoadedRun, split: str, runs: Sequence[str | Path]) -> dict:

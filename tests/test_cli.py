@@ -141,6 +141,38 @@ def test_small_output_defects_stay_fixed(tmp_path, capsys):
     assert capsys.readouterr().out.count("run directory:") == 1
 
 
+def test_evaluate_with_other_inner_steps_scores_the_learner_with_that_many(tmp_path, capsys):
+    """`--inner-steps N` is the run's learner with inner_steps=N (here MAML on linear
+    regression), scored on the run's test episodes and saved apart; 0 and a learner without
+    inner steps are refused, naming the fix."""
+    import dataclasses
+
+    from metalearn.evaluation import evaluate
+    from metalearn.reload import evaluate_run, load_run
+    from metalearn.seeds import TEST_SEED
+
+    rd = tmp_path / "run"
+    assert main(["train", "linreg_sgd", "--run-dir", str(rd), "--set", "steps=2",
+                 "--set", "test_episodes=8", "--set", "eval_every=0", "--no-progress"]) == 0
+    loaded = load_run(rd)
+    res = evaluate_run(rd, inner_steps=7)
+    want = evaluate(dataclasses.replace(loaded.evaluator, inner_steps=7), loaded.meta,
+                    loaded.splits["test"], jax.random.PRNGKey(TEST_SEED), 8)
+    assert res["inner_steps"] == 7 and res["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert res["loss"] != pytest.approx(evaluate_run(rd)["loss"], rel=1e-5)
+    assert (rd / "eval_test_steps7.json").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(rd), "--inner-steps", "7", "--no-progress"]) == 0
+    assert "7 inner steps" in capsys.readouterr().out
+    assert main(["evaluate", str(rd), "--inner-steps", "0"]) == 2
+    assert "inner_steps=0: must be at least 1" in capsys.readouterr().err
+    from metalearn.learners.protonet import ProtoNet
+    from metalearn.reload import _with_inner_steps
+
+    with pytest.raises(ValueError, match="takes no inner steps .* without --inner-steps"):
+        _with_inner_steps(ProtoNet(), 5, "runs/x")
+
+
 @pytest.mark.parametrize("flag,value", [("episodes", "0"), ("ways", "0"), ("shots", "-1"),
                                         ("unlabeled", "-2")])
 def test_evaluate_refuses_impossible_counts_before_reading_the_run(tmp_path, capsys, flag,
