@@ -5,7 +5,9 @@ The few-shot CNN here is the one the few-shot literature (Vinyals et al. 2016, S
 
     3x3 conv ('same', no bias) -> batch norm (learned scale and shift) -> ReLU -> 2x2 max-pool
 
-(`conv_bn_relu_pool`) with one configurable channel width. On the CPU the block runs through
+(`conv_bn_relu_pool`) with one configurable channel width; the official HyperTransformer code
+orders the block conv -> ReLU -> max-pool -> batch norm (`conv_relu_pool_bn`), which a CNN
+takes with `block_order="conv-relu-pool-bn"` (`BLOCK_ORDERS`). On the CPU the block runs through
 the hand-written kernels of `metalearn.cpu_ops`, elsewhere through XLA's own convolution and
 pooling (`ops`, `resolve_ops`). Parameters are a plain pytree
 `{"blocks": [{"w": [3, 3, C_in, C_out], "scale": [C_out], "shift": [C_out]}, ...]}` so that a
