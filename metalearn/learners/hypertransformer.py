@@ -55,9 +55,10 @@ Differences from the official TensorFlow code (google-research `hypertransformer
 - Block order (`block_order`): conv -> BN -> ReLU -> 2x2 max-pool by default (`metalearn.nn`'s
   few-shot CNN, shared with ProtoNet and MAML so the widths compare); "conv-relu-pool-bn" is the
   official conv -> ReLU -> max-pool -> BN (BN statistics then those of the pooled
-  activations). At 4 channels ours can die: the last block's positive activations can end up
-  only in the row and column of its 3x3 map that the 2x2 pool drops, leaving every feature 0;
-  with BN last the features are normalised over the batch and never all 0.
+  activations). At 4 channels under the paper's SGD, ours died: the last block's positive
+  activations ended up only in the row and column of its 3x3 map that the 2x2 pool drops,
+  leaving every feature 0; the official order trained with the same recipe
+  (docs/fewshot_omniglot.md).
 - Generated-weight scaling: each slice is divided by sqrt(fan-in); the official code reshapes
   the transformer's output into the kernel as it is.
 - Initialisation of the logits generator (matched query/key, identity value/output maps,

@@ -70,7 +70,7 @@ NORM_EPS = 1e-5
 
 def second_moment_normalize(x: Array, eps: float = NORM_EPS) -> Array:
     """x / sqrt(eps + mean(x^2)) over the whole tensor (learned_optimization's normaliser)."""
-    return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x)))
+    return x * feature_scales([x], eps)[0]
 
 
 def second_moments(xs: list[Array]) -> Array:
@@ -80,6 +80,11 @@ def second_moments(xs: list[Array]) -> Array:
                           lambda a, b: [u + v for u, v in zip(a, b, strict=True)],
                           tuple(range(xs[0].ndim)))
     return jnp.stack(sums) / xs[0].size
+
+
+def feature_scales(xs: list[Array], eps: float = NORM_EPS) -> Array:
+    """[1 / sqrt(eps + mean(x^2)) for x in xs]: what `second_moment_normalize` multiplies by."""
+    return jax.lax.rsqrt(eps + second_moments(xs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +134,8 @@ class _LearnedOptimizer(_Network):
 
     def feature_list(self, p: Array, g: Array, acc: PyTree) -> list[Array]:
         """The F features, each second-moment normalised per tensor."""
-        return [second_moment_normalize(x) for x in self.raw_features(p, g, acc)]
+        raw = self.raw_features(p, g, acc)
+        return [x * s for x, s in zip(raw, feature_scales(raw), strict=True)]
 
     def tensor_features(self, p: Array, g: Array, acc: PyTree) -> Array:
         """The features stacked: [*p.shape, F]."""
@@ -175,8 +181,7 @@ class _LearnedOptimizer(_Network):
         """One tensor's update: the accumulators after g, then p - d exp(a c1) c2."""
         acc = self.accumulate(acc, g)
         raw = self.raw_features(p, g, acc)
-        scales = jax.lax.rsqrt(NORM_EPS + second_moments(raw))
-        d, a = self.mlp_of(meta, raw, time_features(t), scales)
+        d, a = self.mlp_of(meta, raw, time_features(t), feature_scales(raw))
         return p - d * jnp.exp(a * self.exp_mult) * self.step_mult, acc
 
     def mlp_of(self, meta: MetaParams, feats: list[Array], tf: Array,
