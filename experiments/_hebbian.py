@@ -34,7 +34,8 @@ def learner_config(**overrides: Any) -> ConfigDict:
                     "symmetric_synapses": False, "symmetric_states": False,
                     "normalize_synapses": False, "oja": False, "saturation": False,
                     "truncate": 0, "genome_std": 1.0, "synapse_update_init": -1e-3,
-                    "init_scale": 1.0, "target_low": -1.0, "meta_loss": "mse"})
+                    "init_scale": 1.0, "target_low": -1.0, "meta_loss": "mse",
+                    "score_steps": ""})
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -85,6 +86,8 @@ DOCS = {
     "learner.target_low": "off value of the one-hot target codes (on: 1)",
     "learner.meta_loss": "query scoring: mse (the paper's code), balanced_mse (true class and "
                          "the others weigh half each) or cross_entropy",
+    "learner.score_steps": "inner step counts (comma-separated, e.g. 10,100) after which the "
+                           "meta-loss scores the queries, averaged; empty: after inner_steps",
     "report_horizon": "the report also scores horizon x T inner steps (beyond the unroll)",
     "report_episodes": "unseen test tasks of the report (each with its own initialisation)",
     "baseline_lrs": "learning rates tried for SGD and Adam on the training tasks",
@@ -99,10 +102,17 @@ DOCS = {
 
 def build_learner(config: ConfigDict, ways: int) -> HebbianLearner:
     """The HebbianLearner of `config.learner` for `ways` classes."""
-    cfg = config.learner.to_dict()
+    return HebbianLearner(ways=ways, **network_fields(config.learner.to_dict()))
+
+
+def network_fields(cfg: dict) -> dict:
+    """`cfg` (a `learner` section as a dict) with the network's comma lists and zeros parsed:
+    hidden and score_steps as tuples, inner_batch_size 0 as None."""
+    cfg = dict(cfg)
     cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
+    cfg["score_steps"] = tuple(int(t) for t in comma_list(cfg.get("score_steps", "")))
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
-    return HebbianLearner(ways=ways, **cfg)
+    return cfg
 
 
 def baseline(learner: HebbianLearner, optimizer: str) -> GradientBaseline:

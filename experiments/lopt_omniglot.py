@@ -15,7 +15,7 @@ same tasks and network instead: MAML's meta-learned initial weights then T SGD s
 
 from __future__ import annotations
 
-from metalearn.experiment import ConfigDict, Experiment, base_config, comma_list
+from metalearn.experiment import ConfigDict, Experiment, base_config
 from metalearn.experiments import _hebbian, _omniglot, hebbian_omniglot
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.learners.maml import MAMLNetwork
@@ -40,7 +40,7 @@ def get_config() -> ConfigDict:
                             "target_low": -1.0, "meta_loss": "cross_entropy",
                             "hidden_size": 0, "hidden_layers": 2, "step_mult": 0.003,
                             "exp_mult": 0.1, "start": "sgd", "max_offset": 0,
-                            "loss_cap": 10.0, "inner_lr": 0.1})
+                            "loss_cap": 10.0, "inner_lr": 0.1, "score_steps": ""})
     _hebbian.report_config(c)
     c.report_horizon = 10
     c.outer = _hebbian.hebbian_outer(batch_size=8, steps_per_call=25)
@@ -59,7 +59,7 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
         **{k: v for k, v in _hebbian.DOCS.items()
            if not k.startswith("learner.") or k.removeprefix("learner.") in (
                "hidden", "inner_steps", "inner_batch_size", "replicas", "hidden_activation",
-               "output_activation", "init_scale", "target_low", "meta_loss")},
+               "output_activation", "init_scale", "target_low", "meta_loss", "score_steps")},
         "learner.inner_steps": "learned-optimizer steps per episode (T, the meta-training "
                                "unroll)",
         "learner.kind": "adafac (small factored, 134 meta-parameters at hidden_size 4), mlp "
@@ -81,15 +81,13 @@ DOCS = {**{k: v for k, v in _omniglot.DOCS.items()
 
 def build_learner(config: ConfigDict, ways: int):
     """The learned optimizer (or MAML / Meta-SGD) of `config.learner` for `ways` classes."""
-    cfg = config.learner.to_dict()
+    cfg = _hebbian.network_fields(config.learner.to_dict())
     kind = cfg.pop("kind")
     if kind not in KINDS and kind not in MAML_KINDS:
         raise ValueError(f"learner.kind={kind!r}: use adafac, mlp, maml or metasgd")
-    cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
-    cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
     inner_lr = cfg.pop("inner_lr")
     if kind in MAML_KINDS:
-        net = {f: cfg[f] for f in _hebbian.NETWORK_FIELDS if f != "ways"}
+        net = {f: cfg[f] for f in (*_hebbian.NETWORK_FIELDS, "score_steps") if f != "ways"}
         return MAMLNetwork(ways=ways, inner_lr=inner_lr, lr_mode=MAML_KINDS[kind], **net)
     if not cfg["hidden_size"]:
         cfg.pop("hidden_size")

@@ -3,6 +3,7 @@ NaN guard, step offsets, and meta-training that lowers the query loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metalearn.experiments import lopt_omniglot
 from metalearn.learners.hebbian import _Network
 from metalearn.learners.lopt import (
     FUSED_WIDTH,
@@ -194,6 +196,27 @@ def test_step_offsets_are_drawn_per_episode_from_the_key():
     again = int(lopt.init_state(meta, jax.random.PRNGKey(3), 36)[2])
     assert again == int(lopt.init_state(meta, jax.random.PRNGKey(3), 36)[2])
     assert int(MLPLOpt(**NET).init_state(meta, jax.random.PRNGKey(3), 36)[2]) == 0
+
+
+def test_score_steps_average_the_curve_at_those_steps():
+    lopt = AdafacLOpt(**{**NET, "replicas": 2}, max_offset=50, meta_loss="cross_entropy",
+                      score_steps=(7, 2, 4, 2))
+    assert lopt.score_steps == (2, 4, 7)
+    plain = dataclasses.replace(lopt, score_steps=())
+    meta = lopt.init(jax.random.PRNGKey(1), episode())
+    key = jax.random.PRNGKey(3)
+    curve = plain.curve(meta, episode(), key, 7)
+    loss, metrics = lopt.loss(meta, episode(), key)
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(metrics[name], np.mean(curve[name][np.array([2, 4, 7])]),
+                                   rtol=1e-5)
+    at_t = dataclasses.replace(lopt, score_steps=(NET["inner_steps"],)).loss(meta, episode(), key)
+    np.testing.assert_allclose(at_t[0], plain.loss(meta, episode(), key)[0], rtol=1e-6)
+    config = lopt_omniglot.get_config()
+    config.learner.score_steps = "100,10"
+    assert lopt_omniglot.build_learner(config, 5).score_steps == (10, 100)
+    with pytest.raises(ValueError, match="score_steps must list inner step counts >= 1"):
+        AdafacLOpt(**NET, score_steps=(0, 3))
 
 
 @pytest.mark.slow

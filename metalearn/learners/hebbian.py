@@ -122,10 +122,15 @@ class _Network(InnerLearner):
     init_scale: float = 1.0  # synapses ~ U(-1, 1) * init_scale / sqrt(n_in + 1 + n_out)
     target_low: float = -1.0  # the target code of a class is one-hot with this off value
     meta_loss: str = "mse"  # scoring of the queries: mse, balanced_mse or cross_entropy
+    score_steps: tuple[int, ...] = ()  # `loss` scores after each of these steps (): inner_steps
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "score_steps", tuple(sorted({int(t) for t in self.score_steps})))
+        if any(t < 1 for t in self.score_steps):
+            raise ValueError(f"{name}.score_steps must list inner step counts >= 1, got "
+                             f"{self.score_steps}")
         if self.ways < 2:
             raise ValueError(f"{name}.ways must be >= 2 (one output unit per class), got "
                              f"{self.ways}")
@@ -281,9 +286,23 @@ class _Network(InnerLearner):
         return {"loss": jnp.mean(err), "accuracy": jnp.mean(acc)}
 
     def loss(self, meta: MetaParams, episode: Episode, key: Array) -> tuple[Array, dict]:
-        """The replicas' mean query meta-loss (`meta_loss`) and accuracy."""
-        state = self.adapt(meta, episode.support(), key)
-        m = self.score(self._replica_outputs(meta, state, episode.query_x), episode.query_y)
+        """The replicas' mean query meta-loss (`meta_loss`) and accuracy after `inner_steps`
+        steps, or their means over the counts of `score_steps` (one run of the networks, scored
+        as it passes each count), so that a rule meta-trained on it must also hold up beyond
+        its unroll T."""
+        if not self.score_steps:
+            state = self.adapt(meta, episode.support(), key)
+            m = self.score(self._replica_outputs(meta, state, episode.query_x), episode.query_y)
+            return m["loss"], m
+        states, k_batch = self._start(meta, episode.support_x.shape, key)
+        batch = self._batches(episode.support(), k_batch)
+        outputs, t0 = [], 0
+        for t in self.score_steps:
+            states = jax.vmap(lambda s, t0=t0, t=t: self._steps(
+                meta, s, batch, None, jnp.arange(t0, t))[0])(states)
+            outputs.append(self._replica_outputs(meta, states, episode.query_x))
+            t0 = t
+        m = self.score(jnp.stack(outputs), episode.query_y)
         return m["loss"], m
 
     # ----- truncated unrolls (metalearn.outer.truncated)
