@@ -50,5 +50,5 @@ def build(config: ConfigDict, run: Run | None = None) -> Experiment:
                 block_order=cfg.pop("block_order", "conv-bn-relu-pool"))
     learner = MAML(model, **cfg)
     return Experiment(learner=learner, splits=_omniglot.samplers(config, run),
-                      eval_learner=learner.for_evaluation(), report=_omniglot.report,
+                      report=_omniglot.report,
                       report_plan=_omniglot.report_plan)

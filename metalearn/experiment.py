@@ -35,7 +35,8 @@ class Experiment:
 
     learner: InnerLearner
     splits: dict[str, TaskSampler]  # at least "train"; "validation"/"test" for held-out tasks
-    # scores evaluations when given (same meta-parameters as `learner`, e.g. extra metrics)
+    # scores evaluations when given (same meta-parameters as `learner`, e.g. extra metrics);
+    # else `learner.for_evaluation()` does
     eval_learner: InnerLearner | None = None
     # extra headline figures: report(exp, meta, run, config, progress=...) -> dict for summary.json
     report: Callable[..., dict] | None = None
@@ -48,8 +49,8 @@ class Experiment:
 
     @property
     def evaluator(self) -> InnerLearner:
-        """The learner that scores evaluations."""
-        return self.eval_learner or self.learner
+        """The learner that scores evaluations: `eval_learner`, else `learner.for_evaluation()`."""
+        return self.eval_learner or self.learner.for_evaluation()
 
     @property
     def train(self) -> TaskSampler:

@@ -94,7 +94,8 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
     if config.get("experiment"):
         exp = build_experiment(config, run)
         learner = learner or exp.learner
-        splits, evaluator = dict(exp.splits), exp.eval_learner or learner
+        splits = dict(exp.splits)
+        evaluator = exp.eval_learner or learner.for_evaluation()
         key = jax.random.PRNGKey(config.seed)
     else:
         exp = None
@@ -108,7 +109,7 @@ def load_run(path: str | Path, step: int | None = None, *, learner: InnerLearner
             except ValueError as e:
                 if name == "train":
                     raise _not_rebuildable(run.path, "train sampler", "sampler", e) from None
-        evaluator = learner
+        evaluator = learner.for_evaluation()
         if config.get("eval_learner"):
             try:
                 evaluator = rebuild(config.eval_learner.to_dict())

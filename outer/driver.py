@@ -132,8 +132,8 @@ def run(outer: OuterLoop, learner: InnerLearner, train_sampler: TaskSampler, key
 
     `resume` continues the run in `run_dir` from its latest checkpoint, or from the one of
     `from_step` (later checkpoints are then set aside in rejected_checkpoints/).
-    `eval_learner` (default: `learner`) scores the periodic evaluations; it must take the
-    same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
+    `eval_learner` (default: `learner.for_evaluation()`) scores the periodic evaluations; it
+    must take the same meta-parameters (e.g. a wrapper whose `loss` adds comparison metrics).
     `init_meta` starts from these meta-parameters instead of `learner.init` (e.g. a trained
     or hand-made genome); a resume takes the checkpoint's. `callbacks` receive every metric
     record, after the run directory's writers.
@@ -147,7 +147,7 @@ def run(outer: OuterLoop, learner: InnerLearner, train_sampler: TaskSampler, key
     if from_python:
         config = python_run_config(outer, learner, train_sampler, eval_sampler, eval_learner,
                                    key, steps, options, config)
-    s = _Session(outer, learner, eval_learner or learner, eval_sampler, options,
+    s = _Session(outer, learner, eval_learner or learner.for_evaluation(), eval_sampler, options,
                  Run(run_dir) if run_dir is not None else None, config, callbacks)
     try:
         result = _drive(s, learner, train_sampler, key, steps, resume, from_step,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metalearn.experiment import Experiment
 from metalearn.experiments import lopt_omniglot
 from metalearn.learners.hebbian import _Network
 from metalearn.learners.lopt import (
@@ -212,6 +213,9 @@ def test_score_steps_average_the_curve_at_those_steps():
                                    rtol=1e-5)
     at_t = dataclasses.replace(lopt, score_steps=(NET["inner_steps"],)).loss(meta, episode(), key)
     np.testing.assert_allclose(at_t[0], plain.loss(meta, episode(), key)[0], rtol=1e-6)
+    # evaluations score at T, as the baselines are scored
+    assert lopt.for_evaluation() == plain
+    assert Experiment(learner=lopt, splits={"train": sampler()}).evaluator == plain
     config = lopt_omniglot.get_config()
     config.learner.score_steps = "100,10"
     assert lopt_omniglot.build_learner(config, 5).score_steps == (10, 100)

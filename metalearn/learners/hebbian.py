@@ -256,6 +256,11 @@ class _Network(InnerLearner):
 
         return jax.vmap(one)(states)
 
+    def for_evaluation(self) -> _Network:
+        """The same learner scored after `inner_steps` only (`score_steps` is a meta-training
+        objective; evaluations report accuracy at T, as the baselines are scored)."""
+        return dataclasses.replace(self, score_steps=()) if self.score_steps else self
+
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> PyTree:
         """The weights of `replicas` networks after `inner_steps` steps (leading axis R)."""
         return self._train(meta, support, key, self.inner_steps)[0]

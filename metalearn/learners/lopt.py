@@ -39,7 +39,9 @@ Options for long and unstable inner runs: `max_offset` draws each episode's step
 [0, max_offset) (the step features only), so tasks do not run in lock step
 (`random_initial_iteration_offset`); a query meta-loss that is NaN or infinite (a diverged
 inner run) is replaced by `loss_cap` and gradients through it are zero, so one diverged episode
-neither makes a meta-gradient NaN nor an evolution fitness unbounded.
+neither makes a meta-gradient NaN nor an evolution fitness unbounded. `score_steps` (from
+`_Network`) scores the queries after several step counts, e.g. (T, 10T), and meta-trains on the
+mean, so that the rule is also judged where it runs past its unroll.
 """
 
 from __future__ import annotations
