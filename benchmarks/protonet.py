@@ -53,7 +53,7 @@ from metalearn.core import Array, Episode, InnerLearner, TaskSampler
 from metalearn.learners.maml import MAML
 from metalearn.learners.protonet import ProtoNet
 from metalearn.memory import release_free_memory
-from metalearn.nn import CNN
+from metalearn.nn import BLOCK_ORDERS, CNN
 from metalearn.outer.gradient import GradientOuterLoop
 
 
@@ -101,30 +101,32 @@ class EpisodePool(TaskSampler):
 
 
 LEARNERS = ("protonet", "maml", "fomaml", "ht", "ht_logits")
+DEFAULT_ORDER = next(iter(BLOCK_ORDERS))  # the learners' default CNN block
 
 
-def make_learner(name: str, width: int) -> InnerLearner:
+def make_learner(name: str, width: int, block_order: str = DEFAULT_ORDER) -> InnerLearner:
     """ProtoNet; (first-order) MAML with 5 inner steps and a 20-way head; the HyperTransformer
     generating all layers (ht) or the logits layer only (ht_logits, 4 trained conv blocks),
-    with `ht_omniglot`'s generator settings; at one width."""
+    with `ht_omniglot`'s generator settings; at one width and CNN block order."""
     if name == "protonet":
-        return ProtoNet(channels=width)
+        return ProtoNet(channels=width, block_order=block_order)
     if name in ("ht", "ht_logits"):
         from metalearn.learners.hypertransformer import HyperTransformer
 
-        return HyperTransformer(ways=20, channels=width,
+        return HyperTransformer(ways=20, channels=width, block_order=block_order,
                                 trained_blocks=4 if name == "ht_logits" else 0)
-    return MAML(CNN(width, 4, out_dim=20), inner_steps=5, inner_lr=0.4,
-                first_order=name == "fomaml")
+    return MAML(CNN(width, 4, out_dim=20, block_order=block_order), inner_steps=5,
+                inner_lr=0.4, first_order=name == "fomaml")
 
 
 def worker(width: int, batch: int, chunk: int, ops: str,
-           learner_name: str = "protonet", repeats: int = 10) -> dict:
+           learner_name: str = "protonet", repeats: int = 10,
+           block_order: str = DEFAULT_ORDER) -> dict:
     """Steps/s (median of `repeats` calls of `chunk` steps) and memory of one learner at one
     width (run in a fresh process)."""
     os.environ["METALEARN_OPS"] = ops  # the CNN block: metalearn.cpu_ops' kernels or XLA's
     sampler, source = _sampler(20, 1, 15)
-    learner = make_learner(learner_name, width)
+    learner = make_learner(learner_name, width, block_order)
     outer = GradientOuterLoop(batch_size=batch, steps_per_call=chunk)
     state = outer.init(learner, sampler, jax.random.PRNGKey(0))
     rss0 = peak_rss_mb()
@@ -225,7 +227,8 @@ def _run(script_args: list[str]) -> dict:
 
 def _run_worker(args: argparse.Namespace, width: int, *extra: str) -> dict:
     return _run([Path(__file__).name, "--worker", str(width), "--batch", str(args.batch),
-                 "--chunk", str(args.chunk), "--repeats", str(args.repeats), *extra])
+                 "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+                 "--block-order", args.block_order, *extra])
 
 
 def _set_malloc(mode: str) -> None:
@@ -271,18 +274,21 @@ def main() -> None:
                     help="run every timed process (ours and the PyTorch peer) with glibc's "
                          "malloc on transparent huge pages, as the metalearn command does, or "
                          "with glibc's default")
+    ap.add_argument("--block-order", default=DEFAULT_ORDER, choices=list(BLOCK_ORDERS),
+                    help="the CNN block of every learner (metalearn.nn.BLOCK_ORDERS)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.batch, args.chunk, args.ops,
-                                args.learners[0], args.repeats)))
+                                args.learners[0], args.repeats, args.block_order)))
         return
     _set_malloc(args.malloc)
     peers = args.peer if args.peer is not None else (
         ["eager", "channels_last", "compiled"] if _torch_available() else [])
     print(f"devices: {jax.devices()}  (jax {jax.__version__}); 20-way 1-shot 15-query, "
           f"{args.batch} episodes per step, Adam; medians of {args.repeats} calls of "
-          f"{args.chunk} steps" + (f", ops={args.ops}" if args.ops != "auto" else "")
+          f"{args.chunk} steps, block {args.block_order}"
+          + (f", ops={args.ops}" if args.ops != "auto" else "")
           + f"; load average {os.getloadavg()[0]:.2f}; malloc: {args.malloc} (GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '')!r})")
     if not peers and args.peer is None:
