@@ -109,8 +109,12 @@ def network_fields(cfg: dict) -> dict:
     """`cfg` (a `learner` section as a dict) with the network's comma lists and zeros parsed:
     hidden and score_steps as tuples, inner_batch_size 0 as None."""
     cfg = dict(cfg)
-    cfg["hidden"] = tuple(int(h) for h in comma_list(cfg["hidden"]))
-    cfg["score_steps"] = tuple(int(t) for t in comma_list(cfg.get("score_steps", "")))
+    for field in ("hidden", "score_steps"):
+        items = comma_list(cfg.get(field, ""))
+        if not all(s.lstrip("-").isdigit() for s in items):
+            raise ValueError(f"learner.{field}={cfg[field]!r}: give whole numbers separated by "
+                             f"commas (e.g. --set learner.{field}=10,100)")
+        cfg[field] = tuple(int(s) for s in items)
     cfg["inner_batch_size"] = cfg["inner_batch_size"] or None
     return cfg
 

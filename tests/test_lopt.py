@@ -219,6 +219,9 @@ def test_score_steps_average_the_curve_at_those_steps():
     config = lopt_omniglot.get_config()
     config.learner.score_steps = "100,10"
     assert lopt_omniglot.build_learner(config, 5).score_steps == (10, 100)
+    config.learner.score_steps = "10,x"
+    with pytest.raises(ValueError, match=r"learner.score_steps='10,x': give whole numbers"):
+        lopt_omniglot.build_learner(config, 5)
     with pytest.raises(ValueError, match="score_steps must list inner step counts >= 1"):
         AdafacLOpt(**NET, score_steps=(0, 3))
 
