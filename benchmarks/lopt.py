@@ -30,8 +30,8 @@ from hebbian import (  # noqa: E402  (benchmarks/hebbian.py, next to this file)
     start,
 )
 
-from metalearn.learners.hebbian import GradientBaseline  # noqa: E402
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt  # noqa: E402
+from metalearn.learners.network import GradientBaseline  # noqa: E402
 
 NET = dict(ways=5, hidden=(100,), inner_steps=10, hidden_activation="tanh",
            output_activation="identity", meta_loss="cross_entropy")

@@ -16,7 +16,8 @@ import numpy as np
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, TaskSampler, Wrapper
 from metalearn.evaluation import evaluate
 from metalearn.experiment import ConfigDict, Experiment, cached_json, comma_list, outer_config
-from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Network
+from metalearn.learners.hebbian import HebbianLearner
+from metalearn.learners.network import GradientBaseline, Network
 from metalearn.runs import Run, pyplot, save_figure
 from metalearn.seeds import BASELINE_OFFSET, REPORT_SEED
 
@@ -119,7 +120,7 @@ def network_fields(cfg: dict) -> dict:
     return cfg
 
 
-def baseline(learner: _Network, optimizer: str) -> GradientBaseline:
+def baseline(learner: Network, optimizer: str) -> GradientBaseline:
     """The same network as `learner` (f for f/f' neurons), trained by `optimizer` at the rate
     of its meta-parameters {"learning_rate": lr}."""
     same = {f: getattr(learner, f) for f in NETWORK_FIELDS}
@@ -151,7 +152,7 @@ def _curve(learner: InnerLearner, meta: MetaParams, sampler: TaskSampler, steps:
             "ci95": [res[f"accuracy_{i}_ci95"] for i in range(steps + 1)]}
 
 
-def tune(learner: _Network, optimizer: str, sampler: TaskSampler, lrs: list[float],
+def tune(learner: Network, optimizer: str, sampler: TaskSampler, lrs: list[float],
          episodes: int, batch: int, progress: bool = False) -> tuple[float, dict]:
     """The rate of `lrs` whose network is most accurate after T steps on training tasks (the
     rate a meta-parameter: one compiled program per optimizer)."""
@@ -167,7 +168,7 @@ def tune(learner: _Network, optimizer: str, sampler: TaskSampler, lrs: list[floa
 TUNING_FILE = "baseline_tuning.json"
 
 
-def tuned_rates(learner: _Network, sampler: TaskSampler, lrs: list[float], episodes: int,
+def tuned_rates(learner: Network, sampler: TaskSampler, lrs: list[float], episodes: int,
                 batch: int, run: Run | None, progress: bool = False) -> dict:
     """SGD's and Adam's tuned rates and their scores, kept in the run (TUNING_FILE): the tuning
     depends on the network, the training tasks and these settings, not on the trained rule, so
@@ -276,7 +277,7 @@ def baselines(exp: Experiment, run: Run | None, config: ConfigDict,
     return {**out, **_report_runs(config, exp.learner)}
 
 
-def _tuned_baselines(learner: _Network, tuning: dict) -> dict[str, tuple[Any, dict]]:
+def _tuned_baselines(learner: Network, tuning: dict) -> dict[str, tuple[Any, dict]]:
     """{"sgd"/"adam": (the baseline of `learner`'s network, its tuned rate as meta)}."""
     return {opt: (baseline(learner, opt),
                   {"learning_rate": jnp.float32(tuning[opt]["learning_rate"])})

@@ -29,7 +29,7 @@ a pair with one side capped still says which direction diverged (dropping such p
 leaves no signal once most tasks diverge, and the rule never comes back).
 
 The learner declares truncated unrolls (`Unrollable`): the Hebbian genome and the learned
-optimizers (`metalearn.learners.hebbian`, `metalearn.learners.lopt`) do.
+optimizers (`metalearn.learners.network.Network`'s subclasses) do.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def test_episode_values_are_what_evaluate_summarises_and_pair_by_episode():
     summary; `paired_difference` is the summary of the differences, narrower than either
     interval when the episodes' difficulty is shared."""
     from metalearn.evaluation import episode_values, evaluate, paired_difference
-    from metalearn.learners.hebbian import GradientBaseline
+    from metalearn.learners.network import GradientBaseline
     from metalearn.tasks.functions2d import Functions2D
 
     tasks = Functions2D(families=("moons",), num_support=16, num_queries=16)

@@ -13,12 +13,12 @@ import pytest
 
 from metalearn.core import Episode, Support
 from metalearn.learners.hebbian import (
-    GradientBaseline,
     HebbianLearner,
     backprop_learner,
     gradient_genome,
     random_genome,
 )
+from metalearn.learners.network import GradientBaseline
 from metalearn.outer.evolution import EvolutionOuterLoop
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.functions2d import Functions2D

@@ -30,11 +30,12 @@ import pytest
 from metalearn.core import InnerLearner, Support, TaskSampler, batch_loss
 from metalearn.learners.continual import ConstPN, ContinualHyperTransformer
 from metalearn.learners.gd import GradientDescent, LeastSquares
-from metalearn.learners.hebbian import GradientBaseline, HebbianLearner, _Network
+from metalearn.learners.hebbian import HebbianLearner
 from metalearn.learners.hypertransformer import HyperTransformer
 from metalearn.learners.lopt import AdafacLOpt, MLPLOpt
 from metalearn.learners.lsa import LSA
 from metalearn.learners.maml import MAML, MAMLNetwork
+from metalearn.learners.network import GradientBaseline, Network
 from metalearn.learners.protonet import ProtoNet
 from metalearn.nn import CNN, MLP, Linear
 from metalearn.outer.evolution import EvolutionOuterLoop
@@ -269,7 +270,7 @@ def test_every_learner_class_is_registered():
     registered = {type(e.learner) for e in LEARNERS}
     # abstract bases join through every concrete learner built on them
     assert {HebbianLearner, GradientBaseline} <= registered and all(
-        issubclass(c, _Network) for c in (HebbianLearner, GradientBaseline))
+        issubclass(c, Network) for c in (HebbianLearner, GradientBaseline))
     for m in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"metalearn.learners.{m.name}")
         for _, cls in inspect.getmembers(mod, inspect.isclass):

@@ -13,7 +13,6 @@ import pytest
 
 from metalearn.experiment import Experiment
 from metalearn.experiments import lopt_omniglot
-from metalearn.learners.hebbian import _Network
 from metalearn.learners.lopt import (
     FUSED_WIDTH,
     MLP_DECAYS,
@@ -24,6 +23,7 @@ from metalearn.learners.lopt import (
     second_moments,
     time_features,
 )
+from metalearn.learners.network import Network
 from metalearn.outer.gradient import GradientOuterLoop
 from metalearn.tasks.fewshot import FewShotSampler
 from metalearn.tasks.functions2d import Functions2D
@@ -169,7 +169,7 @@ def test_adam_start_steps_along_normalised_m_over_sqrt_v():
 def test_a_diverged_inner_run_gives_the_capped_loss_and_finite_gradients():
     lopt = MLPLOpt(**NET, step_mult=float("inf"), loss_cap=7.5, meta_loss="cross_entropy")
     meta = lopt.init(jax.random.PRNGKey(8), episode())
-    raw = lambda lo, m: _Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]  # unguarded
+    raw = lambda lo, m: Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]  # unguarded
     assert not np.isfinite(jax.jit(raw, static_argnums=0)(lopt, meta))
     loss, metrics = jax.jit(lopt.loss)(meta, episode(), jax.random.PRNGKey(0))
     assert float(loss) == 7.5 and float(metrics["loss"]) == 7.5
@@ -181,7 +181,7 @@ def test_a_diverged_inner_run_gives_the_capped_loss_and_finite_gradients():
 def test_the_guard_leaves_a_healthy_meta_gradient_alone():
     ok = MLPLOpt(**NET, meta_loss="cross_entropy")
     meta = ok.init(jax.random.PRNGKey(8), episode())
-    raw = lambda lo, m: _Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]
+    raw = lambda lo, m: Network.loss(lo, m, episode(), jax.random.PRNGKey(0))[0]
     f = lambda m: ok.loss(m, episode(), jax.random.PRNGKey(0))[0]
     for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(f))(meta)),
                     jax.tree.leaves(jax.jit(jax.grad(lambda m: raw(ok, m)))(meta)),

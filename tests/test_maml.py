@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from metalearn.core import Episode, Support
-from metalearn.learners.hebbian import GradientBaseline
 from metalearn.learners.maml import MAML, MAMLNetwork
+from metalearn.learners.network import GradientBaseline
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import CNN, MLP, Linear
 from tests.helpers import (
@@ -169,7 +169,7 @@ NET = {"ways": 3, "hidden": (6,), "inner_steps": 3, "hidden_activation": "tanh",
 
 
 def _drawn_weights(learner, key, d_in):
-    """The initial weights a `_Network` learner draws for an episode's key (one replica)."""
+    """The initial weights a `Network` learner draws for an episode's key (one replica)."""
     k_init = jax.random.split(key)[0]
     return [s["F"][0] for s in learner.synapses(jax.random.split(k_init, 1)[0], d_in)]
 

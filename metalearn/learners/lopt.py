@@ -1,6 +1,6 @@
 """Learned optimizers over gradients: a small MLP, applied to every parameter, writes its update.
 
-The inner problem is the Hebbian genome's (`metalearn.learners.hebbian._Network`): a fully
+The inner problem is the Hebbian genome's (`metalearn.learners.network.Network`): a fully
 connected network drawn fresh per episode (same layers, activations, initial weights, batches)
 and trained for `inner_steps` steps on the support set's batch-mean 1/2 squared error to the
 target codes; its queries are then scored by `meta_loss`. Instead of the genome's Hebbian
@@ -40,7 +40,7 @@ Options for long and unstable inner runs: `max_offset` draws each episode's step
 (`random_initial_iteration_offset`); a query meta-loss that is NaN or infinite (a diverged
 inner run) is replaced by `loss_cap` and gradients through it are zero, so one diverged episode
 neither makes a meta-gradient NaN nor an evolution fitness unbounded. `score_steps` (from
-`_Network`) scores the queries after several step counts, e.g. (T, 10T), and meta-trains on the
+`Network`) scores the queries after several step counts, e.g. (T, 10T), and meta-trains on the
 mean, so that the rule is also judged where it runs past its unroll.
 """
 
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metalearn.core import Array, Episode, MetaParams, PyTree
-from metalearn.learners.hebbian import _Network
+from metalearn.learners.network import Network
 from metalearn.nn import dense, init_dense
 
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
@@ -90,8 +90,8 @@ def feature_scales(xs: list[Array], eps: float = NORM_EPS) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LearnedOptimizer(_Network):
-    """A per-parameter MLP optimizer on the `_Network` inner problem; subclasses define the
+class _LearnedOptimizer(Network):
+    """A per-parameter MLP optimizer on the `Network` inner problem; subclasses define the
     accumulators (`init_accumulators`, `accumulate`) and the features they give."""
 
     hidden_size: int = 32
@@ -216,7 +216,7 @@ class _LearnedOptimizer(_Network):
         out = layers[-1]["w"].T @ h + layers[-1]["b"][:, None]
         return out[0].reshape(feats[0].shape), out[1].reshape(feats[0].shape)
 
-    # ----- the _Network contract
+    # ----- the Network contract
     def init_state(self, meta: MetaParams, key: Array, d_in: int) -> tuple:
         """Weights [n_c + 1, n_{c+1}] (bias last row), accumulators, the step offset."""
         k_w, k_off = jax.random.split(key)

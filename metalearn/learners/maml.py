@@ -29,7 +29,7 @@ example are masked out (`MASKED_LOGIT`), in the inner loss and in the prediction
 trained 20-way is evaluated 5-way on its first five output units.
 
 `MAMLNetwork` is the same method on the network that the learned update rules train (the
-Hebbian genome's and the learned optimizers' `_Network`: fully connected, squared error to the
+Hebbian genome's and the learned optimizers' `Network`: fully connected, squared error to the
 target codes, scored by `meta_loss`): theta is that network's initial weights, meta-learned
 instead of drawn per episode, and the T inner steps are SGD at alpha (fixed, one learned scalar,
 or Meta-SGD's per-weight rates). It is the learned-initialisation entry of the learned-rule
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Support, query_loss
-from metalearn.learners.hebbian import _Network
+from metalearn.learners.network import Network
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.nn import Model
 
@@ -173,7 +173,7 @@ class MAML(InnerLearner):
 
 
 @dataclasses.dataclass(frozen=True)
-class MAMLNetwork(_Network):
+class MAMLNetwork(Network):
     """MAML / Meta-SGD on the learned rules' network: meta-learned initial weights theta (and
     step sizes alpha), then T SGD steps on the support's squared error to the target codes."""
 
