@@ -27,6 +27,7 @@ what the `metalearn` command sets for itself; see `metalearn.cli.hugepages_env`)
 4 KB pages each of them faults anew, which costs PyTorch's step about half its time here.
 
 Usage: python benchmarks/protonet.py [--widths 8 64] [--batch 8] [--chunk 2] [--repeats 10]
+                                     [--rounds 1]
                                      [--ops auto|cpu|xla] [--sampling-share]
                                      [--learners protonet maml ht ...] [--peer [VARIANT ...]]
                                      [--malloc hugepages|default]
@@ -231,6 +232,14 @@ def _run_worker(args: argparse.Namespace, width: int, *extra: str) -> dict:
                  "--block-order", args.block_order, *extra])
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median step time (the lower middle one of an even count), with every run's
+    step time listed under "round_seconds"."""
+    ordered = sorted(runs, key=lambda r: r["seconds_per_step"])
+    return {**ordered[(len(ordered) - 1) // 2],
+            "round_seconds": [r["seconds_per_step"] for r in runs]}
+
+
 def _set_malloc(mode: str) -> None:
     """Set GLIBC_TUNABLES, which the timed subprocesses inherit, for `--malloc`."""
     from metalearn.cli import HUGEPAGES_TUNABLE, hugepages_env, thp_mode
@@ -259,6 +268,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2, help="meta-steps per compiled call")
     ap.add_argument("--repeats", type=int, default=10,
                     help="timed calls (medians; the PyTorch peer times 2x as many steps)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fresh processes per learner, run in turn; the median round is shown")
     ap.add_argument("--ops", default="auto", choices=("auto", "cpu", "xla"),
                     help="the CNN block: metalearn.cpu_ops' kernels (cpu; auto on a CPU) or "
                          "XLA's own convolution and pooling (xla)")
@@ -294,10 +305,13 @@ def main() -> None:
     if not peers and args.peer is None:
         print("(PyTorch not importable: no peer timed; `pip install torch==2.13.0` adds it)")
     for w in args.widths:
+        runs: dict[str, list[dict]] = {name: [] for name in args.learners}
+        for _ in range(args.rounds):  # the learners in turn, so that drifts hit each alike
+            for name in args.learners:
+                runs[name].append(_run_worker(args, w, "--learners", name, "--ops", args.ops))
         base = None
         for name in args.learners:
-            r = _run_worker(args, w, "--learners", name,
-                            "--ops", args.ops)
+            r = _median_run(runs[name])
             base = base or r
             ratio = (f", {r['seconds_per_step'] / base['seconds_per_step']:.2f}x the time and "
                      f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x the peak RSS of "
@@ -309,6 +323,9 @@ def main() -> None:
                   f"{r['stepping_rss_mb']:.0f} MB), XLA temp buffers "
                   f"{r['xla_temp_mb']:.0f} MB, compile {r['compile_s']:.1f} s{ratio}"
                   f"  [{r['source']}]")
+            if args.rounds > 1:
+                print(f"{'':>8} s/step of each round: "
+                      + ", ".join(f"{t:.3f}" for t in r["round_seconds"]))
         if not (peers and base and base["learner"] == "protonet"):
             continue
         with tempfile.TemporaryDirectory() as tmp:
