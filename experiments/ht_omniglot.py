@@ -45,8 +45,9 @@ DOCS = {**_omniglot.DOCS,
                               "(batch: transductive)",
         "learner.block_order": "a conv block's order: conv-bn-relu-pool (ours) or "
                                "conv-relu-pool-bn (the official HyperTransformer's)",
-        "learner.sequential": "run a batch's episodes one after another when conv layers are "
-                              "generated (faster on CPU; false on accelerators); same numbers"}
+        "learner.sequential": "when conv layers are generated, run a batch's query CNNs one "
+                              "episode after another (faster on CPU; false on accelerators); "
+                              "same numbers"}
 
 
 def build(config: ConfigDict, run: Run | None = None) -> Experiment:

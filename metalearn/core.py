@@ -287,12 +287,17 @@ def check_predictions(learner: InnerLearner, meta: MetaParams, episode: Episode,
 def episode_losses(learner: InnerLearner, meta: MetaParams, episodes: Episode,
                    key: Array) -> tuple[Array, dict]:
     """Per-episode losses [B] and metrics of a batch of episodes (leading axis), `vmap`ped
-    (or, for a learner with `sequential_episodes`, run one after another with `lax.map`);
-    episode i gets the learner key split(key, B)[i]."""
+    (or, for a learner with `sequential_episodes`, run one after another with `lax.map`: the
+    predictions only, after a `vmap`ped adaptation, where the learner's loss is the default
+    adapt -> predict -> `query_loss`); episode i gets the learner key split(key, B)[i]."""
     keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
-    if learner.sequential_episodes:
+    if not learner.sequential_episodes:
+        return jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
+    if type(learner).loss is not InnerLearner.loss:
         return jax.lax.map(lambda a: learner.loss(meta, *a), (episodes, keys))
-    return jax.vmap(learner.loss, in_axes=(None, 0, 0))(meta, episodes, keys)
+    states = jax.vmap(learner.adapt, in_axes=(None, 0, 0))(meta, episodes.support(), keys)
+    return jax.lax.map(lambda a: query_loss(learner.predict(meta, a[0], a[1]), a[2]),
+                       (states, episodes.query_x, episodes.query_y))
 
 
 def batch_loss(learner: InnerLearner, meta: MetaParams, episodes: Episode,

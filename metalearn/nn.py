@@ -155,14 +155,15 @@ def batch_norm(x: Array, scale: Array, shift: Array, stats: BNStats,
     return (x - stats.mean) * (scale * jax.lax.rsqrt(stats.var + eps)) + shift
 
 
-OPS = ("auto", "cpu", "xla")  # how the CNN block is computed (`resolve_ops`)
+OPS = ("auto", "cpu", "xla", "patches")  # how the CNN block is computed (`resolve_ops`)
 OPS_ENV = "METALEARN_OPS"
 
 
 def resolve_ops(ops: str | None = None) -> str:
-    """"cpu" (the hand-written kernels of `metalearn.cpu_ops`) or "xla" (XLA's convolution and
-    pooling): `ops` itself, else $METALEARN_OPS, else by backend ("auto": the kernels on the CPU,
-    where they were tuned, XLA's own elsewhere)."""
+    """"cpu" (the hand-written kernels of `metalearn.cpu_ops`), "xla" (XLA's convolution and
+    pooling) or "patches" (XLA's pooling, convolutions as patch products, `conv2d_patches`: for
+    a kernel per example): `ops` itself, else $METALEARN_OPS, else by backend ("auto": the
+    kernels on the CPU, where they were tuned, XLA's own elsewhere)."""
     choice = ops or os.environ.get(OPS_ENV) or "auto"
     if choice not in OPS:
         raise ValueError(f"ops={choice!r}: use one of {', '.join(OPS)} (or unset ${OPS_ENV})")
@@ -173,11 +174,27 @@ def resolve_ops(ops: str | None = None) -> str:
 
 def conv2d(x: Array, w: Array, ops: str | None = None) -> Array:
     """Stride-1 'same' convolution of NHWC images with an odd HWIO kernel (`resolve_ops`)."""
-    if resolve_ops(ops) == "cpu":
+    ops = resolve_ops(ops)
+    if ops == "cpu":
         from metalearn import cpu_ops
 
         return cpu_ops.conv2d(x, w)
-    return conv_same(x, w)
+    return conv2d_patches(x, w) if ops == "patches" else conv_same(x, w)
+
+
+def conv2d_patches(x: Array, w: Array, stride: int = 1) -> Array:
+    """conv2d(x, w)[:, ::stride, ::stride] (a 'same'-padded convolution read every `stride`
+    pixels) as one product of the patches [N, Ho, Wo, k*k*C_in] with the kernel: the outputs a
+    stride skips are never computed, and a kernel per example (`vmap`) makes it a batched
+    matrix product instead of a grouped convolution."""
+    k, c_in = w.shape[0], w.shape[2]
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    patches = jnp.concatenate(
+        [xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride]
+         for i in range(k) for j in range(k)], axis=-1)
+    return patches @ w.reshape(k * k * c_in, w.shape[-1])
 
 
 def conv_bn_relu_pool(x: Array, w: Array, scale: Array, shift: Array,
@@ -190,7 +207,7 @@ def conv_bn_relu_pool(x: Array, w: Array, scale: Array, shift: Array,
         from metalearn import cpu_ops
 
         return cpu_ops.conv_bn_relu_pool(x, w, scale, shift, stats, size)
-    y = conv_same(x, w)
+    y = conv2d(x, w, ops)
     stats = batch_stats(y) if stats is None else stats
     return max_pool(jax.nn.relu(batch_norm(y, scale, shift, stats)), size), stats
 
@@ -206,9 +223,11 @@ def conv_relu_pool_bn(x: Array, w: Array, scale: Array, shift: Array,
     if resolve_ops(ops) == "cpu":
         from metalearn import cpu_ops
 
-        pooled = cpu_ops.conv_pool(x, w, jnp.ones((w.shape[-1],), w.dtype), size)
+        # max-pooling in every channel: conv_pool pools by the sign of its third argument,
+        # and keys its computed-once pooling by it, which a constant would let XLA fold away
+        pooled = cpu_ops.conv_pool(x, w, jnp.abs(scale), size)
     else:
-        pooled = max_pool(conv_same(x, w), size)
+        pooled = max_pool(conv2d(x, w, ops), size)
     h = jax.nn.relu(pooled)
     stats = batch_stats(h) if stats is None else stats
     return batch_norm(h, scale, shift, stats), stats

@@ -196,9 +196,9 @@ def test_meta_training_lowers_the_query_loss():
     assert loss[-100:].mean() < 0.6 * loss[:100].mean() and acc[-100:].mean() > 0.6, loss
 
 
-@pytest.mark.slow  # 10 s: compiles the all-layer generator both ways
 def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
-    """`sequential` (lax.map over a batch's episodes) changes the speed, not the numbers."""
+    """`sequential` (generation vmapped, the query CNNs one episode after another) changes the
+    speed, not the numbers: every episode's loss and accuracy, and the gradient."""
     import dataclasses
 
     from metalearn.core import batch_loss
@@ -211,11 +211,12 @@ def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
     assert learner.sequential_episodes
     assert not dataclasses.replace(learner, trained_blocks=1).sequential_episodes
 
-    def metrics(lr):  # the loss and accuracy of every episode (the gradient: the same ops)
-        return jax.jit(lambda m: batch_loss(lr, m, batch, jax.random.PRNGKey(2))[1])(meta)
+    def metrics(lr):  # the loss and accuracy of every episode, and the gradient
+        return jax.jit(jax.grad(lambda m: batch_loss(lr, m, batch, jax.random.PRNGKey(2)),
+                                has_aux=True))(meta)
 
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), metrics(learner),
-                 metrics(dataclasses.replace(learner, sequential=False)))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 metrics(learner), metrics(dataclasses.replace(learner, sequential=False)))
 
 
 # ---------------------------------------------------------------- real data, end to end

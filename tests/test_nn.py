@@ -105,6 +105,32 @@ def test_tap_sum_convolution_is_xlas(shape, k):
                                                                          wide))
 
 
+@pytest.mark.parametrize("shape,stride", [((3, 9, 9, 4), 1), ((2, 9, 9, 4), 2),
+                                          ((2, 6, 11, 1), 2), ((2, 7, 4, 3), 3)])
+def test_patch_product_convolution_is_xlas_read_every_stride_pixels(shape, stride):
+    """`conv2d_patches` is XLA's 'same' convolution subsampled by the stride (odd and even
+    sizes), in value and in both gradients, and vmapped with a kernel per example it is the
+    convolution of each example with its own kernel."""
+    x = jax.random.normal(jax.random.PRNGKey(2), shape)
+    w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, shape[-1], 5))
+
+    def ref(x, w):
+        return nn.conv_same(x, w)[:, ::stride, ::stride]
+
+    out = nn.conv2d_patches(x, w, stride)
+    np.testing.assert_allclose(out, ref(x, w), rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(jax.random.PRNGKey(4), out.shape)
+    for a, b in zip(jax.vjp(lambda x, w: nn.conv2d_patches(x, w, stride), x, w)[1](g),
+                    jax.vjp(ref, x, w)[1](g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    w_each = jnp.stack([w, -2 * w, w[::-1]])
+    x_each = jnp.stack([x, x[::-1], 2 * x])
+    np.testing.assert_allclose(
+        jax.vmap(lambda x, w: nn.conv2d_patches(x, w, stride))(x_each, w_each),
+        jnp.stack([ref(a, b) for a, b in zip(x_each, w_each, strict=True)]),
+        rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [7, 264, 1000, None])
 def test_kernel_gradient_adds_up_chunks_and_a_ragged_tail(monkeypatch, rows):
     """dw taken a few whole images at a time (one image per chunk with 7 rows; two with 264
@@ -306,9 +332,9 @@ def test_cnn_gradient_under_jit_equals_eager():
 
 @pytest.mark.slow  # 10 s; the block-level test above compares the two paths too
 def test_the_cnn_on_cpu_kernels_and_on_xla_ops_agree_in_value_and_gradient(monkeypatch):
-    """The two ways of computing the CNN (`ops`): the same features, the same gradients of
+    """The three ways of computing the CNN (`ops`): the same features, the same gradients of
     every parameter, with the batch's statistics and with given ones."""
-    model = {o: nn.CNN(4, 3, out_dim=5, ops=o) for o in ("cpu", "xla")}
+    model = {o: nn.CNN(4, 3, out_dim=5, ops=o) for o in ("cpu", "xla", "patches")}
     x = _images(6, 28, 1, seed=3)
     params = model["cpu"].init(jax.random.PRNGKey(0), x)
     _, stats = model["xla"].apply(params, x[:3])
@@ -317,18 +343,19 @@ def test_the_cnn_on_cpu_kernels_and_on_xla_ops_agree_in_value_and_gradient(monke
             return m.apply(p, x, given)[0]
 
         outs = {o: jax.jit(features, static_argnums=1)(params, m) for o, m in model.items()}
-        np.testing.assert_allclose(outs["cpu"], outs["xla"], rtol=1e-4, atol=1e-4)
         loss = lambda p, m, f=features: jnp.sum(jnp.sin(f(p, m)))
         grads = {o: jax.jit(jax.grad(loss), static_argnums=1)(params, m)
                  for o, m in model.items()}
-        for a, b in zip(jax.tree.leaves(grads["cpu"]), jax.tree.leaves(grads["xla"]),
-                        strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        for other in ("xla", "patches"):
+            np.testing.assert_allclose(outs["cpu"], outs[other], rtol=1e-4, atol=1e-4)
+            for a, b in zip(jax.tree.leaves(grads["cpu"]), jax.tree.leaves(grads[other]),
+                            strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     assert nn.resolve_ops() == "cpu" and nn.resolve_ops("xla") == "xla"  # CPU backend here
     monkeypatch.setenv(nn.OPS_ENV, "xla")
     assert nn.resolve_ops() == "xla" and nn.resolve_ops("cpu") == "cpu"
     monkeypatch.setenv(nn.OPS_ENV, "gpu")
-    with pytest.raises(ValueError, match="ops='gpu': use one of auto, cpu, xla"):
+    with pytest.raises(ValueError, match="ops='gpu': use one of auto, cpu, xla, patches"):
         nn.resolve_ops()
     with pytest.raises(ValueError, match="CNN ops='fast'"):
         nn.CNN(ops="fast")

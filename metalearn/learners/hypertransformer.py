@@ -105,12 +105,16 @@ from metalearn.core import Array, Episode, InnerLearner, MetaParams, PyTree, Sup
 from metalearn.learners.protonet import MASKED_LOGIT
 from metalearn.messages import setting
 
+# The support's convolutions: a batch's episodes are generated together (`vmap`), each with its
+# own kernels, which patch products batch as matrix products (`nn.conv2d_patches`).
+SUPPORT_OPS = "patches"
+
 
 def _conv_features(convs: list[Array], x: Array, strides: tuple[int, ...]) -> Array:
     """Means over space of each conv's output (pre-activation), ReLU between convs: [N, F]."""
     out, h = [], x
     for i, (w, s) in enumerate(zip(convs, strides, strict=True)):
-        h = nn.conv2d(h, w)[:, ::s, ::s]
+        h = nn.conv2d_patches(h, w, s)
         out.append(jnp.mean(h, axis=(1, 2)))
         if i + 1 < len(convs):
             h = jax.nn.relu(h)
@@ -141,10 +145,11 @@ class HyperTransformer(InnerLearner):
     num_layers: int = 3  # transformer layers per generated CNN layer
     heads: int = 2
     width_fraction: float = 1.0  # nu: query/key, value and inner sizes / token width
-    # With conv kernels generated per episode, a batch of episodes runs one episode after
-    # another (lax.map) rather than vmapped: vmap makes the CNN's convolutions grouped ones,
-    # which take 1.6x the time on CPU (benchmarks/hypertransformer.py). Same numbers either
-    # way; False where grouped convolutions are fast (accelerators).
+    # With conv kernels generated per episode, a batch's episodes are generated together
+    # (vmap) and their query CNNs run one after another (lax.map): vmapped, the query CNN's
+    # convolutions become grouped ones, which XLA:CPU runs slowly (benchmarks/
+    # hypertransformer.py). Same numbers either way; False where grouped convolutions are fast
+    # (accelerators).
     sequential: bool = True
     batch_norm: str = "support"  # query statistics: "support" (ours) or "batch" (official)
     block_order: str = "conv-bn-relu-pool"  # or "conv-relu-pool-bn" (official; nn.BLOCK_ORDERS)
@@ -256,10 +261,9 @@ class HyperTransformer(InnerLearner):
         if not self.shared_features:
             return jnp.zeros((x.shape[0], 0), x.dtype)
         h = x
+        last = len(meta["shared"]) - 1
         for i, w in enumerate(meta["shared"]):
-            h = jax.nn.relu(nn.conv2d(h, w))
-            if i + 1 < len(meta["shared"]):
-                h = h[:, ::2, ::2]
+            h = jax.nn.relu(nn.conv2d_patches(h, w, 1 if i == last else 2))
         return jnp.mean(h, axis=(1, 2))
 
     def _generate(self, gen: dict, acts: Array, token_labels: Array, shared: Array,
@@ -311,11 +315,14 @@ class HyperTransformer(InnerLearner):
                 w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
                 if self.learned_base:
                     w = w + bn["w"]
-            if self.block_order == "conv-bn-relu-pool":  # the labelled support's statistics
-                s = nn.batch_stats(nn.conv2d(h[:n], w))
-            else:
-                s = nn.cnn_block(h[:n], w, bn["scale"], bn["shift"], order=self.block_order)[1]
-            h, _ = nn.cnn_block(h, w, bn["scale"], bn["shift"], s, order=self.block_order)
+            s = None  # the labelled support's statistics: the whole batch's unless unlabeled
+            if n < h.shape[0] and self.block_order == "conv-bn-relu-pool":
+                s = nn.batch_stats(nn.conv2d(h[:n], w, SUPPORT_OPS))
+            elif n < h.shape[0]:
+                s = nn.cnn_block(h[:n], w, bn["scale"], bn["shift"], ops=SUPPORT_OPS,
+                                 order=self.block_order)[1]
+            h, s = nn.cnn_block(h, w, bn["scale"], bn["shift"], s, ops=SUPPORT_OPS,
+                                order=self.block_order)
             blocks.append({"w": w, "scale": bn["scale"], "shift": bn["shift"]})
             stats.append(s)
         return blocks, stats, h, shared, raws
