@@ -19,7 +19,8 @@ same ProtoNet step written in PyTorch (`benchmarks/torch_peer.py`: eager NCHW, e
 channels_last, `torch.compile` + channels_last) is checked against the JAX step on one batch
 (same loss, gradients within 1e-3) and timed in its own process at each width, sampling
 included on both sides; each variant's time and peak RSS are printed as ratios to ours. Times
-are medians of `--repeats` calls (of `--chunk` steps; the peer: of 2 x repeats steps).
+are medians of `--repeats` calls (of `--chunk` steps; the peer: of 2 x repeats steps); with
+`--rounds N` each learner runs in N fresh processes, in turn, and the median round is shown.
 
 Every timed process runs with glibc's malloc on transparent huge pages (`--malloc hugepages`,
 what the `metalearn` command sets for itself; see `metalearn.cli.hugepages_env`) unless

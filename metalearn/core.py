@@ -168,7 +168,9 @@ class InnerLearner:
     """
 
     # A batch's episodes run one after another (`lax.map`) instead of `vmap`ped: for learners
-    # whose per-episode programs are large (the HyperTransformer generating conv layers).
+    # whose per-episode programs are large (the HyperTransformer generating conv layers). With
+    # the default `loss`, only the predictions do; the adaptations stay `vmap`ped
+    # (`episode_losses`).
     sequential_episodes: bool = False
 
     def for_evaluation(self) -> InnerLearner:

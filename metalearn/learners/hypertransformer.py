@@ -156,7 +156,7 @@ class HyperTransformer(InnerLearner):
 
     @property
     def sequential_episodes(self) -> bool:
-        """True when `episode_losses` runs a batch's episodes in sequence (see `sequential`)."""
+        """True when `episode_losses` runs a batch's query CNNs in sequence (`sequential`)."""
         return self.sequential and self.trained_blocks < self.num_blocks
 
     def __post_init__(self) -> None:
