@@ -69,6 +69,10 @@ Differences from the official TensorFlow code (google-research `hypertransformer
   ReLU between, the pre-activation spatial means concatenated; one conv for the logits layer),
   except that ours pad "same" (the official "valid", shrinking the kernel on maps under 3x3),
   so every layer's features have one shape.
+- Width of h^l: `local_features` is its own field (8 by default); the released scripts tie it
+  to the CNN's channels (8 for their 8-channel CNN). A wider CNN should widen it too: h^l is
+  the only way a support image's activations reach its token, and at 64 channels a width of 8
+  cost the logits-only model accuracy (docs/fewshot_omniglot.md, the Vinyals protocol).
 - Batch-norm statistics at evaluation: `batch_norm` (above); "support" by default.
 - Episodes: support and query images are distinct (the official sampler draws them
   independently, so a query can repeat a support image).
