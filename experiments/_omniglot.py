@@ -78,8 +78,9 @@ DOCS = {
     "task.eval_rotations": "validation and test episodes: classes, none or auto (the "
                            "protocol's: vinyals classes, the others none)",
     "task.normalize": "pixel scaling: unit, centered, standard, invert or none",
-    "task.eval_ways": "classes per validation and test episode (0: task.ways; ProtoNet only: "
-                      "the other learners' heads have task.ways outputs)",
+    "task.eval_ways": "classes per validation and test episode (0: task.ways; fewer for "
+                      "ProtoNet and the HyperTransformer, which masks the logits of classes "
+                      "without support images; MAML's head has task.ways outputs)",
     "task.eval_queries": "query images per class in validation and test episodes",
     "task.within_group": "training episodes draw their classes from one alphabet (Lake et "
                          "al.'s within-alphabet task) instead of across alphabets",
