@@ -5,6 +5,12 @@ row per run) and writes `comparison.md` and one PNG per metric (`loss.png`, `acc
 to `--out` (default `runs/compare-YYYYmmdd-HHMMSS`; `--no-save` writes nothing). From Python,
 `compare(run_dirs, out=None)` writes nothing unless `out` is given.
 
+`--reach PERCENT` adds, for each run, how many steps its validation curve suggests it needs to
+reach that accuracy (`steps_to_reach`): a power law err = a * step^b fitted to the validation
+error, since few-shot error curves are close to straight lines on log-log axes over a run's
+later part. It is an extrapolation, printed as one: it says what budget a trend needs, not
+what a longer run will score.
+
 A headline result is every entry of a run's summary.json that is a metric result (a dict with
 "episodes"): `validation`, `test`, `test_20way_5shot`, ...; its column shows `accuracy` (in
 percent) when the result has one, else `loss`, as `mean ± 95% CI`. A run still training, or
@@ -21,6 +27,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from metalearn.runs import (
     Run,
@@ -56,12 +64,58 @@ class Comparison:
 
     table: str
     notes: tuple[str, ...] = ()
+    reach: tuple[str, ...] = ()  # `--reach`: one line per run
     figures: tuple[Path, ...] = ()
     markdown_path: Path | None = None
 
     def text(self) -> str:
         """The table followed by its notes, as Markdown."""
-        return self.table + "".join(f"\n\nNote: {n}" for n in self.notes)
+        reach = "".join(f"\n- {line}" for line in self.reach)
+        return (self.table + "".join(f"\n\nNote: {n}" for n in self.notes)
+                + (f"\n\nExtrapolated from the validation curves:{reach}" if reach else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    """`steps_to_reach`'s answer: the fitted power law and where it meets the target."""
+
+    target: float  # accuracy, a fraction
+    slope: float  # b in err = a * step^b (negative: the error falls)
+    first_step: int  # the fit uses the evaluations from this step on
+    points: int  # ... this many of them
+    steps: float | None  # the step at which the fit reaches the target (None: it never does)
+    reached_at: int | None  # the first evaluation at or above the target, if one is
+
+    def text(self) -> str:
+        """One line: where the curve reached the target, or where its trend would."""
+        pct = f"{100 * self.target:.2f} %"
+        if self.reached_at is not None:
+            return f"reached {pct} at step {self.reached_at}"
+        fit = (f"fit err ~ step^{self.slope:.2f} over {self.points} evaluations from step "
+               f"{self.first_step}")
+        if self.steps is None:
+            return f"not approaching {pct}: the error does not fall ({fit})"
+        return f"{pct} at about {self.steps:,.0f} steps ({fit})"
+
+
+def steps_to_reach(steps: Sequence[float], accuracy: Sequence[float], target: float,
+                   from_fraction: float = 0.25) -> Reach:
+    """Where a power law fitted to the error 1 - accuracy of the evaluations at steps >=
+    `from_fraction` x the last step reaches 1 - target (accuracy and target as fractions)."""
+    s, acc = np.asarray(steps, np.float64), np.asarray(accuracy, np.float64)
+    if not 0 < target < 1:
+        raise ValueError(f"target={target}: an accuracy between 0 and 1 (exclusive)")
+    if s.shape != acc.shape or s.ndim != 1:
+        raise ValueError(f"steps {s.shape} and accuracy {acc.shape}: one value per evaluation")
+    hit = np.flatnonzero(acc >= target)
+    keep = (s >= from_fraction * s.max(initial=0)) & (s > 0) & (acc < 1)
+    if keep.sum() < 3:
+        raise ValueError(f"{int(keep.sum())} evaluations with steps >= {from_fraction} x the "
+                         "last step: a fit needs at least 3 (evaluate more often, eval_every)")
+    b, a = np.polyfit(np.log(s[keep]), np.log1p(-acc[keep]), 1)
+    needed = float(np.exp((np.log1p(-target) - a) / b)) if b < 0 else None
+    return Reach(target, float(b), int(s[keep].min()), int(keep.sum()), needed,
+                 int(s[hit[0]]) if len(hit) else None)
 
 
 def read_run(path: str | Path) -> RunRecord:
@@ -216,11 +270,27 @@ def comparison_figure(runs: Sequence[RunRecord], metric: str) -> Any | None:
     return fig
 
 
+def _reach_lines(runs: Sequence[RunRecord], target: float) -> tuple[str, ...]:
+    """`steps_to_reach` of each run's validation accuracy, or why it has none."""
+    lines = []
+    for r in runs:
+        s, acc = series(r.records, "accuracy", "eval")
+        try:
+            lines.append(f"{r.label}: {steps_to_reach(s, acc, target).text()}")
+        except ValueError as e:
+            lines.append(f"{r.label}: no extrapolation: {e}")
+    return tuple(lines)
+
+
 def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-            metrics: Sequence[str] | None = None) -> Comparison:
-    """Compare run directories: the table, and with `out` comparison.md and one PNG a metric."""
+            metrics: Sequence[str] | None = None, reach: float | None = None) -> Comparison:
+    """Compare run directories: the table, and with `out` comparison.md and one PNG a metric;
+    with `reach` (an accuracy in percent) the steps each validation curve suggests it needs."""
     if not run_dirs:
         raise ValueError("compare needs at least one run directory (made by `metalearn train`)")
+    if reach is not None and not 0 < reach < 100:
+        raise ValueError(f"reach={reach}: a validation accuracy in percent, between 0 and 100 "
+                         "(e.g. --reach 95)")
     runs = _labelled([read_run(d) for d in run_dirs])
     metrics = list(dict.fromkeys(metrics)) if metrics else None
     if metrics:
@@ -241,7 +311,8 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         if not r.records:
             notes.append(f"{r.label} has logged no metrics ({r.path / 'metrics.jsonl'} is "
                          "missing or empty): no learning curves.")
-    comparison = Comparison(comparison_table(runs, metrics), tuple(notes))
+    comparison = Comparison(comparison_table(runs, metrics), tuple(notes),
+                            _reach_lines(runs, reach / 100) if reach is not None else ())
     if out is None:
         return comparison
     out = Path(out)
@@ -266,7 +337,7 @@ def default_out() -> Path:
 def run_command(args: argparse.Namespace) -> int:
     """`metalearn compare`: print the table, the notes and the files written."""
     out = None if args.no_save else (args.out or default_out())
-    c = compare(args.run_dirs, out=out, metrics=args.metric)
+    c = compare(args.run_dirs, out=out, metrics=args.metric, reach=args.reach)
     print(c.text())
     if c.markdown_path is not None:
         print(f"\ntable: {c.markdown_path}")
@@ -291,5 +362,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", metavar="NAME",
                    help="metric to show instead of the headline one (accuracy, else loss); "
                         "repeat for several; also limits the figures to these metrics")
+    p.add_argument("--reach", type=float, default=None, metavar="PERCENT",
+                   help="also print the steps at which each run's validation accuracy would "
+                        "reach PERCENT, from a power law fitted to the validation error over "
+                        "the last three quarters of the run (an extrapolation)")
     p.set_defaults(fn=run_command)
     return p

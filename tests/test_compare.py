@@ -193,3 +193,43 @@ def test_grid_and_moving_average_helpers():
     ms, mv, w = moving_average(s, v)
     assert w == 4 and len(ms) == len(mv) == 197 and mv[0] == pytest.approx(1.5)
     assert curves_figure([]) is None and curve_panels([{"step": 1, "split": "train"}]) == []
+
+
+def test_steps_to_reach_inverts_an_exact_power_law():
+    steps = np.arange(1, 21) * 500.0
+    acc = 1 - 0.8 * steps ** -0.4  # err = a * step^b
+    r = cmp.steps_to_reach(steps, acc, 0.99)
+    assert r.slope == pytest.approx(-0.4, abs=1e-9)
+    assert r.steps == pytest.approx((0.01 / 0.8) ** (1 / -0.4), rel=1e-6)
+    assert r.reached_at is None and r.first_step == 2500 and r.points == 16  # steps >= 10000/4
+    assert f"{r.steps:,.0f} steps" in r.text() and "step^-0.40" in r.text()
+    # the fit ignores the first quarter: a bad start does not move it
+    bad_start = np.where(steps < 2500, 0.1, acc)
+    assert cmp.steps_to_reach(steps, bad_start, 0.99).steps == pytest.approx(r.steps, rel=1e-6)
+
+
+def test_steps_to_reach_already_reached_flat_and_too_few_points():
+    steps = np.array([100.0, 200, 300, 400])
+    rising = cmp.steps_to_reach(steps, np.array([0.5, 0.7, 0.9, 0.95]), 0.8)
+    assert rising.reached_at == 300 and rising.text() == "reached 80.00 % at step 300"
+    flat = cmp.steps_to_reach(steps, np.array([0.5, 0.5, 0.49, 0.48]), 0.9)
+    assert flat.slope > 0 and flat.steps is None and "does not fall" in flat.text()
+    with pytest.raises(ValueError, match="at least 3.*eval_every"):
+        cmp.steps_to_reach(steps[:2], np.array([0.5, 0.6]), 0.9)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        cmp.steps_to_reach(steps, np.array([0.5, 0.6, 0.7, 0.8]), 90)
+
+
+def test_compare_reach_reads_each_runs_validation_curve(runs, tmp_path):
+    d = _copy(runs[0], tmp_path / "curve")
+    records = [{"step": s, "split": "eval", "accuracy": 1 - 0.5 * s ** -0.5} for s in
+               (100, 200, 400, 800, 1600)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    c = cmp.compare([d, runs[1]], reach=99.0)
+    want = cmp.steps_to_reach([100, 200, 400, 800, 1600], [r["accuracy"] for r in records], 0.99)
+    assert c.reach[0] == f"curve: {want.text()}"
+    assert want.steps == pytest.approx(2500, rel=1e-6)  # 0.5 / sqrt(2500) = 0.01
+    assert c.reach[1].startswith("b: no extrapolation:")  # linreg_sgd logs no accuracy
+    assert "Extrapolated from the validation curves:" in c.text()
+    with pytest.raises(ValueError, match="in percent"):
+        cmp.compare([d], reach=0)
