@@ -31,10 +31,10 @@ from metalearn.outer.registry import build_outer
 from metalearn.seeds import TEST_SEED
 
 # The paper's code (google-research/self-organising-systems, transformers_learn_icl_by_gd),
-# notebook settings, timed by hand in an earlier session on a 2-core CPU of this kind (not in
-# this run): 5000 steps of the 1-layer model in about 42 s; its loss stays near 0.40 for about
-# 1500 steps and reaches GD's level by step 2000. A later side-by-side run gave it 90-99 steps/s.
-REFERENCE_NOTE = "official code, timed in an earlier session (not this run; a later one: 90-99)"
+# notebook settings, timed by hand on a 2-core CPU of this kind (not in this run): 5000 steps
+# of the 1-layer model in about 42 s; its loss stays near 0.40 for about 1500 steps and reaches
+# GD's level by step 2000. A side-by-side run gave it 90-99 steps/s.
+REFERENCE_NOTE = "official code, timed by hand (not this run; side by side with ours: 90-99)"
 REFERENCE_STEPS_PER_S = 5000 / 42.0
 REFERENCE_STEP_AT_GD = 2000
 
