@@ -246,6 +246,9 @@ def test_sampler_and_learner_errors_name_the_fix():
         ConstPN(prototypes="stale")
     with pytest.raises(ValueError, match="no logits layer"):
         ContinualHyperTransformer(num_blocks=2, trained_blocks=2)
+    learner, meta = cht()
+    with pytest.raises(TypeError, match="generated"):
+        learner.conv_slices(meta, sequence().support())
 
 
 @pytest.mark.slow

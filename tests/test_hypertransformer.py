@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from tests.helpers import (
     needs_omniglot,
 )
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = dict(ways=3, channels=4, num_blocks=2, embed_dim=8, shared_features=4,
              local_features=4, num_layers=2)
 
@@ -129,6 +131,38 @@ def test_the_support_decides_the_weights():
         assert not np.allclose(x, y)
 
 
+def test_given_conv_slices_replace_the_generated_kernels():
+    ht, meta, ep = setup()
+    other = sampler().sample(jax.random.PRNGKey(7)).support()
+    own = ht.adapt(meta, ep.support(), None)
+    same = ht.adapt_with_slices(meta, ep.support(), ht.conv_slices(meta, ep.support()))
+    np.testing.assert_allclose(ht.predict(meta, same, ep.query_x),
+                               ht.predict(meta, own, ep.query_x), rtol=1e-5, atol=1e-5)
+    swapped = ht.adapt_with_slices(meta, ep.support(), ht.conv_slices(meta, other))
+    for a, b in zip(swapped["params"]["blocks"], ht.generated(meta, other)["blocks"],
+                    strict=True):
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(swapped["params"]["head"]["w"], own["params"]["head"]["w"])
+
+
+def test_mean_kernels_of_one_episode_are_its_own_kernels(monkeypatch):
+    """examples/generated_kernels.py: `MeanKernels` given one episode's own slices scores that
+    episode as the HyperTransformer does; `spread` is 0 for equal kernels, the RMS deviation
+    otherwise."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import generated_kernels as gk
+
+    ht, meta, ep = setup()
+    fixed = {"ht": meta, "slices": ht.conv_slices(meta, ep.support())}
+    ours = gk.MeanKernels(ht)
+    np.testing.assert_allclose(ours.loss(fixed, ep, None)[0], ht.loss(meta, ep, None)[0],
+                               rtol=1e-5)
+    k = np.ones((4, 3, 3, 1, 2))
+    assert gk.spread(k)["spread"] == 0.0
+    k[0] += 4.0  # deviations 3 (episode 0) and -1 (the others) from the mean 2
+    np.testing.assert_allclose(gk.spread(k)["spread"], np.sqrt((9 + 3) / 4))
+
+
 def test_logits_only_keeps_the_trained_blocks():
     ht, meta, ep = setup(trained_blocks=2)
     params = ht.generated(meta, ep.support())
@@ -224,7 +258,8 @@ def test_episodes_in_sequence_give_the_numbers_of_vmapped_episodes():
 @pytest.mark.slow  # 64 s all-layer, 24 s logits only: compiles training, evaluation, reports
 @needs_omniglot
 @pytest.mark.parametrize("mode", ["all_layers_semi_supervised", "logits_only"])
-def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys):
+def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys,
+                                                           monkeypatch):
     """`ht_omniglot` in both modes: train, reload, `evaluate` at another setting, manifests."""
     from metalearn.cli import main
     from metalearn.reload import load_run
@@ -248,3 +283,12 @@ def test_ht_omniglot_trains_evaluates_and_reads_manifests(mode, tmp_path, capsys
                  "--unlabeled", "2"]) == 0
     assert "test ways=4 shots=1 queries=2 unlabeled=2" in capsys.readouterr().out
     assert_manifest_scores_like_memory(run.path, tmp_path)
+    if semi:  # examples/generated_kernels.py: the spread of the kernels, the mean-kernel score
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        import generated_kernels
+
+        generated_kernels.main([str(run.path), "--reference", "3"])
+        out = capsys.readouterr().out
+        assert out.count("spread across episodes") == 4
+        score = summary["test"]["accuracy"] * 100
+        assert f"generated: accuracy {score:.2f}" in out and "mean kernels: accuracy" in out

@@ -62,7 +62,7 @@ meta-learned embedding, not generated), task-aware prototypes and the same losse
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +256,9 @@ class Continual:
         seen = jnp.broadcast_to((state["labels"] < self.num_classes)[None, :], d.shape)
         return label_logits(d, state["labels"], seen, self.num_classes)
 
+NO_SLICES = ("ContinualHyperTransformer generates each task's CNN from the previous one: "
+             "generated(meta, support) gives theta_0..theta_{T-1}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ContinualHyperTransformer(Continual, HyperTransformer):
@@ -339,6 +342,15 @@ class ContinualHyperTransformer(Continual, HyperTransformer):
     def _embed(self, meta: MetaParams, model: tuple, x: Array) -> Array:
         blocks, stats = model
         return self.embedding.apply({"blocks": blocks}, x, stats)[0]
+
+    def conv_slices(self, meta: MetaParams, support: Support) -> list[Array]:
+        """Not defined for a task sequence: `generated` gives theta_0..theta_{T-1}."""
+        raise TypeError(NO_SLICES)
+
+    def adapt_with_slices(self, meta: MetaParams, support: Support,
+                          slices: Sequence[Array] | None) -> dict:
+        """Not defined for a task sequence (it has no logits generator)."""
+        raise TypeError(NO_SLICES)
 
     def generated(self, meta: MetaParams, support: Support) -> list[PyTree]:
         """The CNN parameters theta_0..theta_{T-1} generated along the support's tasks."""

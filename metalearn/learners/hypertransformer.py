@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -297,24 +298,29 @@ class HyperTransformer(InnerLearner):
         return x, labels
 
     def _generate_blocks(self, meta: MetaParams, x: Array, labels: Array, n: int,
-                         previous: list[Array] | None = None
+                         previous: list[Array] | None = None,
+                         fixed: Sequence[Array] | None = None
                          ) -> tuple[list[dict], list, Array, Array, list[Array]]:
         """The conv blocks, generated in order from tokens of `x` (the first `n` labelled:
         their statistics normalise every block): (blocks, statistics, output activations,
         shared features, each generated layer's raw slices). `previous`: one [slices, size]
-        array per generated conv layer for the placeholder tokens (`_generate`)."""
+        array per generated conv layer for the placeholder tokens (`_generate`); `fixed`: one
+        per generated conv layer used instead of generating it."""
         shared = self._shared(meta, x)
         shapes = iter(self._layer_shapes(x[:1]))
         gens = iter(meta["generators"])
         prev = iter(previous or [])
+        given = iter(fixed or [])
         blocks, stats, raws, h = [], [], [], x
         for i, bn in enumerate(meta["cnn"]["blocks"]):
             if i < self.trained_blocks:
                 w = bn["w"]
             else:
                 c_in, slices, size = next(shapes)
-                raw = self._generate(next(gens), h, labels, shared, slices, size,
-                                     next(prev) if previous is not None else None)
+                gen = next(gens)
+                raw = next(given) if fixed is not None else self._generate(
+                    gen, h, labels, shared, slices, size,
+                    next(prev) if previous is not None else None)
                 raws.append(raw)
                 w = jnp.moveaxis(raw.reshape(slices, 3, 3, c_in), 0, -1) / math.sqrt(size)
                 if self.learned_base:
@@ -333,8 +339,21 @@ class HyperTransformer(InnerLearner):
 
     def adapt(self, meta: MetaParams, support: Support, key: Array) -> dict:
         """Generate the CNN layer by layer; returns its parameters and the support statistics."""
+        return self.adapt_with_slices(meta, support, None)
+
+    def conv_slices(self, meta: MetaParams, support: Support) -> list[Array]:
+        """The raw weight slices [slices, size] of each generated conv layer for `support`."""
         x, labels = self._tokens(support)
-        blocks, stats, h, shared, _ = self._generate_blocks(meta, x, labels, support.x.shape[0])
+        return self._generate_blocks(meta, x, labels, support.x.shape[0])[4]
+
+    def adapt_with_slices(self, meta: MetaParams, support: Support,
+                          slices: Sequence[Array] | None) -> dict:
+        """`adapt` with the generated conv layers' raw slices given (`conv_slices`' layout; None:
+        generated): the logits layer is still generated from `support` through that CNN, so
+        e.g. the slices averaged over episodes measure what task-specific kernels add."""
+        x, labels = self._tokens(support)
+        blocks, stats, h, shared, _ = self._generate_blocks(meta, x, labels, support.x.shape[0],
+                                                            fixed=slices)
         _, slices, size = self._layer_shapes(support.x[:1])[-1]
         raw = self._generate(meta["generators"][-1], h, labels, shared, slices, size)
         head = {"w": raw[:, :-1].T / math.sqrt(size - 1), "b": raw[:, -1]}
