@@ -93,7 +93,9 @@ Everything is trained end to end by the outer loop on the query cross-entropy: t
 optimisation, and the generated weights do not depend on the order of the support samples.
 `adapt` returns the generated CNN in the parameter layout of `metalearn.nn.CNN`
 (`{"blocks": [{"w", "scale", "shift"}, ...], "head": {"w", "b"}}`) with the support statistics;
-`predict` runs that CNN.
+`predict` runs that CNN. `conv_slices` gives the generated conv layers' raw slices and
+`adapt_with_slices` adapts with given ones (the logits layer still generated), e.g. their mean
+over episodes, to measure how task-specific the kernels are (examples/generated_kernels.py).
 """
 
 from __future__ import annotations
