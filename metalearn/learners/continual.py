@@ -256,6 +256,7 @@ class Continual:
         seen = jnp.broadcast_to((state["labels"] < self.num_classes)[None, :], d.shape)
         return label_logits(d, state["labels"], seen, self.num_classes)
 
+
 NO_SLICES = ("ContinualHyperTransformer generates each task's CNN from the previous one: "
              "generated(meta, support) gives theta_0..theta_{T-1}")
 
